@@ -1,0 +1,260 @@
+"""The agent's Unix-socket API: one socket per tenant namespace, plus an admin socket.
+
+The tenant of a connection is the socket it came in on (`tenants/<namespace>/kvtier.sock`); no
+request names a tenant. The admin socket (mode 0600, node components only: the CSI plugin, the
+sidecar's launcher, tests) creates a namespace's socket folder on demand. One thread per
+connection; garbage gets an error reply or a closed connection and never touches other clients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import socket
+import socketserver
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from kvtier.agent.api import protocol
+from kvtier.agent.store.index import Lease, Store, StoreError
+from kvtier.agent.tiers.dram import Segment
+
+log = logging.getLogger("kvtier.agent.api")
+
+NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+MAX_KEYS = 65536
+
+
+def tenant_socket(socket_dir: Path, namespace: str) -> Path:
+    return socket_dir / "tenants" / namespace / "kvtier.sock"
+
+
+def _keys(msg: dict[str, Any], field: str = "keys") -> list[bytes]:
+    raw = msg.get(field)
+    if not isinstance(raw, list) or len(raw) > MAX_KEYS:
+        raise StoreError(f"'{field}' must be a list of at most {MAX_KEYS} hex strings")
+    try:
+        return [bytes.fromhex(k) for k in raw]
+    except (TypeError, ValueError):
+        raise StoreError(f"'{field}' must hold hex strings") from None
+
+
+def _ints(msg: dict[str, Any], field: str, n: int | None = None) -> list[int]:
+    raw = msg.get(field)
+    if not isinstance(raw, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in raw):
+        raise StoreError(f"'{field}' must be a list of integers")
+    if n is not None and len(raw) != n:
+        raise StoreError(f"'{field}' must have {n} entries")
+    return raw
+
+
+def _fingerprint(msg: dict[str, Any]) -> str:
+    fp = msg.get("fingerprint")
+    if not isinstance(fp, str) or not 0 < len(fp) <= 512:
+        raise StoreError("'fingerprint' must be a non-empty string of at most 512 characters")
+    return fp
+
+
+class TenantHandler(socketserver.BaseRequestHandler):
+    server: TenantServer
+
+    def handle(self) -> None:
+        store, sock = self.server.store, self.request
+        lease = Lease(tenant=store.tenant_of(self.server.namespace))
+        try:
+            while True:
+                try:
+                    msg, stray_fds = protocol.recv(sock)
+                    for fd in stray_fds:  # clients never send descriptors
+                        os.close(fd)
+                except protocol.BadMessage as exc:
+                    store.metrics.protocol_errors.inc()
+                    protocol.send(sock, {"ok": False, "error": str(exc)})
+                    continue
+                reply, fds = self._dispatch(store, lease, msg)
+                protocol.send(sock, reply, fds)
+        except (ConnectionError, protocol.ProtocolError, OSError) as exc:
+            if not isinstance(exc, ConnectionError):
+                store.metrics.protocol_errors.inc()
+                log.info("closing a %s connection: %s", self.server.namespace, exc)
+        finally:
+            store.close_lease(lease)
+
+    def _dispatch(self, store: Store, lease: Lease, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+        op, rid = msg.get("op"), msg.get("id")
+        handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
+        if handler is None:
+            store.metrics.protocol_errors.inc()
+            return {"id": rid, "ok": False, "error": f"unknown op {op!r}"}, []
+        t0 = time.perf_counter()
+        try:
+            body, segments = handler(store, lease, msg)
+        except StoreError as exc:
+            return {"id": rid, "ok": False, "error": str(exc)}, []
+        finally:
+            store.metrics.latency.labels(op).observe(time.perf_counter() - t0)
+        new = list({s.id: s for s in segments if s.id not in lease.segments_sent}.values())
+        lease.segments_sent.update(s.id for s in new)
+        reply = {"id": rid, "ok": True, **body}
+        if new:
+            reply["segments"] = [s.describe() for s in new]
+        return reply, [s.fd for s in new]
+
+    # ------------------------------------------------------------------------------ ops
+
+    def op_hello(self, store: Store, lease: Lease, msg: dict[str, Any]) -> tuple[dict[str, Any], list[Segment]]:
+        with store.lock:
+            segments = store.dram.segments_of(lease.tenant)
+        lease.segments_sent.clear()  # a second hello re-sends everything
+        return {
+            "namespace": self.server.namespace,
+            "isolation": store.isolation,
+            "segmentBytes": store.dram.segment_bytes,
+            "blockTokens": self.server.block_tokens,
+        }, segments
+
+    def op_ping(self, store: Store, lease: Lease, msg: dict[str, Any]):
+        return {}, []
+
+    def op_stats(self, store: Store, lease: Lease, msg: dict[str, Any]):
+        return {"stats": store.stats()}, []
+
+    def op_lookup(self, store: Store, lease: Lease, msg: dict[str, Any]):
+        tiers = store.lookup(lease.tenant, _fingerprint(msg), _keys(msg))
+        return {"hits": len(tiers), "tiers": tiers}, []
+
+    def op_allocate(self, store: Store, lease: Lease, msg: dict[str, Any]):
+        sizes = _ints(msg, "sizes")
+        if len(sizes) > MAX_KEYS or any(s <= 0 for s in sizes):
+            raise StoreError("'sizes' must be positive and at most 65536 entries")
+        got = store.allocate(lease, sizes)
+        return {"extents": [[seg.id, ext.offset, ext.length] for seg, ext in got]}, [seg for seg, _ in got]
+
+    def op_commit(self, store: Store, lease: Lease, msg: dict[str, Any]):
+        keys = _keys(msg)
+        locs = msg.get("extents")
+        if not isinstance(locs, list) or len(locs) != len(keys):
+            raise StoreError("'extents' must list one [segment, offset] per key")
+        locations = []
+        for loc in locs:
+            if not (isinstance(loc, list) and len(loc) >= 2 and all(isinstance(x, int) for x in loc[:2])):
+                raise StoreError("each extent must be [segment, offset]")
+            locations.append((loc[0], loc[1]))
+        sizes = _ints(msg, "sizes", len(keys))
+        checksums = msg.get("checksums")
+        if checksums is not None:
+            checksums = _ints(msg, "checksums", len(keys))
+        new = store.commit(lease, _fingerprint(msg), keys, locations, sizes, checksums, bool(msg.get("sync")))
+        return {"new": new}, []
+
+    def op_read(self, store: Store, lease: Lease, msg: dict[str, Any]):
+        got = store.read(lease, _fingerprint(msg), _keys(msg))
+        blocks = [[seg.id, ext.offset, block.size, block.key.hex()] for seg, ext, block in got]
+        return {"blocks": blocks, "tiers": []}, [seg for seg, _, _ in got]
+
+    def op_release(self, store: Store, lease: Lease, msg: dict[str, Any]):
+        store.release(lease, _keys(msg, "handles"))
+        return {}, []
+
+
+class TenantServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, path: Path, namespace: str, store: Store, block_tokens: int) -> None:
+        self.namespace = namespace
+        self.store = store
+        self.block_tokens = block_tokens
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.chmod(0o755)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        super().__init__(str(path), TenantHandler)
+        path.chmod(0o666)  # who can reach the folder is decided by what is mounted into pods
+
+
+class AdminHandler(socketserver.BaseRequestHandler):
+    server: AdminServer
+
+    def handle(self) -> None:
+        try:
+            while True:
+                try:
+                    msg, _ = protocol.recv(self.request)
+                except protocol.BadMessage as exc:
+                    protocol.send(self.request, {"ok": False, "error": str(exc)})
+                    continue
+                protocol.send(self.request, self.server.api.admin(msg))
+        except (ConnectionError, OSError, protocol.ProtocolError):
+            pass
+
+
+class AdminServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+    def __init__(self, path: Path, api: AgentAPI) -> None:
+        self.api = api
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        old = os.umask(0o077)
+        try:
+            super().__init__(str(path), AdminHandler)
+        finally:
+            os.umask(old)
+
+
+class AgentAPI:
+    """Owns the sockets: the admin one, and a tenant one per namespace created on demand."""
+
+    def __init__(self, socket_dir: Path, store: Store, block_tokens: int, admit=None, extra_stats=None) -> None:
+        self.socket_dir = socket_dir
+        self.store = store
+        self.block_tokens = block_tokens
+        self.admit = admit or (lambda namespace: None)  # returns a refusal reason or None
+        self.extra_stats = extra_stats or (lambda: {})
+        self.tenants: dict[str, TenantServer] = {}
+        self._lock = threading.Lock()
+        socket_dir.mkdir(parents=True, exist_ok=True)
+        self.admin_server = AdminServer(socket_dir / "admin.sock", self)
+        self._serve(self.admin_server)
+
+    def ensure_tenant(self, namespace: str) -> Path:
+        if not NAMESPACE.match(namespace or ""):
+            raise StoreError(f"{namespace!r} is not a namespace name")
+        refusal = self.admit(namespace)
+        if refusal:
+            raise StoreError(refusal)
+        with self._lock:
+            if namespace not in self.tenants:
+                path = tenant_socket(self.socket_dir, namespace)
+                server = TenantServer(path, namespace, self.store, self.block_tokens)
+                self.tenants[namespace] = server
+                self._serve(server)
+            return Path(self.tenants[namespace].server_address)  # type: ignore[arg-type]
+
+    def admin(self, msg: dict[str, Any]) -> dict[str, Any]:
+        op = msg.get("op")
+        try:
+            if op == "ensure_tenant":
+                path = self.ensure_tenant(str(msg.get("namespace", "")))
+                return {"ok": True, "socket": str(path), "folder": str(path.parent)}
+            if op == "stats":
+                return {"ok": True, "stats": {**self.store.stats(), **self.extra_stats()}}
+            if op == "ping":
+                return {"ok": True}
+            return {"ok": False, "error": f"unknown op {op!r}"}
+        except StoreError as exc:
+            return {"ok": False, "error": str(exc)}
+
+    @staticmethod
+    def _serve(server: socketserver.BaseServer) -> None:
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
+
+    def close(self) -> None:
+        for server in [self.admin_server, *self.tenants.values()]:
+            server.shutdown()
+            server.server_close()

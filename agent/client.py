@@ -1,0 +1,182 @@
+"""The engine-side client of a node agent. Standard library only (it runs inside engine images).
+
+    client = Client("/var/run/kvtier/kvtier.sock")
+    client.put(fingerprint, keys, blobs)            # allocate, copy into the arena, commit
+    n = client.lookup(fingerprint, keys)            # leading keys that hit
+    with client.read(fingerprint, keys) as blocks:  # pinned views into the arena (zero copy)
+        for b in blocks: use(b.view)
+
+The arena's segments arrive as file descriptors and are mapped here, so reads and writes are plain
+memory copies (or DMA, once a GPU runtime registers the mapping); only control messages cross the
+socket.
+"""
+
+from __future__ import annotations
+
+import itertools
+import mmap
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from kvtier.agent.api import protocol
+from kvtier.agent.api.protocol import AgentError
+
+DEFAULT_SOCKET = "/var/run/kvtier/kvtier.sock"
+
+
+@dataclass(frozen=True)
+class Slot:
+    """An allocated extent: write a block into `view`, then commit it."""
+
+    segment: int
+    offset: int
+    length: int
+    view: memoryview
+
+
+@dataclass(frozen=True)
+class PinnedBlock:
+    handle: bytes
+    segment: int
+    offset: int
+    size: int
+    view: memoryview
+
+
+class Pinned(list):
+    """Blocks pinned by a read; released on exit from the `with` block."""
+
+    def __init__(self, client: Client, blocks: list[PinnedBlock]) -> None:
+        super().__init__(blocks)
+        self._client = client
+
+    def __enter__(self) -> Pinned:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self:
+            self._client.release([b.handle for b in self])
+            self.clear()
+
+
+class Client:
+    def __init__(self, path: str | os.PathLike[str] | None = None, timeout: float | None = 30.0) -> None:
+        self.path = str(path or os.environ.get("KVTIER_SOCKET", DEFAULT_SOCKET))
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(self.path)
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self.segments: dict[int, mmap.mmap] = {}
+        self.hello = self.call("hello")
+        self.namespace: str = self.hello["namespace"]
+        self.block_tokens: int = self.hello["blockTokens"]
+
+    # ------------------------------------------------------------------------------ plumbing
+
+    def call(self, op: str, **fields: Any) -> dict[str, Any]:
+        with self._lock:
+            rid = next(self._ids)
+            protocol.send(self.sock, {"id": rid, "op": op, **fields})
+            reply, fds = protocol.recv(self.sock)
+            self._map_segments(reply.get("segments", []), fds)
+        if not reply.get("ok"):
+            raise AgentError(reply.get("error", "agent refused the request"))
+        return reply
+
+    def _map_segments(self, described: list[dict[str, int]], fds: list[int]) -> None:
+        for info, fd in zip(described, fds, strict=False):
+            try:
+                self.segments[info["id"]] = mmap.mmap(fd, info["size"], mmap.MAP_SHARED)
+            finally:
+                os.close(fd)
+
+    def segment_view(self, segment: int) -> memoryview:
+        return memoryview(self.segments[segment])
+
+    def close(self) -> None:
+        self.sock.close()
+        for mm in self.segments.values():
+            try:
+                mm.close()
+            except BufferError:
+                pass  # a caller still holds a view; the mapping goes with the process
+        self.segments.clear()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------------------------- API
+
+    def lookup(self, fingerprint: str, keys: list[bytes]) -> int:
+        return int(self.call("lookup", fingerprint=fingerprint, keys=[k.hex() for k in keys])["hits"])
+
+    def allocate(self, sizes: list[int]) -> list[Slot]:
+        reply = self.call("allocate", sizes=sizes)
+        return [
+            Slot(seg, off, length, memoryview(self.segments[seg])[off : off + length])
+            for seg, off, length in reply["extents"]
+        ]
+
+    def commit(
+        self, fingerprint: str, keys: list[bytes], slots: list[Slot], sizes: list[int], sync: bool = False
+    ) -> int:
+        reply = self.call(
+            "commit",
+            fingerprint=fingerprint,
+            keys=[k.hex() for k in keys],
+            extents=[[s.segment, s.offset] for s in slots],
+            sizes=sizes,
+            sync=sync,
+        )
+        return int(reply["new"])
+
+    def put(self, fingerprint: str, keys: list[bytes], blobs: list[bytes | memoryview], sync: bool = False) -> int:
+        """Store blocks (copied into the arena); returns how many were new to the agent."""
+        sizes = [len(memoryview(b).cast("B")) for b in blobs]
+        slots = self.allocate(sizes)
+        for slot, blob, size in zip(slots, blobs, sizes, strict=True):
+            slot.view[:size] = memoryview(blob).cast("B")
+        return self.commit(fingerprint, keys, slots, sizes, sync=sync)
+
+    def read(self, fingerprint: str, keys: list[bytes]) -> Pinned:
+        """Pin the leading blocks that hit; views stay valid until released."""
+        reply = self.call("read", fingerprint=fingerprint, keys=[k.hex() for k in keys])
+        return Pinned(
+            self,
+            [
+                PinnedBlock(bytes.fromhex(h), seg, off, size, memoryview(self.segments[seg])[off : off + size])
+                for seg, off, size, h in reply["blocks"]
+            ],
+        )
+
+    def get(self, fingerprint: str, keys: list[bytes]) -> list[bytes]:
+        with self.read(fingerprint, keys) as blocks:
+            return [bytes(b.view) for b in blocks]
+
+    def release(self, handles: list[bytes]) -> None:
+        self.call("release", handles=[h.hex() for h in handles])
+
+    def stats(self) -> dict[str, Any]:
+        return self.call("stats")["stats"]
+
+
+def admin_call(socket_dir: str | os.PathLike[str], op: str, **fields: Any) -> dict[str, Any]:
+    """One request on an agent's admin socket (node components only)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(os.path.join(socket_dir, "admin.sock"))
+        protocol.send(sock, {"op": op, **fields})
+        reply, _ = protocol.recv(sock)
+    if not reply.get("ok"):
+        raise AgentError(reply.get("error", "agent refused the request"))
+    return reply

@@ -1,0 +1,126 @@
+"""`kvtier agent --config FILE`: one pool's node agent.
+
+Wires the tiers, the store, the sockets, the peer data port, metrics and the KVCacheNode reporter
+together from the configuration the operator rendered, then serves until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import threading
+from pathlib import Path
+
+from prometheus_client import start_http_server
+
+from kvtier.agent.api.server import AgentAPI
+from kvtier.agent.devices import gpu_inventory, numa_for_gpus
+from kvtier.agent.metrics import Metrics
+from kvtier.agent.store.index import Store, load_secret
+from kvtier.agent.tiers.dram import DramTier
+from kvtier.agent.tiers.nvme import NvmeTier
+from kvtier.agent.transports.tcp import TcpPeerServer
+from kvtier.api.agentconfig import AgentConfig
+
+log = logging.getLogger("kvtier.agent")
+VERSION = "0.1.0"
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.node = os.environ.get("NODE_NAME") or config.nodeName or socket.gethostname()
+        spec = config.spec
+        self.metrics = Metrics()
+        self.gpus, self.gpu_reason = gpu_inventory()
+        dram = spec.tiers.dram
+        numa = dram.numa if isinstance(dram.numa, int) else numa_for_gpus(self.gpus)
+        self.dram = DramTier(
+            config.pool,
+            config.dram_bytes,
+            config.segmentBytes,
+            hugepages=dram.hugepages,
+            numa=numa,
+            quota_segments=config.namespaceQuotaSegments,
+        )
+        self.nvme = self._nvme_tier()
+        state_dir = Path(config.stateDir)
+        secret = Path(config.secretFile).read_bytes() if config.secretFile else load_secret(state_dir)
+        self.store = Store(
+            secret,
+            self.dram,
+            self.nvme,
+            isolation=spec.tenancy.isolation,
+            policy=spec.eviction.policy,
+            high_watermark=spec.eviction.highWatermark,
+            low_watermark=spec.eviction.lowWatermark,
+            metrics=self.metrics,
+        )
+        self.peer = TcpPeerServer(self.store, secret, config.peerHost, config.peerPort)
+        self.api = AgentAPI(
+            Path(config.socketDir),
+            self.store,
+            spec.blockTokens,
+            extra_stats=lambda: {"node": self.node, "peer": self.peer.address, "numaNode": numa},
+        )
+        self.numa = numa
+        self.metrics_port = self._serve_metrics()
+        self.reporter = None
+        self._stop = threading.Event()
+
+    def _nvme_tier(self) -> NvmeTier | None:
+        nvme = self.config.spec.tiers.nvme
+        if nvme is None:
+            return None
+        if nvme.mode != "file":
+            from kvtier.agent.devices import nvme_target
+
+            path = nvme_target(nvme, self.config)
+        else:
+            path = Path(nvme.path)  # type: ignore[arg-type]
+        return NvmeTier(path, self.config.nvme_bytes, io_threads=self.config.ioThreads)
+
+    def _serve_metrics(self) -> int:
+        port = self.config.metricsPort
+        if port == 0:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+        start_http_server(port, registry=self.metrics.registry)
+        return port
+
+    def start_reporter(self) -> None:
+        from kvtier.agent.report import NodeReporter
+
+        self.reporter = NodeReporter.from_environment(self)
+        if self.reporter:
+            threading.Thread(target=self.reporter.run, args=(self._stop,), daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.api.close()
+        self.peer.close()
+        self.store.close()
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=os.environ.get("KVTIER_LOG", "INFO"), format="%(asctime)s %(name)s %(message)s")
+    config = AgentConfig.from_file(args.config)
+    agent = Agent(config)
+    agent.start_reporter()
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    # One line that scripts and tests wait for.
+    print(
+        f"kvtier agent ready pool={config.pool} node={agent.node} sockets={config.socketDir} "
+        f"peer={agent.peer.address} metrics=:{agent.metrics_port} numa={agent.numa} "
+        f"nvme={'direct' if agent.nvme and agent.nvme.direct else 'buffered' if agent.nvme else 'none'}",
+        flush=True,
+    )
+    done.wait()
+    agent.stop()
+    return 0

@@ -1,0 +1,125 @@
+"""The NVMe tier's manifest: an append-only log of ADD/DEL records, each with its own CRC.
+
+Crash consistency (SIGKILL at any instant): a block's data is written with direct I/O and
+completes before its ADD record is appended; a DEL record is appended before its extent is reused.
+Replay stops at the first torn or corrupt record and truncates there, so a restart indexes every
+block whose ADD was written and nothing else, without reading block data. Compaction writes the live
+set to a new file, fsyncs it and renames it over the old one (atomic).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+MAGIC = b"KVTM1\n"
+_ADD, _DEL = 1, 2
+_FIXED = struct.Struct(">BBHQQQQ")  # op, key length, tenant length, offset, length, size, checksum
+_CRC = struct.Struct(">I")
+_LEN = struct.Struct(">H")
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    key: bytes
+    tenant: str
+    offset: int
+    length: int
+    size: int
+    checksum: int
+
+
+def _encode(op: int, rec: Record) -> bytes:
+    tenant = rec.tenant.encode()
+    body = _FIXED.pack(op, len(rec.key), len(tenant), rec.offset, rec.length, rec.size, rec.checksum)
+    body += rec.key + tenant
+    return _LEN.pack(len(body)) + body + _CRC.pack(zlib.crc32(body))
+
+
+def replay(data: bytes) -> tuple[dict[bytes, Record], int]:
+    """Live records and the length of the valid prefix of the log."""
+    live: dict[bytes, Record] = {}
+    if not data.startswith(MAGIC):
+        return live, 0
+    pos = len(MAGIC)
+    while pos + _LEN.size <= len(data):
+        (n,) = _LEN.unpack_from(data, pos)
+        end = pos + _LEN.size + n + _CRC.size
+        if n < _FIXED.size or end > len(data):
+            break
+        body = data[pos + _LEN.size : pos + _LEN.size + n]
+        if _CRC.unpack_from(data, end - _CRC.size)[0] != zlib.crc32(body):
+            break
+        op, klen, tlen, offset, length, size, checksum = _FIXED.unpack_from(body)
+        if _FIXED.size + klen + tlen != n:
+            break
+        key = body[_FIXED.size : _FIXED.size + klen]
+        tenant = body[_FIXED.size + klen :].decode(errors="replace")
+        if op == _ADD:
+            live[key] = Record(key, tenant, offset, length, size, checksum)
+        elif op == _DEL:
+            live.pop(key, None)
+        else:
+            break
+        pos = end
+    return live, pos
+
+
+class Manifest:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.records_written = 0
+
+    def open(self) -> dict[bytes, Record]:
+        """Replay the log (truncating a torn tail) and keep it open for appends."""
+        data = self.path.read_bytes() if self.path.exists() else b""
+        live, valid = replay(data)
+        if valid == 0:
+            self._rewrite([])
+        else:
+            if valid < len(data):
+                with open(self.path, "r+b") as f:
+                    f.truncate(valid)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            self.records_written = len(live)
+        return live
+
+    def add(self, rec: Record) -> None:
+        os.write(self._fd, _encode(_ADD, rec))
+        self.records_written += 1
+
+    def delete(self, rec: Record) -> None:
+        os.write(self._fd, _encode(_DEL, rec))
+        self.records_written += 1
+
+    def sync(self) -> None:
+        os.fdatasync(self._fd)
+
+    def compact(self, live: Iterable[Record]) -> None:
+        self._rewrite(list(live))
+
+    def _rewrite(self, live: list[Record]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(MAGIC + b"".join(_encode(_ADD, r) for r in live))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self.records_written = len(live)
+
+    def close(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -1,0 +1,412 @@
+"""kvtier.io/v1alpha1: KVCachePool and KVCacheNode.
+
+These pydantic models are the single source of truth. `kvtier crds` renders the CRDs in crds/ and
+charts/kvtier/crds/ from them (tests fail when the checked-in YAML drifts), the operator parses
+custom objects with them, and the agent's configuration (kvtier.api.agentconfig) embeds them.
+
+Every invariant the API server must enforce is written next to its field as a CEL rule whose
+message tells the user what to fix. pydantic checks the same invariants where a Python caller
+could get them wrong (the operator never trusts that a spec passed the API server's validation).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from kvtier.api.quantity import parse_quantity
+
+GROUP = "kvtier.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+DEFAULT_AGENT_IMAGE = "ghcr.io/kvtier/kvtier:0.1.0"
+
+
+def cel(rule: str, message: str, **extra: str) -> dict[str, str]:
+    """One x-kubernetes-validations entry."""
+    return {"rule": rule, "message": message, **extra}
+
+
+def rules(*entries: dict[str, str], **schema: Any) -> dict[str, Any]:
+    """json_schema_extra carrying CEL rules (and any other schema keys) for a model or field."""
+    return {"x-kubernetes-validations": list(entries), **schema} if entries else dict(schema)
+
+
+class Model(BaseModel):
+    """Base: camelCase field names as on the wire, unknown fields refused."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+# A quantity is an int or a string such as "64Gi"; the API server checks it with CEL's quantity library.
+_POSITIVE_QUANTITY = cel(
+    "type(self) == int ? self > 0 : (isQuantity(self) && quantity(self).isGreaterThan(quantity('0')))",
+    "must be a positive quantity such as 64Gi or 500G",
+)
+Quantity = Annotated[
+    int | str,
+    Field(json_schema_extra=rules(_POSITIVE_QUANTITY, **{"x-kubernetes-int-or-string": True, "maxLength": 64})),
+]
+
+
+def _positive_quantity(value: int | str) -> int | str:
+    if parse_quantity(value) <= 0:
+        raise ValueError(f"must be a positive quantity such as 64Gi, got {value!r}")
+    return value
+
+
+_DURATION = re.compile(r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a Go-style duration ("2s", "1m30s", "250ms")."""
+    if not _DURATION.match(text):
+        raise ValueError(f"not a duration: {text!r} (examples: 2s, 500ms, 1m)")
+    unit = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    return sum(float(n) * unit[u] for n, _, u in re.findall(r"([0-9]+(\.[0-9]+)?)(ms|s|m|h)", text))
+
+
+# ---------------------------------------------------------------------------------------- spec
+
+
+def _defaults_of(model: type[BaseModel]) -> dict[str, Any]:
+    """An optional object's default in the CRD: all its own defaults, so CEL rules see every field."""
+    return {"default": model().model_dump(mode="json", exclude_none=True)}
+
+
+
+class DramTier(Model):
+    """Host DRAM per node: the arena engines map and DMA from."""
+
+    size: Quantity = Field(description="DRAM per node for this pool, e.g. 64Gi.")
+    hugepages: Literal["none", "2Mi", "1Gi"] = Field(
+        "none", description="Back the arena with hugepages of this size (the agent requests them)."
+    )
+    numa: int | Literal["auto"] = Field(
+        "auto",
+        description="NUMA node for the arena: auto (the node of the GPUs) or an index.",
+        json_schema_extra=rules(
+            cel("type(self) == int ? self >= 0 : self == 'auto'", "numa must be auto or a NUMA node index >= 0"),
+            **{"x-kubernetes-int-or-string": True},
+        ),
+    )
+
+    _size = field_validator("size")(_positive_quantity)
+
+
+class DeviceSelector(Model):
+    """Which NVMe devices a pool may use (shell-style patterns; all given must match)."""
+
+    model: list[Annotated[str, Field(max_length=128)]] | None = Field(None, max_length=16)
+    serial: list[Annotated[str, Field(max_length=128)]] | None = Field(None, max_length=16)
+    path: list[Annotated[str, Field(max_length=256)]] | None = Field(None, max_length=16)
+
+
+class NvmeTier(Model):
+    """Local NVMe per node: direct-I/O extents on a namespace, a partition or a file."""
+
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            cel("self.mode != 'file' || has(self.path)", "path is required when mode is file", fieldPath=".path"),
+            cel(
+                "self.mode == 'file' || !has(self.path)",
+                "path is only for mode file; namespace and partition modes choose devices with deviceSelector",
+                fieldPath=".path",
+            ),
+            cel(
+                "self.mode == oldSelf.mode",
+                "nvme.mode is immutable: changing it would orphan the cached data; create a new pool instead",
+                fieldPath=".mode",
+            ),
+            cel(
+                "has(self.path) == has(oldSelf.path) && (!has(self.path) || self.path == oldSelf.path)",
+                "nvme.path is immutable: changing it would orphan the cached data; create a new pool instead",
+                fieldPath=".path",
+            ),
+        )
+    )
+
+    size: Quantity = Field(description="NVMe capacity per node for this pool, e.g. 1Ti.")
+    mode: Literal["namespace", "partition", "file"] = Field(
+        description="namespace: NVMe namespaces created for the pool; partition: a partition; file: a file on a mounted filesystem."
+    )
+    deviceSelector: DeviceSelector | None = Field(None, description="Devices to use (namespace and partition modes).")
+    path: str | None = Field(
+        None,
+        max_length=512,
+        pattern=r"^/.*",
+        description="Absolute path of the cache file on each node (mode file).",
+    )
+    allowInUse: bool = Field(
+        False, description="Use a device that holds a filesystem or is mounted (destroys its data)."
+    )
+
+    _size = field_validator("size")(_positive_quantity)
+
+    @model_validator(mode="after")
+    def _path_matches_mode(self) -> NvmeTier:
+        if self.mode == "file" and not self.path:
+            raise ValueError("path is required when mode is file")
+        if self.mode != "file" and self.path:
+            raise ValueError("path is only for mode file")
+        return self
+
+
+class Tiers(Model):
+    dram: DramTier
+    nvme: NvmeTier | None = None
+
+
+class Eviction(Model):
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            cel(
+                "self.lowWatermark < self.highWatermark",
+                "lowWatermark must be below highWatermark (e.g. 0.8 and 0.9)",
+                fieldPath=".lowWatermark",
+            )
+        )
+    )
+
+    policy: Literal["lru", "s3fifo"] = Field(
+        "s3fifo", description="s3fifo resists one-off scans (a long prompt seen once); lru is plain recency."
+    )
+    highWatermark: float = Field(0.9, gt=0, le=1, description="Demotion starts above this fraction of a tier.")
+    lowWatermark: float = Field(0.8, gt=0, lt=1, description="Demotion stops below this fraction.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Eviction:
+        if not self.lowWatermark < self.highWatermark:
+            raise ValueError("lowWatermark must be below highWatermark")
+        return self
+
+
+class Prefetch(Model):
+    enabled: bool = True
+    deadline: str = Field(
+        "2s",
+        pattern=_DURATION.pattern,
+        max_length=32,
+        description="Prefetches not done by then are counted late and abandoned.",
+    )
+    transport: Literal["auto", "rdma", "tcp"] = "auto"
+
+
+class LabelSelectorRequirement(Model):
+    key: str = Field(max_length=317)
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: list[Annotated[str, Field(max_length=63)]] | None = Field(None, max_length=64)
+
+
+class LabelSelector(Model):
+    matchLabels: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(None, max_length=64)
+    matchExpressions: list[LabelSelectorRequirement] | None = Field(None, max_length=32)
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        for key, value in (self.matchLabels or {}).items():
+            if labels.get(key) != value:
+                return False
+        for req in self.matchExpressions or []:
+            present = req.key in labels
+            if req.operator == "Exists" and not present:
+                return False
+            if req.operator == "DoesNotExist" and present:
+                return False
+            if req.operator == "In" and labels.get(req.key) not in (req.values or []):
+                return False
+            if req.operator == "NotIn" and present and labels[req.key] in (req.values or []):
+                return False
+        return True
+
+
+class Tenancy(Model):
+    namespaceSelector: LabelSelector | None = Field(
+        None, description="Namespaces whose pods may attach; empty admits every namespace."
+    )
+    isolation: Literal["namespace", "shared"] = Field(
+        "namespace",
+        description="namespace: each namespace has its own key space and memory; shared: one key space for all admitted namespaces.",
+    )
+
+
+class Toleration(Model):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    tolerationSeconds: int | None = None
+
+
+class Resources(Model):
+    requests: dict[str, Quantity] | None = Field(None, max_length=16)
+    limits: dict[str, Quantity] | None = Field(None, max_length=16)
+
+
+class AgentSpec(Model):
+    image: str = Field(DEFAULT_AGENT_IMAGE, max_length=512)
+    resources: Resources | None = Field(
+        None, description="Extra resources for the agent; the arena's memory is added by the operator."
+    )
+    priorityClassName: str | None = Field("system-node-critical", max_length=253)
+
+
+class KVCachePoolSpec(Model):
+    nodeSelector: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(
+        None, max_length=32, description="Nodes that run the pool's agent."
+    )
+    tolerations: list[Toleration] | None = Field(None, max_length=32)
+    tiers: Tiers
+    blockTokens: int = Field(
+        256,
+        ge=16,
+        le=4096,
+        description="Tokens per KV block; a multiple of 16 (the engines' page size).",
+        json_schema_extra=rules(cel("self % 16 == 0", "blockTokens must be a multiple of 16, e.g. 256")),
+    )
+    eviction: Eviction = Field(default_factory=Eviction, json_schema_extra=_defaults_of(Eviction))
+    prefetch: Prefetch = Field(default_factory=Prefetch, json_schema_extra=_defaults_of(Prefetch))
+    tenancy: Tenancy = Field(default_factory=Tenancy, json_schema_extra=_defaults_of(Tenancy))
+    agent: AgentSpec = Field(default_factory=AgentSpec, json_schema_extra=_defaults_of(AgentSpec))
+
+    @field_validator("blockTokens")
+    @classmethod
+    def _multiple_of_16(cls, value: int) -> int:
+        if value % 16:
+            raise ValueError("blockTokens must be a multiple of 16")
+        return value
+
+
+# -------------------------------------------------------------------------------------- status
+
+
+class Condition(Model):
+    """metav1.Condition."""
+
+    type: str = Field(max_length=316)
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(max_length=1024)
+    message: str = Field("", max_length=32768)
+    observedGeneration: int | None = None
+    lastTransitionTime: str = Field(json_schema_extra={"format": "date-time"})
+
+
+class NodeCounts(Model):
+    desired: int = 0
+    ready: int = 0
+
+
+class TierUsage(Model):
+    capacityBytes: int = 0
+    usedBytes: int = 0
+    blocks: int | None = None
+
+
+class TierUsages(Model):
+    dram: TierUsage = Field(default_factory=TierUsage)
+    nvme: TierUsage | None = None
+
+
+class PoolDisplay(Model):
+    """Pre-formatted text for `kubectl get kvp` columns."""
+
+    nodes: str = "0/0"
+    dram: str = ""
+    nvme: str = ""
+    hit: str = ""
+
+
+class KVCachePoolStatus(Model):
+    model_config = ConfigDict(extra="ignore")
+
+    observedGeneration: int | None = None
+    conditions: list[Condition] | None = Field(
+        None,
+        max_length=16,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    nodes: NodeCounts | None = None
+    tiers: TierUsages | None = None
+    hitRatio: float | None = None
+    lastUpdated: str | None = Field(None, json_schema_extra={"format": "date-time"})
+    display: PoolDisplay | None = None
+
+
+class ObjectMeta(Model):
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+
+class KVCachePool(Model):
+    model_config = ConfigDict(extra="ignore")
+
+    apiVersion: Literal["kvtier.io/v1alpha1"] = API_VERSION
+    kind: Literal["KVCachePool"] = "KVCachePool"
+    metadata: ObjectMeta
+    spec: KVCachePoolSpec
+    status: KVCachePoolStatus | None = None
+
+
+# ------------------------------------------------------------------------------- KVCacheNode
+
+
+class NvmeDevice(Model):
+    path: str
+    model: str | None = None
+    serial: str | None = None
+    namespaceId: int | None = None
+    sizeBytes: int | None = None
+    state: str | None = Field(None, description="adopted, created, formatted, refused, ...")
+    reason: str | None = None
+
+
+class GpuDevice(Model):
+    index: int
+    name: str
+    uuid: str | None = None
+    pciBusId: str | None = None
+    memoryBytes: int | None = None
+    numaNode: int | None = None
+
+
+class NodeDevices(Model):
+    nvme: list[NvmeDevice] = Field(default_factory=list)
+    gpus: list[GpuDevice] = Field(default_factory=list)
+    gpuReason: str | None = Field(None, description="Why the GPU list is empty (no driver, no NVML).")
+
+
+class KVCacheNodeSpec(Model):
+    pool: str = Field(max_length=253)
+    node: str = Field(max_length=253)
+
+
+class KVCacheNodeStatus(Model):
+    model_config = ConfigDict(extra="ignore")
+
+    tiers: TierUsages = Field(default_factory=TierUsages)
+    devices: NodeDevices = Field(default_factory=NodeDevices)
+    hits: int = 0
+    misses: int = 0
+    health: Literal["Healthy", "Degraded", "Unknown"] = "Unknown"
+    reason: str | None = None
+    agentVersion: str | None = None
+    numaNode: int | None = Field(None, description="NUMA node the DRAM arena was placed on.")
+    peerAddress: str | None = Field(None, description="host:port of the agent's peer data port.")
+    heartbeat: str | None = Field(None, json_schema_extra={"format": "date-time"})
+
+
+class KVCacheNode(Model):
+    model_config = ConfigDict(extra="ignore")
+
+    apiVersion: Literal["kvtier.io/v1alpha1"] = API_VERSION
+    kind: Literal["KVCacheNode"] = "KVCacheNode"
+    metadata: ObjectMeta
+    spec: KVCacheNodeSpec
+    status: KVCacheNodeStatus | None = None
+
+
+def kvcachenode_name(pool: str, node: str) -> str:
+    """`<pool>.<node>`: sorts by pool in `kubectl get kvn`, and is a valid DNS subdomain."""
+    return f"{pool}.{node}"

@@ -1,0 +1,142 @@
+"""`kvtier`: one command for the operator, the node agent, the local dev cluster, the demo and benchmarks.
+
+Each subcommand imports what it needs when it runs, so `kvtier agent` never loads kopf and the
+engine-side client never loads the operator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+
+def _dev_up(args: argparse.Namespace) -> int:
+    from kvtier.dev.controlplane import LocalControlPlane, default_state_dir
+    from kvtier.dev.tools import ensure_tools
+
+    state_dir = Path(args.dir) if args.dir else default_state_dir()
+    if (state_dir / "controlplane.json").exists():
+        existing = LocalControlPlane.load(state_dir)
+        if existing.running():
+            print(f"already running: export KUBECONFIG={existing.kubeconfig}")
+            return 0
+        existing.stop()
+    bin_dir = ensure_tools()
+    cp = LocalControlPlane(state_dir=state_dir, bin_dir=bin_dir).start()
+    print(f"kubeconfig: {cp.kubeconfig}")
+    print(f"export KUBECONFIG={cp.kubeconfig} PATH={bin_dir}:$PATH")
+    return 0
+
+
+def _dev_down(args: argparse.Namespace) -> int:
+    from kvtier.dev.controlplane import LocalControlPlane, default_state_dir
+
+    state_dir = Path(args.dir) if args.dir else default_state_dir()
+    if not (state_dir / "controlplane.json").exists():
+        print("nothing running")
+        return 0
+    LocalControlPlane.load(state_dir).stop()
+    print(f"stopped; removed {state_dir}")
+    return 0
+
+
+def _dev_env(args: argparse.Namespace) -> int:
+    from kvtier.dev.tools import TOOLS, ensure_tools
+
+    bin_dir = ensure_tools()
+    for tool in TOOLS:
+        print(f"{tool}: {bin_dir / tool}")
+    print(f"export PATH={bin_dir}:$PATH")
+    return 0
+
+
+def _crds(args: argparse.Namespace) -> int:
+    from kvtier.api.crds import crd_files
+    from kvtier.dev.tools import repo_root
+
+    stale = []
+    for path, text in crd_files(repo_root()).items():
+        if not path.exists() or path.read_text() != text:
+            stale.append(path)
+            if args.write:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+    verb = "wrote" if args.write else "out of date"
+    for path in stale:
+        print(f"{verb}: {path.relative_to(repo_root())}")
+    return 1 if stale and not args.write else 0
+
+
+def _lazy(module: str, func: str = "main") -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return int(getattr(importlib.import_module(module), func)(args) or 0)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvtier", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    dev = sub.add_parser("dev", help="local control plane (real etcd + kube-apiserver)")
+    dev_sub = dev.add_subparsers(dest="dev_command", required=True)
+    for name, func, help_ in (
+        ("up", _dev_up, "start it and print the KUBECONFIG line"),
+        ("down", _dev_down, "stop it and remove its state"),
+        ("env", _dev_env, "build (once) and print where etcd, kube-apiserver, kubectl and helm are"),
+    ):
+        p = dev_sub.add_parser(name, help=help_)
+        p.add_argument("--dir", help="state folder (default /tmp/kvtier-dev-$UID or $KVTIER_DEV_DIR)")
+        p.set_defaults(func=func)
+
+    crds = sub.add_parser("crds", help="check (default) or --write the CRDs generated from the API models")
+    crds.add_argument("--write", action="store_true")
+    crds.set_defaults(func=_crds)
+
+    op = sub.add_parser("operator", help="run the kopf operator (reconciles KVCachePools)")
+    op.add_argument("--namespace", default="kvtier-system", help="where agents' DaemonSets live")
+    op.add_argument("--liveness", default="http://0.0.0.0:8080/healthz")
+    op.add_argument("--webhook-port", type=int, default=0, help="serve the pod webhook on this port (0: off)")
+    op.add_argument("--webhook-host", default="0.0.0.0")
+    op.set_defaults(func=_lazy("kvtier.operator.main"))
+
+    agent = sub.add_parser("agent", help="run a node agent for one pool")
+    agent.add_argument("--config", required=True, help="the agent configuration the operator rendered")
+    agent.set_defaults(func=_lazy("kvtier.agent.main"))
+
+    demo = sub.add_parser("demo", help="the whole path on this machine, with a summary")
+    demo.add_argument("--keep", action="store_true", help="leave the cluster and agents running")
+    demo.set_defaults(func=_lazy("kvtier.demo"))
+
+    bench = sub.add_parser("bench", help="benchmarks (write JSON)")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    b = bench_sub.add_parser("store", help="agent put/get vs memcpy, NVMe vs raw direct I/O, vs Redis")
+    b.add_argument("--out", default="bench-store.json")
+    b.add_argument("--quick", action="store_true", help="small sizes, for CI and the demo")
+    b.set_defaults(func=_lazy("kvtier.bench.store"))
+    b = bench_sub.add_parser("controlplane", help="pools x nodes on the local control plane")
+    b.add_argument("--out", default="bench-controlplane.json")
+    b.add_argument("--pools", type=int, default=100)
+    b.add_argument("--nodes", type=int, default=50)
+    b.set_defaults(func=_lazy("kvtier.bench.controlplane"))
+    b = bench_sub.add_parser("ttft", help="restore TTFT vs recompute (GPU, or a small model on CPU)")
+    b.add_argument("--out", default="bench-ttft.json")
+    b.add_argument("--plot", default=None)
+    b.add_argument("--tokens", default=None, help="comma-separated context lengths")
+    b.add_argument("--small", action="store_true", help="a small model shape on the CPU")
+    b.add_argument("--nvme-path", default=None, help="file for the NVMe tier (default: a temp dir)")
+    b.set_defaults(func=_lazy("kvtier.bench.ttft"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
