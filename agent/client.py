@@ -120,8 +120,10 @@ class Client:
     def lookup(self, fingerprint: str, keys: list[bytes]) -> int:
         return int(self.call("lookup", fingerprint=fingerprint, keys=[k.hex() for k in keys])["hits"])
 
-    def allocate(self, sizes: list[int]) -> list[Slot]:
-        reply = self.call("allocate", sizes=sizes)
+    def allocate(self, sizes: list[int], wait: float = 0.0) -> list[Slot]:
+        """Room in the arena. `wait`: seconds the agent may wait for write-behind to make room
+        (0, the default for engines, means "refuse now and let me skip this save")."""
+        reply = self.call("allocate", sizes=sizes, wait=wait)
         return [
             Slot(seg, off, length, memoryview(self.segments[seg])[off : off + length])
             for seg, off, length in reply["extents"]
@@ -140,10 +142,17 @@ class Client:
         )
         return int(reply["new"])
 
-    def put(self, fingerprint: str, keys: list[bytes], blobs: list[bytes | memoryview], sync: bool = False) -> int:
+    def put(
+        self,
+        fingerprint: str,
+        keys: list[bytes],
+        blobs: list[bytes | memoryview],
+        sync: bool = False,
+        wait: float = 0.0,
+    ) -> int:
         """Store blocks (copied into the arena); returns how many were new to the agent."""
         sizes = [len(memoryview(b).cast("B")) for b in blobs]
-        slots = self.allocate(sizes)
+        slots = self.allocate(sizes, wait)
         for slot, blob, size in zip(slots, blobs, sizes, strict=True):
             slot.view[:size] = memoryview(blob).cast("B")
         return self.commit(fingerprint, keys, slots, sizes, sync=sync)

@@ -131,7 +131,10 @@ class TenantHandler(socketserver.BaseRequestHandler):
         sizes = _ints(msg, "sizes")
         if len(sizes) > MAX_KEYS or any(s <= 0 for s in sizes):
             raise StoreError("'sizes' must be positive and at most 65536 entries")
-        got = store.allocate(lease, sizes)
+        wait = msg.get("wait", 0)
+        if not isinstance(wait, int | float) or not 0 <= wait <= 30:
+            raise StoreError("'wait' must be a number of seconds between 0 and 30")
+        got = store.allocate(lease, sizes, float(wait))
         return {"extents": [[seg.id, ext.offset, ext.length] for seg, ext in got]}, [seg for seg, _ in got]
 
     def op_commit(self, store: Store, lease: Lease, msg: dict[str, Any]):

@@ -116,13 +116,19 @@ class Store:
 
     # --------------------------------------------------------------------------- client ops
 
-    def allocate(self, lease: Lease, sizes: list[int]) -> list[tuple[Segment, Extent]]:
-        """Room for blocks in the tenant's segments. Never waits for I/O: if the arena is full of
-        blocks that still need writing to NVMe, the caller gets an error and skips this save."""
+    def allocate(self, lease: Lease, sizes: list[int], wait: float = 0.0) -> list[tuple[Segment, Extent]]:
+        """Room for blocks in the tenant's segments. If the arena is full of blocks still being
+        written behind to NVMe, waits at most `wait` seconds (the client's choice; engines pass 0
+        and skip the save) and then refuses."""
         out = []
+        deadline = time.monotonic() + wait
         with self.lock:
             for size in sizes:
                 got = self._allocate_dram(lease.tenant, size)
+                while got is None and self.nvme and time.monotonic() < deadline:
+                    self.work.notify_all()
+                    self.persisted.wait(timeout=min(0.05, max(0.0, deadline - time.monotonic())))
+                    got = self._allocate_dram(lease.tenant, size)
                 if got is None:
                     for seg, ext in out:
                         self.dram.free(seg, ext)

@@ -1,0 +1,194 @@
+"""Shared fixtures: a real local control plane (session), a namespace per test, real agent processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kvtier.api.agentconfig import AgentConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu = _has_cuda()
+    docker = _has_docker()
+    for item in items:
+        if "gpu" in item.keywords and not gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (run on the GPU machine)"))
+        if "kind" in item.keywords and not docker:
+            item.add_marker(pytest.mark.skip(reason="needs a running Docker daemon for kind"))
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+def _has_docker() -> bool:
+    if not shutil.which("docker") or not shutil.which("kind"):
+        return False
+    return subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+
+
+# ------------------------------------------------------------------------------ control plane
+
+
+@pytest.fixture(scope="session")
+def control_plane() -> Iterator[object]:
+    from kvtier.dev.controlplane import LocalControlPlane
+    from kvtier.dev.tools import ensure_tools
+
+    bin_dir = ensure_tools(quiet=True)
+    state = Path(tempfile.mkdtemp(prefix="kvtier-cp-"))
+    cp = LocalControlPlane(state_dir=state, bin_dir=bin_dir).start(log=lambda *_: None)
+    try:
+        yield cp
+    finally:
+        cp.stop()
+
+
+@pytest.fixture(scope="session")
+def kube(control_plane):
+    from kubernetes import client, config
+
+    return config.new_client_from_config(str(control_plane.kubeconfig))
+
+
+@pytest.fixture(scope="session")
+def crds_installed(control_plane, kube):
+    from kvtier.operator.kube import apply_crds
+
+    apply_crds(kube)
+    return True
+
+
+@pytest.fixture
+def namespace(kube) -> Iterator[str]:
+    from kubernetes import client
+
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    client.CoreV1Api(kube).create_namespace({"metadata": {"name": name}})
+    yield name
+    # No controller-manager: the namespace stays Terminating, which is fine for a throwaway etcd.
+    client.CoreV1Api(kube).delete_namespace(name)
+
+
+def kubectl(control_plane, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(control_plane.bin_dir / "kubectl"), *args],
+        env=control_plane.env(),
+        capture_output=True,
+        text=True,
+        check=check,
+        input=input,
+    )
+
+
+# ------------------------------------------------------------------------------ agent processes
+
+
+@dataclass
+class AgentProcess:
+    config: AgentConfig
+    config_path: Path
+    proc: subprocess.Popen
+    ready_line: str
+
+    @property
+    def socket_dir(self) -> Path:
+        return Path(self.config.socketDir)
+
+    @property
+    def peer(self) -> str:
+        return "127.0.0.1:" + self.ready_line.split("peer=")[1].split()[0].rsplit(":", 1)[1]
+
+    def tenant(self, namespace: str) -> str:
+        from kvtier.agent.client import admin_call
+
+        return admin_call(self.socket_dir, "ensure_tenant", namespace=namespace)["socket"]
+
+    def stats(self) -> dict:
+        from kvtier.agent.client import admin_call
+
+        return admin_call(self.socket_dir, "stats")["stats"]
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=20)
+
+
+def start_agent(config: AgentConfig, path: Path, env: dict[str, str] | None = None) -> AgentProcess:
+    path.write_text(config.to_yaml())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvtier.cli", "agent", "--config", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "KVTIER_LOG": "WARNING", **(env or {})},
+    )
+    deadline = time.monotonic() + 30
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if line.startswith("kvtier agent ready"):
+            return AgentProcess(config, path, proc, line)
+    proc.kill()
+    raise RuntimeError(f"agent did not start: {proc.stdout.read()}")
+
+
+def agent_config(tmp: Path, pool: str = "test", dram: str = "64Mi", nvme: str | None = "256Mi", **spec_extra) -> AgentConfig:
+    tiers: dict = {"dram": {"size": dram}}
+    if nvme:
+        tiers["nvme"] = {"size": nvme, "mode": "file", "path": str(tmp / "nvme.img")}
+    return AgentConfig.model_validate(
+        {
+            "pool": pool,
+            "spec": {"tiers": tiers, **spec_extra},
+            "socketDir": str(tmp / "sock"),
+            "stateDir": str(tmp / "state"),
+            "segmentBytes": 8 << 20,
+            "peerPort": 0,
+            "peerHost": "127.0.0.1",
+            "metricsPort": 0,
+        }
+    )
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[callable]:
+    """Factory: start real `kvtier agent` processes; all are killed at the end of the test."""
+    started: list[AgentProcess] = []
+
+    def start(config: AgentConfig | None = None, name: str = "agent", **kw) -> AgentProcess:
+        cfg = config or agent_config(tmp_path, **kw)
+        proc = start_agent(cfg, tmp_path / f"{name}.yaml")
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill(signal.SIGTERM)
+
+
+def dump_yaml(obj: object) -> str:
+    return yaml.safe_dump(obj, sort_keys=False)
