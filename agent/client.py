@@ -163,7 +163,9 @@ class Client:
         return Pinned(
             self,
             [
-                PinnedBlock(bytes.fromhex(h), seg, off, size, memoryview(self.segments[seg])[off : off + size])
+                PinnedBlock(
+                    bytes.fromhex(h), seg, off, size, memoryview(self.segments[seg])[off : off + size]
+                )
                 for seg, off, size, h in reply["blocks"]
             ],
         )

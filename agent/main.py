@@ -14,8 +14,6 @@ import socket
 import threading
 from pathlib import Path
 
-from prometheus_client import start_http_server
-
 from kvtier.agent.api.server import AgentAPI
 from kvtier.agent.devices import gpu_inventory, numa_for_gpus
 from kvtier.agent.metrics import Metrics
@@ -23,6 +21,8 @@ from kvtier.agent.store.index import Store, load_secret
 from kvtier.agent.tiers.dram import DramTier
 from kvtier.agent.tiers.nvme import NvmeTier
 from kvtier.agent.transports.tcp import TcpPeerServer
+from prometheus_client import start_http_server
+
 from kvtier.api.agentconfig import AgentConfig
 
 log = logging.getLogger("kvtier.agent")

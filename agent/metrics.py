@@ -10,20 +10,33 @@ class Metrics:
         r = self.registry = registry or CollectorRegistry()
         self.tier_bytes = Gauge("kvtier_tier_used_bytes", "Bytes held per tier", ["tier"], registry=r)
         self.tier_capacity = Gauge("kvtier_tier_capacity_bytes", "Capacity per tier", ["tier"], registry=r)
-        self.lookups = Counter("kvtier_block_reads", "Blocks read, by tier hit or miss", ["result"], registry=r)
+        self.lookups = Counter(
+            "kvtier_block_reads", "Blocks read, by tier hit or miss", ["result"], registry=r
+        )
         self.committed_blocks = Counter("kvtier_committed_blocks", "Blocks committed by clients", registry=r)
         self.committed_bytes = Counter("kvtier_committed_bytes", "Bytes committed by clients", registry=r)
         self.evictions = Counter("kvtier_evictions", "Blocks dropped from a tier", ["tier"], registry=r)
         self.demotions = Counter("kvtier_demotions", "DRAM copies dropped with an NVMe copy kept", registry=r)
         self.promotions = Counter("kvtier_promotions", "NVMe blocks brought back to DRAM", registry=r)
-        self.bytes_moved = Counter("kvtier_bytes_moved", "Bytes moved between tiers", ["direction"], registry=r)
-        self.checksum_failures = Counter(
-            "kvtier_checksum_failures", "Blocks that failed their checksum (served as misses)", ["source"], registry=r
+        self.bytes_moved = Counter(
+            "kvtier_bytes_moved", "Bytes moved between tiers", ["direction"], registry=r
         )
-        self.alloc_failures = Counter("kvtier_alloc_failures", "Saves refused because the arena was full", registry=r)
-        self.persist_failures = Counter("kvtier_persist_failures", "Blocks that found no room on NVMe", registry=r)
+        self.checksum_failures = Counter(
+            "kvtier_checksum_failures",
+            "Blocks that failed their checksum (served as misses)",
+            ["source"],
+            registry=r,
+        )
+        self.alloc_failures = Counter(
+            "kvtier_alloc_failures", "Saves refused because the arena was full", registry=r
+        )
+        self.persist_failures = Counter(
+            "kvtier_persist_failures", "Blocks that found no room on NVMe", registry=r
+        )
         self.protocol_errors = Counter("kvtier_protocol_errors", "Malformed requests", registry=r)
-        self.peer_bytes = Counter("kvtier_peer_bytes", "Bytes served to or fetched from peers", ["direction"], registry=r)
+        self.peer_bytes = Counter(
+            "kvtier_peer_bytes", "Bytes served to or fetched from peers", ["direction"], registry=r
+        )
         self.latency = Histogram(
             "kvtier_op_seconds",
             "Latency of agent operations",

@@ -27,7 +27,9 @@ def node_status(agent: Agent) -> dict[str, Any]:
     status = api.KVCacheNodeStatus(
         tiers=api.TierUsages(
             dram=api.TierUsage(**{k: dram[k] for k in ("capacityBytes", "usedBytes", "blocks")}),
-            nvme=api.TierUsage(**{k: nvme[k] for k in ("capacityBytes", "usedBytes", "blocks")}) if agent.nvme else None,
+            nvme=api.TierUsage(**{k: nvme[k] for k in ("capacityBytes", "usedBytes", "blocks")})
+            if agent.nvme
+            else None,
         ),
         devices=api.NodeDevices(
             gpus=agent.gpus,

@@ -66,7 +66,7 @@ def control_plane() -> Iterator[object]:
 
 @pytest.fixture(scope="session")
 def kube(control_plane):
-    from kubernetes import client, config
+    from kubernetes import config
 
     return config.new_client_from_config(str(control_plane.kubeconfig))
 
@@ -90,7 +90,9 @@ def namespace(kube) -> Iterator[str]:
     client.CoreV1Api(kube).delete_namespace(name)
 
 
-def kubectl(control_plane, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
+def kubectl(
+    control_plane, *args: str, check: bool = True, input: str | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(control_plane.bin_dir / "kubectl"), *args],
         env=control_plane.env(),
@@ -156,7 +158,9 @@ def start_agent(config: AgentConfig, path: Path, env: dict[str, str] | None = No
     raise RuntimeError(f"agent did not start: {proc.stdout.read()}")
 
 
-def agent_config(tmp: Path, pool: str = "test", dram: str = "64Mi", nvme: str | None = "256Mi", **spec_extra) -> AgentConfig:
+def agent_config(
+    tmp: Path, pool: str = "test", dram: str = "64Mi", nvme: str | None = "256Mi", **spec_extra
+) -> AgentConfig:
     tiers: dict = {"dram": {"size": dram}}
     if nvme:
         tiers["nvme"] = {"size": nvme, "mode": "file", "path": str(tmp / "nvme.img")}
@@ -192,3 +196,40 @@ def agent(tmp_path: Path) -> Iterator[callable]:
 
 def dump_yaml(obj: object) -> str:
     return yaml.safe_dump(obj, sort_keys=False)
+
+
+@pytest.fixture(scope="session")
+def operator_process(control_plane, crds_installed, tmp_path_factory) -> Iterator[subprocess.Popen]:
+    """A real `kvtier operator` process against the local control plane (status every second).
+    Its log stays in pytest's temporary folder (operator0/operator.log)."""
+    log = open(tmp_path_factory.mktemp("operator") / "operator.log", "w")  # noqa: SIM115
+    env = {**control_plane.env(), "KVTIER_STATUS_INTERVAL": "1", "KVTIER_RESYNC_SECONDS": "5"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvtier.cli", "operator", "--namespace", "kvtier-system", "--liveness", ""],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    yield proc
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def eventually(check, timeout: float = 20.0, interval: float = 0.2, message: str = ""):
+    """Poll until `check()` returns something truthy (and return it), or fail with the last error."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+            last = result
+        except Exception as exc:
+            last = exc
+        time.sleep(interval)
+    raise AssertionError(f"{message or 'condition'} not met within {timeout}s (last: {last!r})")

@@ -58,8 +58,10 @@ def _recv_exact(sock: socket.socket, n: int, fds: list[int]) -> bytes:
                 received.frombytes(payload[: len(payload) - len(payload) % 4])
                 fds.extend(received)
         if not data:
-            raise ConnectionError("peer closed the connection") if got == 0 and not chunks else ProtocolError(
-                "connection closed inside a frame"
+            raise (
+                ConnectionError("peer closed the connection")
+                if got == 0 and not chunks
+                else ProtocolError("connection closed inside a frame")
             )
         chunks.append(data)
         got += len(data)

@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import re
-import socket
 import socketserver
 import threading
 import time
@@ -106,7 +105,9 @@ class TenantHandler(socketserver.BaseRequestHandler):
 
     # ------------------------------------------------------------------------------ ops
 
-    def op_hello(self, store: Store, lease: Lease, msg: dict[str, Any]) -> tuple[dict[str, Any], list[Segment]]:
+    def op_hello(
+        self, store: Store, lease: Lease, msg: dict[str, Any]
+    ) -> tuple[dict[str, Any], list[Segment]]:
         with store.lock:
             segments = store.dram.segments_of(lease.tenant)
         lease.segments_sent.clear()  # a second hello re-sends everything
@@ -213,7 +214,9 @@ class AdminServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 class AgentAPI:
     """Owns the sockets: the admin one, and a tenant one per namespace created on demand."""
 
-    def __init__(self, socket_dir: Path, store: Store, block_tokens: int, admit=None, extra_stats=None) -> None:
+    def __init__(
+        self, socket_dir: Path, store: Store, block_tokens: int, admit=None, extra_stats=None
+    ) -> None:
         self.socket_dir = socket_dir
         self.store = store
         self.block_tokens = block_tokens

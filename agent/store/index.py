@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import xxhash
-
 from kvtier.agent.metrics import Metrics
 from kvtier.agent.store.eviction import make_policy
 from kvtier.agent.store.extents import Extent, align_up
@@ -287,7 +286,9 @@ class Store:
                 return False
             seg, ext = got
             seg.view(ext, len(data))[:] = data
-            self.blocks[ikey] = Block(ikey, tenant, len(data), sum_, seg=seg, extent=ext, last_used=time.monotonic())
+            self.blocks[ikey] = Block(
+                ikey, tenant, len(data), sum_, seg=seg, extent=ext, last_used=time.monotonic()
+            )
             self.dram_policy.insert(ikey)
             if self.nvme:
                 self.persist_queue.append(ikey)
@@ -301,7 +302,11 @@ class Store:
             dram_blocks = sum(1 for b in self.blocks.values() if b.seg)
             return {
                 "blocks": len(self.blocks),
-                "dram": {"capacityBytes": self.dram.capacity, "usedBytes": self.dram.used, "blocks": dram_blocks},
+                "dram": {
+                    "capacityBytes": self.dram.capacity,
+                    "usedBytes": self.dram.used,
+                    "blocks": dram_blocks,
+                },
                 "nvme": {
                     "capacityBytes": self.nvme.capacity if self.nvme else 0,
                     "usedBytes": self.nvme.used if self.nvme else 0,
@@ -436,7 +441,11 @@ class Store:
         """Background: write committed blocks behind to NVMe, and demote above the high watermark."""
         while True:
             with self.lock:
-                while not self._closed and not self.persist_queue and self.dram.used <= self.high * self.dram.capacity:
+                while (
+                    not self._closed
+                    and not self.persist_queue
+                    and self.dram.used <= self.high * self.dram.capacity
+                ):
                     self.work.wait(timeout=1.0)
                 if self._closed:
                     return

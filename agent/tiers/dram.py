@@ -30,7 +30,9 @@ _HUGEPAGE_FLAGS = {
 
 
 def punch_hole(fd: int, length: int) -> None:
-    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, ctypes.c_long(0), ctypes.c_long(length)):
+    if _libc.fallocate(
+        fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, ctypes.c_long(0), ctypes.c_long(length)
+    ):
         err = ctypes.get_errno()
         raise OSError(err, f"fallocate(PUNCH_HOLE): {os.strerror(err)}")
 
@@ -39,7 +41,9 @@ def bind_to_numa(mm: mmap.mmap, length: int, node: int) -> bool:
     """Shared memory policy for the whole segment (applies to every process that maps it)."""
     addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
     mask = ctypes.c_ulong(1 << node)
-    rc = _libc.syscall(_SYS_MBIND, ctypes.c_void_p(addr), ctypes.c_ulong(length), _MPOL_BIND, ctypes.byref(mask), 64, 0)
+    rc = _libc.syscall(
+        _SYS_MBIND, ctypes.c_void_p(addr), ctypes.c_ulong(length), _MPOL_BIND, ctypes.byref(mask), 64, 0
+    )
     return rc == 0
 
 

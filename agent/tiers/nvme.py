@@ -61,7 +61,9 @@ def _full(fn, fd: int, buf: memoryview, offset: int) -> None:
 
 
 class NvmeTier:
-    def __init__(self, path: Path, capacity: int, io_threads: int = 8, manifest_path: Path | None = None) -> None:
+    def __init__(
+        self, path: Path, capacity: int, io_threads: int = 8, manifest_path: Path | None = None
+    ) -> None:
         self.path = path
         self.capacity = capacity // ALIGN * ALIGN
         self.fd, self.direct = open_direct(path, self.capacity)

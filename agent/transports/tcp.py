@@ -45,7 +45,9 @@ class _PeerHandler(socketserver.BaseRequestHandler):
                 msg, _ = protocol.recv(sock)
                 keys = msg.get("keys")
                 if msg.get("op") != "fetch" or not isinstance(keys, list) or len(keys) > MAX_FETCH:
-                    protocol.send(sock, {"ok": False, "error": f"expected fetch with at most {MAX_FETCH} keys"})
+                    protocol.send(
+                        sock, {"ok": False, "error": f"expected fetch with at most {MAX_FETCH} keys"}
+                    )
                     continue
                 self._serve(sock, store, [bytes.fromhex(k) for k in keys])
         except (ConnectionError, OSError, protocol.ProtocolError, ValueError):
@@ -54,7 +56,10 @@ class _PeerHandler(socketserver.BaseRequestHandler):
     def _serve(self, sock: socket.socket, store: Store, keys: list[bytes]) -> None:
         pinned = store.pin_for_peer(keys)
         try:
-            header = [{"key": b.key.hex(), "tenant": b.tenant, "size": b.size, "checksum": b.checksum} for b, _ in pinned]
+            header = [
+                {"key": b.key.hex(), "tenant": b.tenant, "size": b.size, "checksum": b.checksum}
+                for b, _ in pinned
+            ]
             protocol.send(sock, {"ok": True, "blocks": header})
             for block, view in pinned:
                 sock.sendall(view[: block.size])
@@ -100,7 +105,9 @@ class TcpTransport:
             if not ok.get("ok"):
                 raise PermissionError(ok.get("error", "peer refused"))
             for start in range(0, len(keys), MAX_FETCH):
-                protocol.send(sock, {"op": "fetch", "keys": [k.hex() for k in keys[start : start + MAX_FETCH]]})
+                protocol.send(
+                    sock, {"op": "fetch", "keys": [k.hex() for k in keys[start : start + MAX_FETCH]]}
+                )
                 reply, _ = protocol.recv(sock)
                 blocks = reply.get("blocks", [])
                 for info in blocks:

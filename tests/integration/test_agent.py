@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from kvtier.agent.api import protocol
 from kvtier.agent.api.protocol import AgentError
 from kvtier.agent.client import Client
+
 from tests.conftest import agent_config
 
 pytestmark = pytest.mark.integration
@@ -132,7 +132,9 @@ def test_sigkill_during_commits_keeps_every_acknowledged_block(agent, tmp_path, 
     with Client(b.tenant("team-a")) as c:
         for i in acked:
             key = hashlib.sha256(b"crash%d" % i).digest()
-            assert c.get(FP, [key]) == [hashlib.sha256(key).digest() * (16384 // 32)], f"acknowledged block {i}"
+            assert c.get(FP, [key]) == [hashlib.sha256(key).digest() * (16384 // 32)], (
+                f"acknowledged block {i}"
+            )
         # whatever else is present was fully written: anything indexed reads back whole
         n = b.stats()["blocks"]
         assert len(acked) <= n <= len(acked) + 1
@@ -215,7 +217,7 @@ def test_tenants_share_neither_blocks_nor_memory(agent):
     assert cb.get(FP, keys) == []
     a_segment = next(iter(ca.segments))
     a_view = ca.segment_view(a_segment)
-    assert bytes(a_view[: MiB]) == data[0]
+    assert bytes(a_view[:MiB]) == data[0]
 
     b_keys, b_data = chain(8, "b"), blobs(8, seed=1)
     cb.put(FP, b_keys, b_data)  # fills B's own segment
@@ -233,7 +235,7 @@ def test_tenants_share_neither_blocks_nor_memory(agent):
     assert new_segment not in ca.segments
     b_view = cb.segment_view(new_segment)
     assert bytes(b_view[MiB:]) == bytes(7 * MiB), "the segment B took over reads as zeros"
-    assert bytes(a_view[: MiB]) == bytes(MiB), "A's stale mapping of its old segment now reads zeros"
+    assert bytes(a_view[:MiB]) == bytes(MiB), "A's stale mapping of its old segment now reads zeros"
     assert bytes(a_view[MiB : 2 * MiB]) == bytes(MiB)
     del a_view, b_view
     ca.close()

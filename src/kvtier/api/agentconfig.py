@@ -21,13 +21,21 @@ class AgentConfig(Model):
     poolUid: str | None = Field(None, description="Owner of the KVCacheNode the agent writes.")
     spec: KVCachePoolSpec
     socketDir: str = Field(description="Per-tenant sockets live in subfolders; admin.sock at the top.")
-    stateDir: str = Field(description="The pool secret and, in file mode, nothing else: the NVMe manifest sits by its data.")
+    stateDir: str = Field(
+        description="The pool secret and, in file mode, nothing else: the NVMe manifest sits by its data."
+    )
     secretFile: str | None = Field(
         None, description="The pool's shared secret (a mounted Secret); tenant salts derive from it."
     )
-    segmentBytes: int = Field(GiB, gt=0, description="DRAM arena segment size (a tenant owns whole segments).")
-    namespaceQuotaSegments: int | None = Field(None, gt=0, description="At most this many segments per tenant.")
-    peerPort: int = Field(7070, ge=0, lt=65536, description="TCP data port for peer agents (0: any free port).")
+    segmentBytes: int = Field(
+        GiB, gt=0, description="DRAM arena segment size (a tenant owns whole segments)."
+    )
+    namespaceQuotaSegments: int | None = Field(
+        None, gt=0, description="At most this many segments per tenant."
+    )
+    peerPort: int = Field(
+        7070, ge=0, lt=65536, description="TCP data port for peer agents (0: any free port)."
+    )
     peerHost: str = "0.0.0.0"
     metricsPort: int = Field(9400, ge=0, lt=65536, description="Prometheus metrics (0: any free port).")
     nodeName: str | None = Field(None, description="Overridden by $NODE_NAME (the downward API sets it).")

@@ -48,7 +48,9 @@ _POSITIVE_QUANTITY = cel(
 )
 Quantity = Annotated[
     int | str,
-    Field(json_schema_extra=rules(_POSITIVE_QUANTITY, **{"x-kubernetes-int-or-string": True, "maxLength": 64})),
+    Field(
+        json_schema_extra=rules(_POSITIVE_QUANTITY, **{"x-kubernetes-int-or-string": True, "maxLength": 64})
+    ),
 ]
 
 
@@ -77,7 +79,6 @@ def _defaults_of(model: type[BaseModel]) -> dict[str, Any]:
     return {"default": model().model_dump(mode="json", exclude_none=True)}
 
 
-
 class DramTier(Model):
     """Host DRAM per node: the arena engines map and DMA from."""
 
@@ -89,7 +90,10 @@ class DramTier(Model):
         "auto",
         description="NUMA node for the arena: auto (the node of the GPUs) or an index.",
         json_schema_extra=rules(
-            cel("type(self) == int ? self >= 0 : self == 'auto'", "numa must be auto or a NUMA node index >= 0"),
+            cel(
+                "type(self) == int ? self >= 0 : self == 'auto'",
+                "numa must be auto or a NUMA node index >= 0",
+            ),
             **{"x-kubernetes-int-or-string": True},
         ),
     )
@@ -110,7 +114,11 @@ class NvmeTier(Model):
 
     model_config = ConfigDict(
         json_schema_extra=rules(
-            cel("self.mode != 'file' || has(self.path)", "path is required when mode is file", fieldPath=".path"),
+            cel(
+                "self.mode != 'file' || has(self.path)",
+                "path is required when mode is file",
+                fieldPath=".path",
+            ),
             cel(
                 "self.mode == 'file' || !has(self.path)",
                 "path is only for mode file; namespace and partition modes choose devices with deviceSelector",
@@ -133,7 +141,9 @@ class NvmeTier(Model):
     mode: Literal["namespace", "partition", "file"] = Field(
         description="namespace: NVMe namespaces created for the pool; partition: a partition; file: a file on a mounted filesystem."
     )
-    deviceSelector: DeviceSelector | None = Field(None, description="Devices to use (namespace and partition modes).")
+    deviceSelector: DeviceSelector | None = Field(
+        None, description="Devices to use (namespace and partition modes)."
+    )
     path: str | None = Field(
         None,
         max_length=512,
@@ -174,7 +184,9 @@ class Eviction(Model):
     policy: Literal["lru", "s3fifo"] = Field(
         "s3fifo", description="s3fifo resists one-off scans (a long prompt seen once); lru is plain recency."
     )
-    highWatermark: float = Field(0.9, gt=0, le=1, description="Demotion starts above this fraction of a tier.")
+    highWatermark: float = Field(
+        0.9, gt=0, le=1, description="Demotion starts above this fraction of a tier."
+    )
     lowWatermark: float = Field(0.8, gt=0, lt=1, description="Demotion stops below this fraction.")
 
     @model_validator(mode="after")

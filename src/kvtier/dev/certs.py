@@ -33,7 +33,9 @@ def _name(common_name: str, organization: str | None = None) -> x509.Name:
 
 def _validity(builder: x509.CertificateBuilder, days: int) -> x509.CertificateBuilder:
     now = dt.datetime.now(dt.UTC)
-    return builder.not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+    return builder.not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(
+        now + dt.timedelta(days=days)
+    )
 
 
 def new_ca(common_name: str, days: int = 3650) -> KeyPair:

@@ -151,7 +151,11 @@ class LocalControlPlane:
 
     def env(self) -> dict[str, str]:
         """Environment for child processes (kubectl, helm, operator, agents) to reach this cluster."""
-        return {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PATH": f"{self.bin_dir}:{os.environ['PATH']}"}
+        return {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "PATH": f"{self.bin_dir}:{os.environ['PATH']}",
+        }
 
     # ------------------------------------------------------------------------------ details
 
@@ -175,7 +179,10 @@ class LocalControlPlane:
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [
-                {"name": "kvtier-local", "cluster": {"server": self.url, "certificate-authority-data": b64(ca_pem)}}
+                {
+                    "name": "kvtier-local",
+                    "cluster": {"server": self.url, "certificate-authority-data": b64(ca_pem)},
+                }
             ],
             "users": [
                 {
@@ -186,7 +193,9 @@ class LocalControlPlane:
                     },
                 }
             ],
-            "contexts": [{"name": "kvtier-local", "context": {"cluster": "kvtier-local", "user": "kvtier-admin"}}],
+            "contexts": [
+                {"name": "kvtier-local", "context": {"cluster": "kvtier-local", "user": "kvtier-admin"}}
+            ],
             "current-context": "kvtier-local",
         }
         _write(self.kubeconfig, yaml.safe_dump(config).encode())

@@ -1,0 +1,132 @@
+"""Kubernetes I/O for the operator: server-side apply, deletes, lists. Everything else is pure."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any
+
+from kubernetes import client, config, dynamic
+from kubernetes.client.exceptions import ApiException
+
+from kvtier.api import v1alpha1 as api
+
+FIELD_MANAGER = "kvtier-operator"
+
+
+@functools.cache
+def api_client() -> client.ApiClient:
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        config.load_incluster_config()
+    else:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+@functools.cache
+def dynamic_client() -> dynamic.DynamicClient:
+    return dynamic.DynamicClient(api_client())
+
+
+def _resource(manifest: dict[str, Any]):
+    return dynamic_client().resources.get(api_version=manifest["apiVersion"], kind=manifest["kind"])
+
+
+def apply(manifest: dict[str, Any]) -> None:
+    """Server-side apply with kvtier's field manager: idempotent, and it owns only its fields."""
+    dynamic_client().server_side_apply(
+        _resource(manifest),
+        body=manifest,
+        namespace=manifest["metadata"].get("namespace"),
+        field_manager=FIELD_MANAGER,
+        force_conflicts=True,
+    )
+
+
+def delete(api_version: str, kind: str, name: str, namespace: str | None = None) -> bool:
+    res = dynamic_client().resources.get(api_version=api_version, kind=kind)
+    try:
+        res.delete(name=name, namespace=namespace) if res.namespaced else res.delete(name=name)
+        return True
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
+
+
+def exists(api_version: str, kind: str, name: str, namespace: str | None = None) -> bool:
+    res = dynamic_client().resources.get(api_version=api_version, kind=kind)
+    try:
+        res.get(name=name, namespace=namespace) if res.namespaced else res.get(name=name)
+        return True
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
+
+
+def list_kvcachenodes(pool: str) -> list[api.KVCacheNode]:
+    items = client.CustomObjectsApi(api_client()).list_cluster_custom_object(
+        api.GROUP, api.VERSION, "kvcachenodes", label_selector=f"kvtier.io/pool={pool}"
+    )["items"]
+    return [api.KVCacheNode.model_validate(i) for i in items]
+
+
+def list_pools() -> list[api.KVCachePool]:
+    items = client.CustomObjectsApi(api_client()).list_cluster_custom_object(
+        api.GROUP, api.VERSION, "kvcachepools"
+    )["items"]
+    out = []
+    for item in items:
+        try:
+            out.append(api.KVCachePool.model_validate(item))
+        except ValueError:
+            continue
+    return out
+
+
+def list_nodes() -> list[dict[str, Any]]:
+    return [n.to_dict() for n in client.CoreV1Api(api_client()).list_node().items]
+
+
+def read_secret(name: str, namespace: str) -> dict[str, Any] | None:
+    try:
+        return client.CoreV1Api(api_client()).read_namespaced_secret(name, namespace).to_dict()
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def ensure_namespace(name: str) -> None:
+    try:
+        client.CoreV1Api(api_client()).create_namespace({"metadata": {"name": name}})
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+
+
+def apply_crds(api_client_: client.ApiClient | None = None, timeout: float = 30) -> None:
+    """Install or update kvtier's CRDs and wait until they are served (dev cluster, tests, demo)."""
+    from kvtier.api.crds import all_crds
+
+    ext = client.ApiextensionsV1Api(api_client_ or api_client())
+    for crd in all_crds():
+        name = crd["metadata"]["name"]
+        try:
+            current = ext.read_custom_resource_definition(name)
+            crd["metadata"]["resourceVersion"] = current.metadata.resource_version
+            ext.replace_custom_resource_definition(name, crd)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            ext.create_custom_resource_definition(crd)
+        deadline = time.monotonic() + timeout
+        while True:
+            conds = ext.read_custom_resource_definition(name).status.conditions or []
+            if any(c.type == "Established" and c.status == "True" for c in conds):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"CRD {name} not established")
+            time.sleep(0.1)

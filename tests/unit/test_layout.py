@@ -1,0 +1,25 @@
+"""Every package folder is installed: pyproject's explicit package list matches the tree."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.unit
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    cfg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    roots = {pkg: REPO / path for pkg, path in cfg["package-dir"].items() if pkg}
+    roots["kvtier"] = REPO / cfg["package-dir"][""] / "kvtier"
+    found = set()
+    for pkg, root in roots.items():
+        for init in root.rglob("__init__.py"):
+            rel = init.parent.relative_to(root)
+            if "_generated" in rel.parts:
+                continue
+            found.add(".".join([pkg, *rel.parts]) if rel.parts else pkg)
+    assert found == set(cfg["packages"])
