@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -11,13 +10,13 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
 from kvtier.api.agentconfig import AgentConfig
+from kvtier.dev.agents import AgentProcess, spawn_agent
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,58 +105,6 @@ def kubectl(
 # ------------------------------------------------------------------------------ agent processes
 
 
-@dataclass
-class AgentProcess:
-    config: AgentConfig
-    config_path: Path
-    proc: subprocess.Popen
-    ready_line: str
-
-    @property
-    def socket_dir(self) -> Path:
-        return Path(self.config.socketDir)
-
-    @property
-    def peer(self) -> str:
-        return "127.0.0.1:" + self.ready_line.split("peer=")[1].split()[0].rsplit(":", 1)[1]
-
-    def tenant(self, namespace: str) -> str:
-        from kvtier.agent.client import admin_call
-
-        return admin_call(self.socket_dir, "ensure_tenant", namespace=namespace)["socket"]
-
-    def stats(self) -> dict:
-        from kvtier.agent.client import admin_call
-
-        return admin_call(self.socket_dir, "stats")["stats"]
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=20)
-
-
-def start_agent(config: AgentConfig, path: Path, env: dict[str, str] | None = None) -> AgentProcess:
-    path.write_text(config.to_yaml())
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kvtier.cli", "agent", "--config", str(path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "KVTIER_LOG": "WARNING", **(env or {})},
-    )
-    deadline = time.monotonic() + 30
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if line.startswith("kvtier agent ready"):
-            return AgentProcess(config, path, proc, line)
-    proc.kill()
-    raise RuntimeError(f"agent did not start: {proc.stdout.read()}")
-
-
 def agent_config(
     tmp: Path, pool: str = "test", dram: str = "64Mi", nvme: str | None = "256Mi", **spec_extra
 ) -> AgentConfig:
@@ -185,7 +132,7 @@ def agent(tmp_path: Path) -> Iterator[callable]:
 
     def start(config: AgentConfig | None = None, name: str = "agent", **kw) -> AgentProcess:
         cfg = config or agent_config(tmp_path, **kw)
-        proc = start_agent(cfg, tmp_path / f"{name}.yaml")
+        proc = spawn_agent(cfg, tmp_path / f"{name}.yaml")
         started.append(proc)
         return proc
 

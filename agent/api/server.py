@@ -252,6 +252,8 @@ class AgentAPI:
                 return {"ok": True, "stats": {**self.store.stats(), **self.extra_stats()}}
             if op == "ping":
                 return {"ok": True}
+            if op == "evict_dram":
+                return {"ok": True, "dropped": self.store.evict_dram()}
             return {"ok": False, "error": f"unknown op {op!r}"}
         except StoreError as exc:
             return {"ok": False, "error": str(exc)}

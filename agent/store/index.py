@@ -14,6 +14,7 @@ import hmac
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,6 +92,8 @@ class Store:
         self.hits = 0
         self.misses = 0
         self._closed = False
+        # promotions run beside the NVMe tier's own I/O pool (each one fans out into chunk reads there)
+        self._promoters = ThreadPoolExecutor(8, thread_name_prefix="kvtier-promote")
         if nvme:
             for rec in nvme.recover().values():
                 self.blocks[rec.key] = Block(rec.key, rec.tenant, rec.size, rec.checksum, nvme=rec)
@@ -202,37 +205,57 @@ class Store:
         return tiers
 
     def read(self, lease: Lease, fingerprint: str, keys: list[bytes]) -> list[tuple[Segment, Extent, Block]]:
-        """Pin the leading blocks that hit, promoting NVMe blocks into the arena first.
+        """Pin the leading blocks that hit, promoting NVMe blocks into the arena first (in parallel,
+        so the device sees a deep queue).
 
         A block whose bytes fail their checksum on the way up is dropped and the answer ends
         before it: a miss, never wrong data.
         """
-        out: list[tuple[Segment, Extent, Block]] = []
-        for key in keys:
-            ikey = self.index_key(lease.tenant, fingerprint, key)
-            with self.lock:
-                block = self.blocks.get(ikey)
+        t0 = time.perf_counter()
+        pinned: list[Block] = []
+        with self.lock:
+            for key in keys:
+                block = self.blocks.get(self.index_key(lease.tenant, fingerprint, key))
                 if block is None:
-                    self.misses += 1
-                    self.metrics.lookups.labels("miss").inc()
                     break
                 block.pins += 1
-                lease.pins[ikey] += 1
-                tier = block.tier
-            if tier == "nvme" and not self._promote(block):
-                self._unpin(lease, ikey)
-                with self.lock:
-                    self.misses += 1
-                self.metrics.lookups.labels("miss").inc()
-                break
-            with self.lock:
-                self.hits += 1
+                lease.pins[block.key] += 1
+                pinned.append(block)
+        tiers = [b.tier for b in pinned]
+        cold = [b for b in pinned if b.seg is None]
+        if cold:
+            assert self.nvme
+            ok = list(self._promoters.map(self._promote, cold)) if len(cold) > 1 else [self._promote(cold[0])]
+            bad = {id(b) for b, good in zip(cold, ok, strict=True) if not good}
+            if bad:
+                cut = next(i for i, b in enumerate(pinned) if id(b) in bad)
+                for block in pinned[cut:]:
+                    self._unpin(lease, block.key)
+                pinned, tiers = pinned[:cut], tiers[:cut]
+        with self.lock:
+            now = time.monotonic()
+            for block, tier in zip(pinned, tiers, strict=True):
                 self.metrics.lookups.labels(tier).inc()
-                block.last_used = time.monotonic()
-                self.dram_policy.touch(ikey)
-                assert block.seg and block.extent
-                out.append((block.seg, block.extent, block))
-        return out
+                block.last_used = now
+                self.dram_policy.touch(block.key)
+            self.hits += len(pinned)
+            if len(pinned) < len(keys):
+                self.misses += 1
+                self.metrics.lookups.labels("miss").inc()
+        self.metrics.latency.labels("read_blocks").observe(time.perf_counter() - t0)
+        return [(b.seg, b.extent, b) for b in pinned]  # type: ignore[misc]
+
+    def evict_dram(self) -> int:
+        """Drop every DRAM copy that is safe to drop (benchmarks of the NVMe tier, maintenance)."""
+        self.flush()
+        dropped = 0
+        with self.lock:
+            for block in list(self.blocks.values()):
+                if block.seg and not block.pins and (self.nvme is None or block.nvme):
+                    self._drop_dram_copy(block)
+                    dropped += 1
+            self._update_gauges()
+        return dropped
 
     def release(self, lease: Lease, ikeys: list[bytes]) -> None:
         for ikey in ikeys:
@@ -333,6 +356,7 @@ class Store:
             self._closed = True
             self.work.notify_all()
         self._worker.join(timeout=10)
+        self._promoters.shutdown(wait=True)
         if self.nvme:
             self.nvme.close()
         self.dram.close()

@@ -128,13 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", default=None)
     b.add_argument("--tokens", default=None, help="comma-separated context lengths")
     b.add_argument("--small", action="store_true", help="a small model shape on the CPU")
-    b.add_argument("--nvme-path", default=None, help="file for the NVMe tier (default: a temp dir)")
+    b.add_argument("--nvme-path", default=None, help="folder for the NVMe tier's file (default: a temp dir)")
+    b.add_argument("--block-tokens", type=int, default=256)
+    b.add_argument("--chunk", type=int, default=16384, help="prefill chunk (tokens) for the recompute")
+    b.add_argument(
+        "--engine", choices=["hf", "numpy"], default=None, help="with --small: numpy (default) or hf"
+    )
     b.set_defaults(func=_lazy("kvtier.bench.ttft"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv_echo = argv[2:]  # for benchmark reports: the exact command
     return int(args.func(args) or 0)
 
 

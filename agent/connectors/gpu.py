@@ -1,0 +1,115 @@
+"""Moving KV blocks between the agent's arena and GPU memory, fast. Needs torch (engine side).
+
+The arena's segments are mapped in this process and registered with CUDA (cudaHostRegister), so
+a copy is one DMA straight from the arena: no bounce buffer, no pageable-memory slowdown.
+Blocks are 0.5-15 MB each and usually adjacent in a segment; adjacent ones are merged into one copy
+(small copies are launch-bound). On the GPU, blocks are staged contiguously and scattered into the
+engine's layout with one strided copy per layer and K/V (device memory moves ~4 TB/s), while the next
+group's DMA runs on a second stream.
+"""
+
+from __future__ import annotations
+
+import torch
+from kvtier.agent.client import Client
+from kvtier.agent.connectors.runs import GROUP_BYTES, HostRun, groups, runs, runs_in
+
+
+class GpuArena:
+    """The client's segments as CUDA-registered host tensors."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.host: dict[int, torch.Tensor] = {}
+
+    def sync(self) -> None:
+        """Register segments the agent has handed over since the last call (engine start-up, mostly)."""
+        cudart = torch.cuda.cudart()
+        for seg_id, mm in self.client.segments.items():
+            if seg_id in self.host:
+                continue
+            tensor = torch.frombuffer(mm, dtype=torch.uint8)
+            err = cudart.cudaHostRegister(tensor.data_ptr(), tensor.numel(), 0)
+            if int(err) != 0:
+                raise RuntimeError(f"cudaHostRegister failed ({err}) for segment {seg_id}")
+            self.host[seg_id] = tensor
+
+    def close(self) -> None:
+        cudart = torch.cuda.cudart()
+        for tensor in self.host.values():
+            cudart.cudaHostUnregister(tensor.data_ptr())
+        self.host.clear()
+
+    def view(self, run: HostRun, block_bytes: int) -> torch.Tensor:
+        return self.host[run.segment][run.offset : run.offset + run.count * block_bytes]
+
+
+def host_to_gpu(
+    arena: GpuArena,
+    locations: list[tuple[int, int]],
+    block_bytes: int,
+    scatter,  # callable(first_block, staging uint8 tensor [g*block_bytes]) run on the compute stream
+    device: torch.device,
+) -> None:
+    """DMA blocks group by group into a staging buffer and hand each group to `scatter`, with the
+    next group's DMA overlapping the current scatter (two buffers, two streams)."""
+    copy_stream = torch.cuda.Stream(device)
+    compute = torch.cuda.current_stream(device)
+    per = max(1, GROUP_BYTES // block_bytes)
+    buffers = [torch.empty(per * block_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
+    free = [torch.cuda.Event() for _ in range(2)]
+    for e in free:
+        e.record(compute)
+    all_runs = runs(locations, block_bytes)
+    for gi, (start, end) in enumerate(groups(len(locations), block_bytes)):
+        buf = buffers[gi % 2]
+        copy_stream.wait_event(free[gi % 2])
+        with torch.cuda.stream(copy_stream):
+            for run in runs_in(all_runs, start, end):
+                lo, hi = max(run.first, start), min(run.first + run.count, end)
+                src = arena.view(run, block_bytes)[
+                    (lo - run.first) * block_bytes : (hi - run.first) * block_bytes
+                ]
+                buf[(lo - start) * block_bytes : (hi - start) * block_bytes].copy_(src, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(copy_stream)
+        compute.wait_event(ready)
+        scatter(start, buf[: (end - start) * block_bytes])
+        free[gi % 2].record(compute)
+
+
+def gpu_to_host(
+    arena: GpuArena,
+    locations: list[tuple[int, int]],
+    block_bytes: int,
+    gather,  # callable(first_block, last_block) -> uint8 tensor [(last-first)*block_bytes] on the GPU
+) -> None:
+    """The reverse: gather groups of blocks into staging on the GPU, DMA each run into the arena."""
+    all_runs = runs(locations, block_bytes)
+    for start, end in groups(len(locations), block_bytes):
+        staged = gather(start, end)
+        for run in runs_in(all_runs, start, end):
+            lo, hi = max(run.first, start), min(run.first + run.count, end)
+            dst = arena.view(run, block_bytes)[
+                (lo - run.first) * block_bytes : (hi - run.first) * block_bytes
+            ]
+            dst.copy_(staged[(lo - start) * block_bytes : (hi - start) * block_bytes], non_blocking=True)
+        torch.cuda.current_stream().synchronize()  # staging is reused by the next group
+
+
+def measure_h2d(arena: GpuArena, nbytes: int, device: torch.device, repeats: int = 5) -> float:
+    """Host->GPU bandwidth (bytes/s) from the registered arena: the ceiling restores are judged by."""
+    seg = max(arena.host.values(), key=lambda t: t.numel())
+    nbytes = min(nbytes, seg.numel())
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst.copy_(seg[:nbytes], non_blocking=True)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = 0.0
+    for _ in range(repeats):
+        start.record()
+        dst.copy_(seg[:nbytes], non_blocking=True)
+        end.record()
+        end.synchronize()
+        best = max(best, nbytes / (start.elapsed_time(end) / 1e3))
+    return best

@@ -1,0 +1,42 @@
+"""Planning copies of equal-size blocks (pure): merge neighbours into runs, cut work into groups."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+GROUP_BYTES = 1 << 30  # staging buffer per group of blocks (two in flight)
+
+
+@dataclass(frozen=True)
+class HostRun:
+    """Consecutive blocks that sit back to back in one segment: one DMA."""
+
+    segment: int
+    offset: int
+    first: int  # index of the first block in the request
+    count: int
+
+
+def runs(locations: list[tuple[int, int]], block_bytes: int) -> list[HostRun]:
+    """Merge (segment, offset) locations of equal-size blocks into contiguous runs (pure)."""
+    out: list[HostRun] = []
+    for i, (seg, off) in enumerate(locations):
+        last = out[-1] if out else None
+        if last and last.segment == seg and last.offset + last.count * block_bytes == off:
+            out[-1] = HostRun(seg, last.offset, last.first, last.count + 1)
+        else:
+            out.append(HostRun(seg, off, i, 1))
+    return out
+
+
+def groups(n_blocks: int, block_bytes: int, group_bytes: int = GROUP_BYTES) -> Iterator[tuple[int, int]]:
+    per = max(1, group_bytes // block_bytes)
+    for start in range(0, n_blocks, per):
+        yield start, min(n_blocks, start + per)
+
+
+def runs_in(all_runs: list[HostRun], start: int, end: int) -> Iterator[HostRun]:
+    for run in all_runs:
+        if run.first < end and run.first + run.count > start:
+            yield run
