@@ -65,8 +65,14 @@ class NodeReporter:
 
     @classmethod
     def from_environment(cls, agent: Agent) -> NodeReporter | None:
-        from kubernetes import client, config
-
+        if not (os.environ.get("KUBERNETES_SERVICE_HOST") or os.environ.get("KUBECONFIG")):
+            log.info("no Kubernetes API configured: not writing a KVCacheNode")
+            return None
+        try:
+            from kubernetes import client, config
+        except ImportError:
+            log.warning("the kubernetes client is not installed: not writing a KVCacheNode")
+            return None
         try:
             if os.environ.get("KUBERNETES_SERVICE_HOST"):
                 config.load_incluster_config()

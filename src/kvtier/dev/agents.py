@@ -82,6 +82,8 @@ def spawn_agent(
         if line.startswith("kvtier agent ready"):
             return AgentProcess(config, config_path, proc, line)
     proc.kill()
+    if log and log.exists():
+        seen.append(log.read_text(errors="replace")[-4000:])
     raise RuntimeError("agent did not start:\n" + "".join(seen))
 
 
