@@ -44,24 +44,34 @@ class GpuArena:
         return self.host[run.segment][run.offset : run.offset + run.count * block_bytes]
 
 
+class Staging:
+    """Two reusable GPU staging buffers and a copy stream (allocated once per engine, not per request)."""
+
+    def __init__(self, device: torch.device, group_bytes: int = GROUP_BYTES) -> None:
+        self.device = device
+        self.group_bytes = group_bytes
+        self.stream = torch.cuda.Stream(device)
+        self.buffers = [torch.empty(group_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
+
+
 def host_to_gpu(
     arena: GpuArena,
     locations: list[tuple[int, int]],
     block_bytes: int,
     scatter,  # callable(first_block, staging uint8 tensor [g*block_bytes]) run on the compute stream
-    device: torch.device,
+    staging: Staging,
 ) -> None:
     """DMA blocks group by group into a staging buffer and hand each group to `scatter`, with the
     next group's DMA overlapping the current scatter (two buffers, two streams)."""
-    copy_stream = torch.cuda.Stream(device)
+    device = staging.device
+    copy_stream = staging.stream
     compute = torch.cuda.current_stream(device)
-    per = max(1, GROUP_BYTES // block_bytes)
-    buffers = [torch.empty(per * block_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
+    buffers = staging.buffers
     free = [torch.cuda.Event() for _ in range(2)]
     for e in free:
         e.record(compute)
     all_runs = runs(locations, block_bytes)
-    for gi, (start, end) in enumerate(groups(len(locations), block_bytes)):
+    for gi, (start, end) in enumerate(groups(len(locations), block_bytes, staging.group_bytes)):
         buf = buffers[gi % 2]
         copy_stream.wait_event(free[gi % 2])
         with torch.cuda.stream(copy_stream):

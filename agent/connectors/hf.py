@@ -11,21 +11,29 @@ token, head dim] (the fingerprint says so), so one block is one contiguous exten
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
 from kvtier.agent.client import Client
-from kvtier.agent.connectors.gpu import GpuArena, gpu_to_host, host_to_gpu
+from kvtier.agent.connectors.gpu import GpuArena, Staging, gpu_to_host, host_to_gpu
+from kvtier.agent.connectors.runs import GROUP_BYTES
 from kvtier.agent.keys import KVLayout, block_keys
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
-class RestoreStats:
-    lookup_blocks: int = 0
-    restored_tokens: int = 0
+class Timings:
+    """Where a save or restore spent its time (host clock; GPU phases end with a synchronize)."""
+
+    blocks: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, phase: str, since: float) -> float:
+        now = time.perf_counter()
+        self.seconds[phase] = round(now - since, 6)
+        return now
 
 
 class HFKVCache:
@@ -34,6 +42,12 @@ class HFKVCache:
         self.layout = layout
         self.dtype = _DTYPES[layout.dtype]
         self.arena = GpuArena(client)
+        self._staging: dict[torch.device, Staging] = {}
+
+    def staging(self, device: torch.device) -> Staging:
+        if device not in self._staging:
+            self._staging[device] = Staging(device, max(GROUP_BYTES, self.layout.block_bytes))
+        return self._staging[device]
 
     # ------------------------------------------------------------------------------ shapes
 
@@ -52,10 +66,18 @@ class HFKVCache:
     # ------------------------------------------------------------------------------- save
 
     def save(
-        self, token_ids: list[int], cache, extra: str | None = None, sync: bool = False, wait: float = 0.0
+        self,
+        token_ids: list[int],
+        cache,
+        extra: str | None = None,
+        sync: bool = False,
+        wait: float = 0.0,
+        timings: Timings | None = None,
     ) -> int:
         """Save the full blocks of `token_ids` whose KV is in `cache`. Returns blocks newly stored."""
         lay = self.layout
+        t = timings or Timings()
+        t0 = time.perf_counter()
         keys = block_keys(token_ids, lay.block_tokens, extra)
         layers = cache.layers
         keys = keys[: layers[0].keys.shape[2] // lay.block_tokens]
@@ -64,7 +86,9 @@ class HFKVCache:
         if not todo:
             return 0
         slots = self.client.allocate([lay.block_bytes] * len(todo), wait=wait)
-        self.arena.sync()
+        t0 = t.mark("allocate", t0)
+        self.arena.sync()  # registers segments the agent handed over just now (first touch of their pages)
+        t0 = t.mark("register", t0)
         device = layers[0].keys.device
 
         def gather(start: int, end: int) -> torch.Tensor:
@@ -77,9 +101,13 @@ class HFKVCache:
             return staged
 
         gpu_to_host(self.arena, [(s.segment, s.offset) for s in slots], lay.block_bytes, gather)
-        return self.client.commit(lay.fingerprint, todo, slots, [lay.block_bytes] * len(todo), sync=sync)
+        t0 = t.mark("copy", t0)
+        new = self.client.commit(lay.fingerprint, todo, slots, [lay.block_bytes] * len(todo), sync=sync)
+        t.mark("commit", t0)
+        t.blocks = len(todo)
+        return new
 
-    # ----------------------------------------------------------------------------- restore
+    # ---------------------------------------------------------------------------- restore
 
     def restore(
         self,
@@ -87,40 +115,49 @@ class HFKVCache:
         device: str | torch.device = "cuda",
         extra: str | None = None,
         keep_last: int = 1,
-        stats: RestoreStats | None = None,
+        timings: Timings | None = None,
     ):
         """A DynamicCache holding the longest cached prefix of `token_ids` (leaving at least
         `keep_last` tokens for the model to compute), and its length in tokens. (None, 0) on a miss."""
         from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
 
         lay = self.layout
+        t = timings or Timings()
         device = torch.device(device)
+        staging = self.staging(device)
         usable = max(0, len(token_ids) - keep_last)
         keys = block_keys(token_ids[:usable], lay.block_tokens, extra)
+        t0 = time.perf_counter()
         with self.client.read(lay.fingerprint, keys) as pinned:
-            n = len(pinned)
-            if stats:
-                stats.lookup_blocks = n
+            n = t.blocks = len(pinned)
+            t0 = t.mark("read", t0)  # lookup + pin (+ promotion from NVMe)
             if n == 0:
                 return None, 0
             self.arena.sync()
             T = n * lay.block_tokens
-            shape = (1, lay.num_kv_heads, T, lay.head_dim)
-            k_layers = [torch.empty(shape, dtype=self.dtype, device=device) for _ in range(lay.num_layers)]
-            v_layers = [torch.empty(shape, dtype=self.dtype, device=device) for _ in range(lay.num_layers)]
+            # one allocation for every layer's K and V: [layer, k/v, 1, heads, tokens, dim]
+            kv = torch.empty(
+                (lay.num_layers, 2, 1, lay.num_kv_heads, T, lay.head_dim), dtype=self.dtype, device=device
+            )
 
             def scatter(first: int, staged: torch.Tensor) -> None:
                 g = staged.numel() // lay.block_bytes
                 blocks = self._block_view(staged, g)
                 for li in range(lay.num_layers):
-                    self._layer_blocks(k_layers[li], first, first + g).copy_(blocks[:, li, 0])
-                    self._layer_blocks(v_layers[li], first, first + g).copy_(blocks[:, li, 1])
+                    self._layer_blocks(kv[li, 0], first, first + g).copy_(blocks[:, li, 0])
+                    self._layer_blocks(kv[li, 1], first, first + g).copy_(blocks[:, li, 1])
 
-            host_to_gpu(self.arena, [(b.segment, b.offset) for b in pinned], lay.block_bytes, scatter, device)
+            host_to_gpu(
+                self.arena, [(b.segment, b.offset) for b in pinned], lay.block_bytes, scatter, staging
+            )
             torch.cuda.current_stream(device).synchronize()  # the arena may be reused once released
+            t0 = t.mark("copy", t0)
         cache = DynamicCache()
         for li in range(lay.num_layers):
-            cache.update(k_layers[li], v_layers[li], li)
-        if stats:
-            stats.restored_tokens = T
+            layer = DynamicLayer()  # filled in place: update() would copy the whole prefix once more
+            layer.lazy_initialization(kv[li, 0], kv[li, 1])
+            layer.keys, layer.values = kv[li, 0], kv[li, 1]
+            cache.layers.append(layer)
+        t.mark("cache", t0)
         return cache, T

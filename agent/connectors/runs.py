@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-GROUP_BYTES = 1 << 30  # staging buffer per group of blocks (two in flight)
+GROUP_BYTES = 256 << 20  # staging buffer per group of blocks (two in flight)
 
 
 @dataclass(frozen=True)
