@@ -13,8 +13,10 @@ never match even for the same tokens.
 
 from __future__ import annotations
 
+import array
 import hashlib
 import struct
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,13 +27,22 @@ def block_keys(
     token_ids: list[int] | tuple[int, ...], block_tokens: int, extra: bytes | str | None = None
 ) -> list[bytes]:
     """Keys of the full blocks of a token sequence (a partial last block gets none)."""
+    n = len(token_ids) // block_tokens
+    try:
+        packed = memoryview(array.array("I", token_ids[: n * block_tokens]).tobytes())  # 4-byte LE, in C
+    except OverflowError:
+        packed = memoryview(
+            struct.pack(f"<{n * block_tokens}I", *(t & 0xFFFFFFFF for t in token_ids[: n * block_tokens]))
+        )
+    if sys.byteorder != "little":
+        packed = memoryview(struct.pack(f"<{n * block_tokens}I", *token_ids[: n * block_tokens]))
+    extra_bytes = extra.encode() if isinstance(extra, str) else (extra or b"")
+    step = 4 * block_tokens
     keys = []
     parent = ROOT
-    extra_bytes = extra.encode() if isinstance(extra, str) else (extra or b"")
-    for i in range(len(token_ids) // block_tokens):
-        block = token_ids[i * block_tokens : (i + 1) * block_tokens]
+    for i in range(n):
         h = hashlib.sha256(parent)
-        h.update(struct.pack(f"<{len(block)}I", *(t & 0xFFFFFFFF for t in block)))
+        h.update(packed[i * step : (i + 1) * step])
         if i == 0 and extra_bytes:
             h.update(b"\0extra\0" + extra_bytes)
         parent = h.digest()

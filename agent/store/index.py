@@ -36,7 +36,7 @@ class Block:
     key: bytes
     tenant: str
     size: int
-    checksum: int
+    checksum: int | None  # None until the block first leaves DRAM
     seg: Segment | None = None
     extent: Extent | None = None
     nvme: Record | None = None
@@ -93,7 +93,9 @@ class Store:
         self.misses = 0
         self._closed = False
         # promotions run beside the NVMe tier's own I/O pool (each one fans out into chunk reads there)
-        self._promoters = ThreadPoolExecutor(8, thread_name_prefix="kvtier-promote")
+        self._promoters = ThreadPoolExecutor(
+            nvme.pool._max_workers if nvme else 1, thread_name_prefix="kvtier-promote"
+        )
         if nvme:
             for rec in nvme.recover().values():
                 self.blocks[rec.key] = Block(rec.key, rec.tenant, rec.size, rec.checksum, nvme=rec)
@@ -167,11 +169,15 @@ class Store:
                 if not 0 < size <= ext.length:
                     self.dram.free(seg, ext)
                     raise StoreError(f"size {size} does not fit the allocated extent of {ext.length}")
-                sum_ = checksum(seg.view(ext, size))
-                if given is not None and given != sum_:
-                    self.dram.free(seg, ext)
-                    self.metrics.checksum_failures.labels("commit").inc()
-                    raise StoreError("checksum does not match the bytes in the arena (torn write?)")
+                # The checksum is taken when the block first leaves DRAM (write-behind, a peer), off
+                # the commit path; a client that sends one gets it verified now.
+                sum_ = None
+                if given is not None:
+                    sum_ = checksum(seg.view(ext, size))
+                    if given != sum_:
+                        self.dram.free(seg, ext)
+                        self.metrics.checksum_failures.labels("commit").inc()
+                        raise StoreError("checksum does not match the bytes in the arena (torn write?)")
                 ikey = self.index_key(lease.tenant, fingerprint, key)
                 if ikey in self.blocks:
                     self.dram.free(seg, ext)  # already have it: keep the first copy
@@ -291,7 +297,10 @@ class Store:
                     block.pins -= 1
                 break
             assert block.seg and block.extent
-            out.append((block, block.seg.view(block.extent, block.size)))
+            view = block.seg.view(block.extent, block.size)
+            if block.checksum is None:
+                block.checksum = checksum(view)
+            out.append((block, view))
         return out
 
     def unpin_for_peer(self, blocks: list[Block]) -> None:
@@ -519,6 +528,8 @@ class Store:
                 self._drop_nvme_copy(self.blocks[victim])
                 target = self.nvme.allocate(ext.length)
         if target is not None:
+            if block.checksum is None:
+                block.checksum = checksum(seg.view(ext, block.size))
             self.nvme.write_at(target, seg.view(ext))
         with self.lock:
             block.pins -= 1
@@ -527,7 +538,7 @@ class Store:
             elif self.blocks.get(block.key) is not block:
                 self.nvme.abandon(target)
             else:
-                block.nvme = self.nvme.log(block.key, block.tenant, target, block.size, block.checksum)
+                block.nvme = self.nvme.log(block.key, block.tenant, target, block.size, block.checksum or 0)
                 self.nvme_policy.insert(block.key)
                 self.metrics.bytes_moved.labels("dram_to_nvme").inc(block.size)
                 self.nvme.maybe_compact([b.nvme for b in self.blocks.values() if b.nvme])

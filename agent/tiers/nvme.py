@@ -69,6 +69,7 @@ class NvmeTier:
         self.fd, self.direct = open_direct(path, self.capacity)
         self.alloc = ExtentAllocator(self.capacity)
         self.manifest = Manifest(manifest_path or path.with_name(path.name + ".manifest"))
+        self.io_threads = io_threads
         self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="nvme-io")
 
     def recover(self) -> dict[bytes, Record]:
