@@ -181,10 +181,12 @@ class Client:
         return self.call("stats")["stats"]
 
 
-def admin_call(socket_dir: str | os.PathLike[str], op: str, **fields: Any) -> dict[str, Any]:
+def admin_call(
+    socket_dir: str | os.PathLike[str], op: str, timeout: float | None = 10.0, **fields: Any
+) -> dict[str, Any]:
     """One request on an agent's admin socket (node components only)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(10)
+        sock.settimeout(timeout)
         sock.connect(os.path.join(socket_dir, "admin.sock"))
         protocol.send(sock, {"op": op, **fields})
         reply, _ = protocol.recv(sock)

@@ -239,7 +239,7 @@ def run_hf(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
             agent_dir = work / f"agent-{L}"
             agent = start_pool_agent(agent_dir, kv_bytes, B, nvme_dir)
             try:
-                client = Client(agent.tenant("bench"))
+                client = Client(agent.tenant("bench"), timeout=None)  # an NVMe restore of 24 GB takes a while
                 kv = HFKVCache(client, layout)
                 save_t = Timings()
                 t0 = time.perf_counter()
@@ -296,7 +296,9 @@ def run_hf(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
                         h2d_gbps=round(h2d / 1e9, 2) if h2d else None,
                     )
                 )
-                agent.admin("evict_dram")  # every block now lives on NVMe only
+                agent.admin(
+                    "evict_dram", timeout=None
+                )  # waits for write-behind; then blocks live on NVMe only
                 # The raw read of the same bytes runs before and after the restore (a virtual disk's
                 # host may cache what was just read); the faster of the two sets the floor.
                 cold = drop_page_cache()
@@ -388,7 +390,7 @@ def run_numpy(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
                 results.append(
                     row(L, "dram", kv_bytes, recompute_s, dram_s, kv_bytes / memcpy + decode_s, diff)
                 )
-                agent.admin("evict_dram")
+                agent.admin("evict_dram", timeout=None)
                 nvme_s, _, diff = restore()
                 raw = raw_direct_read(work / "nvme" / "kvtier-bench.cache", kv_bytes)
                 results.append(row(L, "nvme", kv_bytes, recompute_s, nvme_s, kv_bytes / raw + decode_s, diff))

@@ -36,10 +36,10 @@ class AgentProcess:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self._field('metrics').lstrip(':')}/metrics"
 
-    def admin(self, op: str, **fields: Any) -> dict[str, Any]:
+    def admin(self, op: str, timeout: float | None = 10.0, **fields: Any) -> dict[str, Any]:
         from kvtier.agent.client import admin_call
 
-        return admin_call(self.socket_dir, op, **fields)
+        return admin_call(self.socket_dir, op, timeout=timeout, **fields)
 
     def tenant(self, namespace: str) -> str:
         """Socket path of a namespace (created on demand, as the CSI plugin asks for it)."""
