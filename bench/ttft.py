@@ -247,7 +247,7 @@ def run_hf(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
                 save_s = time.perf_counter() - t0
                 # The exact reference for a restore: the same decode step from the original KV (the
                 # prefill computed the last token in a chunk, with other kernels and another sum order).
-                cache.crop(L)
+                cache.crop(-1)  # drop the prompt's last token: the cache holds the L restored tokens
                 ref_decode = model(
                     input_ids=ids[:, L:], past_key_values=cache, use_cache=True, logits_to_keep=1
                 )
