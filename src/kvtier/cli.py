@@ -135,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine", choices=["hf", "numpy"], default=None, help="with --small: numpy (default) or hf"
     )
     b.set_defaults(func=_lazy("kvtier.bench.ttft"))
+    b = bench_sub.add_parser("report", help="merge `bench ttft` JSON files into one, with a plot")
+    b.add_argument("inputs", nargs="+")
+    b.add_argument("--out", required=True)
+    b.add_argument("--plot", default=None)
+    b.set_defaults(func=_lazy("kvtier.bench.ttft", "report"))
     return parser
 
 
