@@ -441,12 +441,18 @@ def report(args: argparse.Namespace) -> int:
     """Merge the JSON of several `bench ttft` runs (one per call on a lent GPU) into one, with a plot."""
     parts = [json.loads(Path(p).read_text()) for p in args.inputs]
     merged = {k: v for k, v in parts[0].items() if k not in ("results", "command", "date")}
-    merged["runs"] = [{"command": p.get("command"), "date": p.get("date"), "ceilings": p.get("ceilings")} for p in parts]
-    merged["results"] = sorted((r for p in parts for r in p["results"]), key=lambda r: (r["tier"], r["tokens"]))
+    merged["runs"] = [
+        {"command": p.get("command"), "date": p.get("date"), "ceilings": p.get("ceilings")} for p in parts
+    ]
+    merged["results"] = sorted(
+        (r for p in parts for r in p["results"]), key=lambda r: (r["tier"], r["tokens"])
+    )
     Path(args.out).write_text(json.dumps(merged, indent=2))
-    print_table(sorted(merged["results"], key=lambda r: (r["tokens"], r["tier"])), f"{merged['model']} on {merged['device']}")
+    print_table(
+        sorted(merged["results"], key=lambda r: (r["tokens"], r["tier"])),
+        f"{merged['model']} on {merged['device']}",
+    )
     if args.plot:
         plot(merged["results"], args.plot, f"{merged['model']} on {merged['device']}")
     print(f"\nwrote {args.out}" + (f" and {args.plot}" if args.plot else ""))
     return 0
-
