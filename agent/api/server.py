@@ -192,7 +192,12 @@ class AdminHandler(socketserver.BaseRequestHandler):
                 except protocol.BadMessage as exc:
                     protocol.send(self.request, {"ok": False, "error": str(exc)})
                     continue
-                protocol.send(self.request, self.server.api.admin(msg))
+                try:
+                    reply = self.server.api.admin(msg)
+                except Exception as exc:  # an admin bug must answer, not hang up on node components
+                    log.exception("admin request %r failed", msg.get("op"))
+                    reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                protocol.send(self.request, reply)
         except (ConnectionError, OSError, protocol.ProtocolError):
             pass
 

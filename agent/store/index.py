@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import threading
 import time
 from collections import Counter
@@ -42,6 +43,7 @@ class Block:
     nvme: Record | None = None
     pins: int = 0
     last_used: float = 0.0
+    unpersistable: bool = False  # the NVMe tier had no room: dropping it from DRAM loses it
 
     @property
     def tier(self) -> str:
@@ -92,6 +94,7 @@ class Store:
         self.hits = 0
         self.misses = 0
         self._closed = False
+        self._persisting = 0
         # promotions run beside the NVMe tier's own I/O pool (each one fans out into chunk reads there)
         self._promoters = ThreadPoolExecutor(
             nvme.pool._max_workers if nvme else 1, thread_name_prefix="kvtier-promote"
@@ -356,9 +359,10 @@ class Store:
             return
         deadline = time.monotonic() + timeout
         with self.lock:
-            while self.persist_queue or any(b.nvme is None for b in self.blocks.values()):
+            while self.persist_queue or self._persisting:
+                self.work.notify_all()
                 if not self.persisted.wait(timeout=max(0.0, deadline - time.monotonic())):
-                    raise TimeoutError("NVMe write-behind did not drain")
+                    raise StoreError("NVMe write-behind did not drain in time")
 
     def close(self) -> None:
         with self.lock:
@@ -406,7 +410,7 @@ class Store:
             return False
         if tenant is not None and block.tenant != tenant:
             return False
-        return self.nvme is None or block.nvme is not None
+        return self.nvme is None or block.nvme is not None or block.unpersistable
 
     def _drop_dram_copy(self, block: Block) -> None:
         assert block.seg and block.extent
@@ -426,6 +430,8 @@ class Store:
         self.nvme_policy.remove(block.key)
         if block.seg is None:
             del self.blocks[block.key]
+        else:
+            block.unpersistable = True  # NVMe chose to drop it: its DRAM copy may go too
         self.metrics.evictions.labels("nvme").inc()
 
     def _promote(self, block: Block) -> bool:
@@ -490,10 +496,14 @@ class Store:
             block, seg, ext = job
             try:
                 self._persist(block, seg, ext)
-            except Exception:  # pragma: no cover - logged by the caller's metrics
+            except Exception:  # an I/O error on one block must not stop write-behind for good
+                logging.getLogger("kvtier.agent.store").exception("writing a block to NVMe failed")
                 with self.lock:
                     block.pins -= 1
-                raise
+                    self._persisting -= 1
+                    block.unpersistable = True
+                    self.metrics.persist_failures.inc()
+                    self.persisted.notify_all()
 
     def _next_job(self) -> tuple[Block, Segment, Extent] | None:
         """Under the lock: the next block to write to NVMe (pinned while it is written), after
@@ -502,6 +512,7 @@ class Store:
             block = self.blocks.get(self.persist_queue.pop(0))
             if block and block.seg and block.nvme is None:
                 block.pins += 1
+                self._persisting += 1
                 return block, block.seg, block.extent  # type: ignore[return-value]
         # no write-behind pending: demote until below the low watermark
         while self.dram.used > self.low * self.dram.capacity:
@@ -533,7 +544,9 @@ class Store:
             self.nvme.write_at(target, seg.view(ext))
         with self.lock:
             block.pins -= 1
+            self._persisting -= 1
             if target is None:
+                block.unpersistable = True
                 self.metrics.persist_failures.inc()
             elif self.blocks.get(block.key) is not block:
                 self.nvme.abandon(target)

@@ -54,7 +54,7 @@ def _wait(check, timeout: float, what: str):
             result = check()
             if result:
                 return result
-        except Exception:  # noqa: BLE001 - not there yet
+        except Exception:
             pass
         time.sleep(0.3)
     raise TimeoutError(f"timed out waiting for {what}")

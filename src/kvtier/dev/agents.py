@@ -6,8 +6,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ class AgentProcess:
     config_path: Path
     proc: subprocess.Popen
     ready_line: str
+    output: deque[str] = field(default_factory=deque)  # the agent's latest output lines
 
     @property
     def socket_dir(self) -> Path:
@@ -80,7 +83,10 @@ def spawn_agent(
             break
         seen.append(line)
         if line.startswith("kvtier agent ready"):
-            return AgentProcess(config, config_path, proc, line)
+            # keep reading what the agent prints, so a chatty agent never blocks on a full pipe
+            tail: deque[str] = deque(maxlen=200)
+            threading.Thread(target=lambda: tail.extend(proc.stdout), daemon=True).start()
+            return AgentProcess(config, config_path, proc, line, tail)
     proc.kill()
     if log and log.exists():
         seen.append(log.read_text(errors="replace")[-4000:])
