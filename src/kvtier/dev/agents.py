@@ -85,7 +85,7 @@ def spawn_agent(
         if line.startswith("kvtier agent ready"):
             # keep reading what the agent prints, so a chatty agent never blocks on a full pipe
             tail: deque[str] = deque(maxlen=200)
-            threading.Thread(target=lambda: tail.extend(proc.stdout), daemon=True).start()
+            threading.Thread(target=tail.extend, args=(proc.stdout,), daemon=True).start()
             return AgentProcess(config, config_path, proc, line, tail)
     proc.kill()
     if log and log.exists():
