@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 from typing import Any
 
@@ -71,6 +72,21 @@ def list_kvcachenodes(pool: str) -> list[api.KVCacheNode]:
         api.GROUP, api.VERSION, "kvcachenodes", label_selector=f"kvtier.io/pool={pool}"
     )["items"]
     return [api.KVCacheNode.model_validate(i) for i in items]
+
+
+_SNAPSHOTS: dict[str, tuple[float, Any]] = {}
+_SNAPSHOT_LOCK = threading.Lock()
+
+
+def snapshot(name: str, fetch, max_age: float) -> Any:
+    """The cluster-wide lists every pool's timer needs (all pools, all Nodes), fetched at most once per
+    `max_age` seconds and shared by all timers: 100 pools must not mean 100 lists a tick."""
+    with _SNAPSHOT_LOCK:
+        stamp, value = _SNAPSHOTS.get(name, (0.0, None))
+        if time.monotonic() - stamp > max_age:
+            value = fetch()
+            _SNAPSHOTS[name] = (time.monotonic(), value)
+        return value
 
 
 def list_pools() -> list[api.KVCachePool]:

@@ -97,8 +97,8 @@ def refresh_status(
     ):
         apply_children(body, pool, uid)  # level-based: repair drift (a deleted DaemonSet comes back)
         memo["applied_at"] = time.monotonic()
-    nodes = kube.list_nodes()
-    shared = conflicts(pool, kube.list_pools(), nodes)
+    nodes = kube.snapshot("nodes", kube.list_nodes, STATUS_INTERVAL / 2)
+    shared = conflicts(pool, kube.snapshot("pools", kube.list_pools, STATUS_INTERVAL / 2), nodes)
     was_degraded = any(
         c.get("type") == "Degraded" and c.get("status") == "True" for c in status.get("conditions") or []
     )

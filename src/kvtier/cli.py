@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="bench-controlplane.json")
     b.add_argument("--pools", type=int, default=100)
     b.add_argument("--nodes", type=int, default=50)
+    b.add_argument("--status-interval", type=float, default=2.0, help="the operator's status timer (s)")
     b.set_defaults(func=_lazy("kvtier.bench.controlplane"))
     b = bench_sub.add_parser("ttft", help="restore TTFT vs recompute (GPU, or a small model on CPU)")
     b.add_argument("--out", default="bench-ttft.json")
