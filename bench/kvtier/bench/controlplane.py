@@ -25,7 +25,7 @@ NS = "kvtier-system"
 
 def _pct(values: list[float], q: float) -> float:
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
 def _stats(values: list[float]) -> dict[str, float]:
