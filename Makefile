@@ -8,7 +8,7 @@ demo: setup
 	.venv/bin/kvtier demo
 
 test: setup lint
-	.venv/bin/python -m pytest -m "not gpu and not kind" tests
+	.venv/bin/python -m pytest tests
 
 lint:
 	.venv/bin/ruff format --check .
