@@ -273,3 +273,35 @@ def test_peer_agent_serves_blocks_over_tcp(agent, tmp_path):
     assert all(b.tenant == "team-a" for b in got)
     with pytest.raises(PermissionError):
         list(TcpTransport(b"not the pool secret").fetch(a.peer, ikeys))
+
+
+def test_csi_style_node_calls_are_read_only_and_repeatable(agent):
+    a = agent()
+    first = {op: a.admin(op) for op in ("identity", "probe", "node_info", "capacity")}
+    second = {op: a.admin(op) for op in ("identity", "probe", "node_info", "capacity")}
+    assert first == second, "every node call is idempotent"
+    assert first["identity"]["name"] == "csi.kvtier.io"
+    assert first["probe"]["ready"] is True and first["probe"]["health"] == "Healthy"
+    info = first["node_info"]
+    assert info["nodeId"] and info["topology"]["kubernetes.io/hostname"] == info["nodeId"]
+    assert info["nvme"][0]["state"] == "file"
+    if not info["gpus"]:
+        assert info["gpuReason"], "no GPU is reported with a reason, not an error"
+    assert first["capacity"]["dram"] == {"capacityBytes": 64 << 20, "availableBytes": 64 << 20}
+    assert first["capacity"]["nvme"]["capacityBytes"] == 256 << 20
+
+
+def test_unavailable_nvme_device_degrades_the_agent_with_a_reason(agent, tmp_path):
+    cfg = agent_config(tmp_path, nvme=None)
+    raw = cfg.model_dump(mode="json")
+    raw["spec"]["tiers"]["nvme"] = {
+        "size": "1Gi",
+        "mode": "namespace",
+        "deviceSelector": {"model": ["NoSuchDrive*"]},
+    }
+    a = agent(type(cfg).model_validate(raw))
+    probe = a.admin("probe")
+    assert probe["health"] == "Degraded" and "NVMe tier unavailable" in probe["reason"]
+    with Client(a.tenant("team-a")) as c:  # DRAM still serves
+        c.put(FP, chain(1), blobs(1))
+        assert c.get(FP, chain(1)) == blobs(1)

@@ -24,6 +24,7 @@ from kvtier.agent.transports.tcp import TcpPeerServer
 from prometheus_client import start_http_server
 
 from kvtier.api.agentconfig import AgentConfig
+from kvtier.api.v1alpha1 import NvmeDevice
 
 log = logging.getLogger("kvtier.agent")
 VERSION = "0.1.0"
@@ -36,6 +37,8 @@ class Agent:
         spec = config.spec
         self.metrics = Metrics()
         self.gpus, self.gpu_reason = gpu_inventory()
+        self.nvme_devices: list[NvmeDevice] = []
+        self.health_reason: str | None = None
         dram = spec.tiers.dram
         numa = dram.numa if isinstance(dram.numa, int) else numa_for_gpus(self.gpus)
         self.dram = DramTier(
@@ -60,27 +63,46 @@ class Agent:
             metrics=self.metrics,
         )
         self.peer = TcpPeerServer(self.store, secret, config.peerHost, config.peerPort)
+        self.numa = numa
         self.api = AgentAPI(
             Path(config.socketDir),
             self.store,
             spec.blockTokens,
             extra_stats=lambda: {"node": self.node, "peer": self.peer.address, "numaNode": numa},
+            node=NodeService(self),
         )
-        self.numa = numa
         self.metrics_port = self._serve_metrics()
         self.reporter = None
         self._stop = threading.Event()
 
     def _nvme_tier(self) -> NvmeTier | None:
+        """The NVMe tier, or None with the reason kept for the KVCacheNode (the agent then serves
+        from DRAM alone rather than not at all)."""
         nvme = self.config.spec.tiers.nvme
         if nvme is None:
             return None
-        if nvme.mode != "file":
-            from kvtier.agent.devices import nvme_target
-
-            path = nvme_target(nvme, self.config)
-        else:
+        if nvme.mode == "file":
             path = Path(nvme.path)  # type: ignore[arg-type]
+            self.nvme_devices = [NvmeDevice(path=str(path), sizeBytes=self.config.nvme_bytes, state="file")]
+        else:
+            from kvtier.agent.devices.nvme import NvmeError, prepare
+            from kvtier.agent.devices.runner import CommandError, SubprocessRunner
+
+            try:
+                prepared = prepare(
+                    SubprocessRunner(),
+                    self.config.pool,
+                    nvme.mode,
+                    self.config.nvme_bytes,
+                    nvme.deviceSelector,
+                    nvme.allowInUse,
+                    Path(self.config.stateDir),
+                )
+            except (NvmeError, CommandError) as exc:
+                self.health_reason = f"NVMe tier unavailable: {exc}"
+                log.error(self.health_reason)
+                return None
+            path, self.nvme_devices = Path(prepared.path), prepared.devices
         return NvmeTier(path, self.config.nvme_bytes, io_threads=self.config.ioThreads)
 
     def _serve_metrics(self) -> int:
@@ -104,6 +126,59 @@ class Agent:
         self.api.close()
         self.peer.close()
         self.store.close()
+
+
+def online_numa_nodes(sysfs: Path = Path("/sys/devices/system/node/online")) -> list[int]:
+    """'0-1,3' -> [0, 1, 3]; [] where the kernel does not say."""
+    try:
+        text = sysfs.read_text().strip()
+    except OSError:
+        return []
+    nodes: list[int] = []
+    for part in filter(None, text.split(",")):
+        lo, _, hi = part.partition("-")
+        nodes.extend(range(int(lo), int(hi or lo) + 1))
+    return nodes
+
+
+class NodeService:
+    """CSI-style node semantics on the admin socket: who the agent is, whether it is ready, which
+    node and topology it serves, and its capacity per tier. Every call is read-only, so idempotent."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def identity(self) -> dict[str, object]:
+        return {"name": "csi.kvtier.io", "vendorVersion": VERSION, "pool": self.agent.config.pool}
+
+    def probe(self) -> dict[str, object]:
+        reason = self.agent.health_reason
+        return {"ready": True, "health": "Degraded" if reason else "Healthy", "reason": reason}
+
+    def node_info(self) -> dict[str, object]:
+        a = self.agent
+        return {
+            "nodeId": a.node,
+            "topology": {
+                "kubernetes.io/hostname": a.node,
+                "kvtier.io/numa-nodes": ",".join(map(str, online_numa_nodes())),
+                "kvtier.io/arena-numa-node": "" if a.numa is None else str(a.numa),
+                "kvtier.io/gpus": ",".join(g.pciBusId or "" for g in a.gpus),
+            },
+            "gpus": [g.model_dump(exclude_none=True) for g in a.gpus],
+            "gpuReason": a.gpu_reason,
+            "nvme": [d.model_dump(exclude_none=True) for d in a.nvme_devices],
+        }
+
+    def capacity(self) -> dict[str, object]:
+        stats = self.agent.store.stats()
+        return {
+            tier: {
+                "capacityBytes": stats[tier]["capacityBytes"],
+                "availableBytes": stats[tier]["capacityBytes"] - stats[tier]["usedBytes"],
+            }
+            for tier in ("dram", "nvme")
+        }
 
 
 def main(args: argparse.Namespace) -> int:

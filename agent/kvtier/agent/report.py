@@ -34,13 +34,12 @@ def node_status(agent: Agent) -> dict[str, Any]:
         devices=api.NodeDevices(
             gpus=agent.gpus,
             gpuReason=agent.gpu_reason,
-            nvme=[api.NvmeDevice(path=str(agent.nvme.path), state="file", sizeBytes=agent.nvme.capacity)]
-            if agent.nvme
-            else [],
+            nvme=agent.nvme_devices,
         ),
         hits=stats["hits"],
         misses=stats["misses"],
-        health="Healthy",
+        health="Degraded" if agent.health_reason else "Healthy",
+        reason=agent.health_reason,
         agentVersion=agent_version(),
         numaNode=agent.numa,
         peerAddress=agent.peer.address,

@@ -220,13 +220,14 @@ class AgentAPI:
     """Owns the sockets: the admin one, and a tenant one per namespace created on demand."""
 
     def __init__(
-        self, socket_dir: Path, store: Store, block_tokens: int, admit=None, extra_stats=None
+        self, socket_dir: Path, store: Store, block_tokens: int, admit=None, extra_stats=None, node=None
     ) -> None:
         self.socket_dir = socket_dir
         self.store = store
         self.block_tokens = block_tokens
         self.admit = admit or (lambda namespace: None)  # returns a refusal reason or None
         self.extra_stats = extra_stats or (lambda: {})
+        self.node = node  # CSI-style node calls (identity, probe, node_info, capacity), read-only
         self.tenants: dict[str, TenantServer] = {}
         self._lock = threading.Lock()
         socket_dir.mkdir(parents=True, exist_ok=True)
@@ -257,6 +258,8 @@ class AgentAPI:
                 return {"ok": True, "stats": {**self.store.stats(), **self.extra_stats()}}
             if op == "ping":
                 return {"ok": True}
+            if op in ("identity", "probe", "node_info", "capacity") and self.node is not None:
+                return {"ok": True, **getattr(self.node, op)()}
             if op == "evict_dram":
                 return {"ok": True, "dropped": self.store.evict_dram()}
             return {"ok": False, "error": f"unknown op {op!r}"}

@@ -1,7 +1,7 @@
-"""Node inventory: GPUs through NVML, NUMA placement, NVMe devices.
+"""GPU inventory through NVML, and the NUMA placement it implies.
 
-Hardware this machine may lack sits behind narrow seams: `nvml` is the real nvidia-ml-py module or
-None, and every failure becomes an empty list plus a reason, never a crash.
+`nvml` is the real nvidia-ml-py module or a stand-in; no driver, no library or an NVML error
+becomes an empty list plus a reason, never a crash.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from kvtier.api.v1alpha1 import GpuDevice, NvmeTier
+from kvtier.api.v1alpha1 import GpuDevice
 
 SYSFS_PCI = Path("/sys/bus/pci/devices")
 
@@ -72,10 +72,3 @@ def numa_for_gpus(gpus: list[GpuDevice]) -> int | None:
     """`numa: auto`: the NUMA node most of the node's GPUs hang off (None: leave placement to the kernel)."""
     nodes = Counter(g.numaNode for g in gpus if g.numaNode is not None)
     return nodes.most_common(1)[0][0] if nodes else None
-
-
-def nvme_target(tier: NvmeTier, config: Any) -> Path:
-    raise NotImplementedError(
-        f"nvme mode {tier.mode!r} needs NVMe device management, which this agent build does not have yet; "
-        "use mode: file with a path on the NVMe drive's filesystem"
-    )
