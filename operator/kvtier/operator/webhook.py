@@ -193,9 +193,11 @@ def decide(
         }
     )
     volumes.append({"name": LIB_VOLUME, "emptyDir": {"sizeLimit": "256Mi"}})
-    new["initContainers"] = [stager_container(settings), sidecar_container(pool_name, settings)] + new.get(
-        "initContainers", []
-    )
+    new["initContainers"] = [
+        stager_container(settings),
+        sidecar_container(pool_name, settings),
+        *new.get("initContainers", []),
+    ]
     engines = []
     for c in new.get("containers", []):
         c.setdefault("volumeMounts", []).extend(
