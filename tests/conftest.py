@@ -149,14 +149,41 @@ def dump_yaml(obj: object) -> str:
 def operator_process(control_plane, crds_installed, tmp_path_factory) -> Iterator[subprocess.Popen]:
     """A real `kvtier operator` process against the local control plane (status every second).
     Its log stays in pytest's temporary folder (operator0/operator.log)."""
-    log = open(tmp_path_factory.mktemp("operator") / "operator.log", "w")  # noqa: SIM115
+    from kvtier.dev import certs
+    from kvtier.dev.controlplane import free_port
+
+    folder = tmp_path_factory.mktemp("operator")
+    log = open(folder / "operator.log", "w")  # noqa: SIM115
+    ca = certs.new_ca("kvtier-webhook-test-ca")
+    serving = certs.issue(ca, "kvtier-webhook", dns_names=("localhost",), ips=("127.0.0.1",))
+    (folder / "tls.crt").write_bytes(serving.cert_pem)
+    (folder / "tls.key").write_bytes(serving.key_pem)
+    port = free_port()
     env = {**control_plane.env(), "KVTIER_STATUS_INTERVAL": "1", "KVTIER_RESYNC_SECONDS": "5"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvtier.cli", "operator", "--namespace", "kvtier-system", "--liveness", ""],
+        [
+            sys.executable,
+            "-m",
+            "kvtier.cli",
+            "operator",
+            "--namespace",
+            "kvtier-system",
+            "--liveness",
+            "",
+            "--webhook-port",
+            str(port),
+            "--webhook-host",
+            "127.0.0.1",
+            "--webhook-cert",
+            str(folder / "tls.crt"),
+            "--webhook-key",
+            str(folder / "tls.key"),
+        ],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
     )
+    proc.webhook = {"url": f"https://127.0.0.1:{port}/kvtier-inject", "ca": ca.cert_pem}  # type: ignore[attr-defined]
     yield proc
     proc.terminate()
     try:

@@ -102,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--liveness", default="http://0.0.0.0:8080/healthz")
     op.add_argument("--webhook-port", type=int, default=0, help="serve the pod webhook on this port (0: off)")
     op.add_argument("--webhook-host", default="0.0.0.0")
+    op.add_argument(
+        "--webhook-cert", default=None, help="serving certificate (PEM); kopf makes one if absent"
+    )
+    op.add_argument("--webhook-key", default=None, help="its private key (PEM)")
+    op.add_argument(
+        "--webhook-on-refusal", choices=["deny", "warn"], default="deny", help="a pod that cannot be injected"
+    )
     op.set_defaults(func=_lazy("kvtier.operator.main"))
 
     agent = sub.add_parser("agent", help="run a node agent for one pool")
