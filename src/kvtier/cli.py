@@ -109,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument(
         "--webhook-on-refusal", choices=["deny", "warn"], default="deny", help="a pod that cannot be injected"
     )
+    op.add_argument(
+        "--webhook-tls-secret", default=None, help="self-managed certificates: keep them in this Secret"
+    )
+    op.add_argument("--webhook-config", default=None, help="self-managed: patch this config's caBundle")
+    op.add_argument(
+        "--webhook-service", default="kvtier-webhook", help="self-managed: the Service the cert names"
+    )
     op.set_defaults(func=_lazy("kvtier.operator.main"))
 
     agent = sub.add_parser("agent", help="run a node agent for one pool")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import tempfile
+from pathlib import Path
 
 
 def main(args: argparse.Namespace) -> int:
@@ -20,11 +22,23 @@ def main(args: argparse.Namespace) -> int:
         @kopf.on.startup()
         def webhook_server(settings: kopf.OperatorSettings, **_: object) -> None:
             # The MutatingWebhookConfiguration comes from the chart (or the test): not managed here.
+            certfile, pkeyfile = args.webhook_cert, args.webhook_key
+            if args.webhook_tls_secret:
+                from kvtier.operator.certificates import ensure_webhook_tls, patch_ca_bundle
+                from kvtier.operator.kube import api_client
+
+                folder = Path(tempfile.mkdtemp(prefix="kvtier-webhook-"))
+                cert, key, ca = ensure_webhook_tls(
+                    api_client(), args.namespace, args.webhook_tls_secret, args.webhook_service, folder
+                )
+                certfile, pkeyfile = str(cert), str(key)
+                if args.webhook_config:
+                    patch_ca_bundle(api_client(), args.webhook_config, ca)
             settings.admission.server = kopf.WebhookServer(
                 addr=args.webhook_host,
                 port=args.webhook_port,
-                certfile=args.webhook_cert,
-                pkeyfile=args.webhook_key,
+                certfile=certfile,
+                pkeyfile=pkeyfile,
             )
 
     del reconcile

@@ -181,11 +181,11 @@ def render_yaml(crd: dict[str, Any]) -> str:
 
 
 def crd_files(repo: Path) -> dict[Path, str]:
-    """Every checked-in copy of the CRDs: crds/ and the chart's crds/."""
+    """Every checked-in copy of the CRDs: crds/ and the chart's files/crds/ (installed as templates, kept current on upgrade)."""
     files: dict[Path, str] = {}
     for crd in all_crds():
         name = f"{crd['metadata']['name']}.yaml"
         text = render_yaml(crd)
         files[repo / "crds" / name] = text
-        files[repo / "charts" / "kvtier" / "crds" / name] = text
+        files[repo / "charts" / "kvtier" / "files" / "crds" / name] = text
     return files
