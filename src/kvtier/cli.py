@@ -25,9 +25,62 @@ def _dev_up(args: argparse.Namespace) -> int:
         existing.stop()
     bin_dir = ensure_tools()
     cp = LocalControlPlane(state_dir=state_dir, bin_dir=bin_dir).start()
+    if args.operator:
+        _install_with_local_operator(cp)
     print(f"kubeconfig: {cp.kubeconfig}")
     print(f"export KUBECONFIG={cp.kubeconfig} PATH={bin_dir}:$PATH")
     return 0
+
+
+def _install_with_local_operator(cp) -> None:
+    """`helm install` the chart with its webhook pointed at an operator process started here."""
+    import subprocess
+
+    from kvtier.dev.controlplane import free_port
+    from kvtier.dev.tools import repo_root
+
+    port = free_port()
+    print(f"helm install kvtier charts/kvtier -n kvtier-system (webhook -> https://127.0.0.1:{port})")
+    subprocess.run(
+        [
+            str(cp.bin_dir / "helm"),
+            "install",
+            "kvtier",
+            str(repo_root() / "charts" / "kvtier"),
+            "-n",
+            "kvtier-system",
+            "--create-namespace",
+            "--set",
+            f"webhook.url=https://127.0.0.1:{port}/kvtier-inject",
+        ],
+        env=cp.env(),
+        check=True,
+    )
+    print("starting the operator (log: operator.log in the state folder)")
+    cp.spawn_managed(
+        "operator",
+        [
+            sys.executable,
+            "-m",
+            "kvtier.cli",
+            "operator",
+            "--namespace",
+            "kvtier-system",
+            "--liveness",
+            "http://127.0.0.1:0/healthz",
+            "--webhook-port",
+            str(port),
+            "--webhook-host",
+            "127.0.0.1",
+            "--webhook-tls-secret",
+            "kvtier-webhook-tls",
+            "--webhook-config",
+            "kvtier-inject",
+            "--webhook-service",
+            "kvtier-webhook",
+        ],
+        cp.env(),
+    )
 
 
 def _dev_down(args: argparse.Namespace) -> int:
@@ -49,6 +102,31 @@ def _dev_env(args: argparse.Namespace) -> int:
     for tool in TOOLS:
         print(f"{tool}: {bin_dir / tool}")
     print(f"export PATH={bin_dir}:$PATH")
+    return 0
+
+
+def _stage(args: argparse.Namespace) -> int:
+    """Copy the kvtier package into a folder an engine container puts on its PYTHONPATH (the
+    injected init container runs this): the engine imports the client and connectors from there."""
+    import shutil
+
+    import kvtier
+
+    target = Path(args.folder) / "kvtier"
+    if target.exists():
+        shutil.rmtree(target)
+    sources = [Path(p) for p in kvtier.__path__]
+    shutil.copytree(sources[0], target, ignore=shutil.ignore_patterns("__pycache__"))
+    # the operator, agent and bench subpackages live in their own folders in a source checkout
+    import kvtier.agent
+
+    shutil.copytree(
+        Path(kvtier.agent.__path__[0]),
+        target / "agent",
+        ignore=shutil.ignore_patterns("__pycache__"),
+        dirs_exist_ok=True,
+    )
+    print(f"staged kvtier into {target}")
     return 0
 
 
@@ -92,6 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
         p = dev_sub.add_parser(name, help=help_)
         p.add_argument("--dir", help="state folder (default /tmp/kvtier-dev-$UID or $KVTIER_DEV_DIR)")
         p.set_defaults(func=func)
+        if name == "up":
+            p.add_argument(
+                "--operator",
+                action="store_true",
+                help="also helm install the chart and run the operator locally",
+            )
+
+    stage = sub.add_parser(
+        "stage", help="copy the kvtier client and connectors into FOLDER (for engine images)"
+    )
+    stage.add_argument("folder")
+    stage.set_defaults(func=_stage)
 
     crds = sub.add_parser("crds", help="check (default) or --write the CRDs generated from the API models")
     crds.add_argument("--write", action="store_true")

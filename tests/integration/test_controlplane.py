@@ -109,3 +109,66 @@ def test_dev_up_then_down_leaves_nothing_running(tmp_path):
     assert down.returncode == 0
     assert not _processes_under(state)
     assert not state.exists()
+
+
+def test_dev_up_operator_installs_the_chart_with_a_working_webhook(tmp_path):
+    import base64
+
+    import yaml
+    from kubernetes import client, config
+
+    from tests.conftest import REPO, eventually
+
+    state = tmp_path / "dev"
+    env = {**os.environ, "KVTIER_DEV_DIR": str(state)}
+    up = subprocess.run(
+        [sys.executable, "-m", "kvtier.cli", "dev", "up", "--operator"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        kube = config.new_client_from_config(str(state / "kubeconfig"))
+        adm = client.AdmissionregistrationV1Api(kube)
+        eventually(
+            lambda: (
+                adm.read_mutating_webhook_configuration("kvtier-inject").webhooks[0].client_config.ca_bundle
+            ),
+            timeout=30,
+            message="the local operator patched the chart's webhook caBundle",
+        )
+        ca = base64.b64decode(
+            adm.read_mutating_webhook_configuration("kvtier-inject").webhooks[0].client_config.ca_bundle
+        )
+        assert ca.startswith(b"-----BEGIN CERTIFICATE-----")
+        pool = yaml.safe_load((REPO / "examples" / "pool.yaml").read_text())
+        client.CustomObjectsApi(kube).create_cluster_custom_object(
+            "kvtier.io", "v1alpha1", "kvcachepools", pool
+        )
+        client.CoreV1Api(kube).create_namespace(
+            {"metadata": {"name": "team-a", "labels": {"kvtier.io/tenant": "true"}}}
+        )
+        body = {
+            "metadata": {
+                "name": "llm",
+                "labels": {"kvtier.io/inject": "true"},
+                "annotations": {"kvtier.io/pool": "fast"},
+            },
+            "spec": {"containers": [{"name": "app", "image": "python:3.12"}]},
+        }
+
+        def injected():
+            pod = client.CoreV1Api(kube).create_namespaced_pod("team-a", body)
+            if (pod.metadata.annotations or {}).get("kvtier.io/injected"):
+                return pod
+            client.CoreV1Api(kube).delete_namespaced_pod("llm", "team-a", grace_period_seconds=0)
+            return None
+
+        eventually(injected, timeout=30, message="a pod injected by the chart's webhook")
+    finally:
+        down = subprocess.run(
+            [sys.executable, "-m", "kvtier.cli", "dev", "down"], env=env, capture_output=True, text=True
+        )
+        assert down.returncode == 0
+    assert not _processes_under(state)

@@ -125,7 +125,9 @@ class LocalControlPlane:
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL, every process; the state folder is removed."""
-        for name in ("kube-apiserver", "etcd"):
+        # whatever runs against the API first (an operator started by `dev up --operator`), then the API
+        order = [n for n in self.pids if n not in ("kube-apiserver", "etcd")] + ["kube-apiserver", "etcd"]
+        for name in order:
             pid = self.pids.get(name)
             if pid:
                 _terminate(pid)
@@ -159,10 +161,15 @@ class LocalControlPlane:
 
     # ------------------------------------------------------------------------------ details
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         log = open(self.state_dir / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         self.pids[name] = proc.pid
+
+    def spawn_managed(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        """A process that lives as long as this control plane (stopped by `stop`, even from `dev down`)."""
+        self._spawn(name, argv, env)
+        self._save_state()
 
     def _save_state(self) -> None:
         state = {

@@ -1,0 +1,20 @@
+# One image for the operator, the node agent, the CSI node plugin and the prefetch sidecar.
+# Its install steps are the README's (hack/setup.sh): pip install the package from the source tree.
+FROM python:3.12-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY src ./src
+COPY operator ./operator
+COPY agent ./agent
+COPY bench ./bench
+RUN python -m pip install --no-cache-dir --prefix=/install ".[gpu]"
+
+FROM python:3.12-slim
+RUN apt-get update && apt-get install -y --no-install-recommends nvme-cli util-linux \
+    && rm -rf /var/lib/apt/lists/*
+COPY --from=build /install /usr/local
+COPY charts/kvtier/files/crds /opt/kvtier/crds
+# the node agent runs as root in its DaemonSet (hostPath sockets, devices); everything else as 65532
+USER 65532:65532
+ENTRYPOINT ["kvtier"]
+CMD ["--help"]
