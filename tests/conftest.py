@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -151,6 +150,7 @@ def operator_process(control_plane, crds_installed, tmp_path_factory) -> Iterato
     Its log stays in pytest's temporary folder (operator0/operator.log)."""
     from kvtier.dev import certs
     from kvtier.dev.controlplane import free_port
+    from kvtier.dev.local_operator import operator_argv
 
     folder = tmp_path_factory.mktemp("operator")
     log = open(folder / "operator.log", "w")  # noqa: SIM115
@@ -161,24 +161,7 @@ def operator_process(control_plane, crds_installed, tmp_path_factory) -> Iterato
     port = free_port()
     env = {**control_plane.env(), "KVTIER_STATUS_INTERVAL": "1", "KVTIER_RESYNC_SECONDS": "5"}
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kvtier.cli",
-            "operator",
-            "--namespace",
-            "kvtier-system",
-            "--liveness",
-            "",
-            "--webhook-port",
-            str(port),
-            "--webhook-host",
-            "127.0.0.1",
-            "--webhook-cert",
-            str(folder / "tls.crt"),
-            "--webhook-key",
-            str(folder / "tls.key"),
-        ],
+        operator_argv(webhook_port=port, cert=str(folder / "tls.crt"), key=str(folder / "tls.key")),
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

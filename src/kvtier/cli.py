@@ -57,28 +57,11 @@ def _install_with_local_operator(cp) -> None:
         check=True,
     )
     print("starting the operator (log: operator.log in the state folder)")
+    from kvtier.dev.local_operator import operator_argv
+
     cp.spawn_managed(
         "operator",
-        [
-            sys.executable,
-            "-m",
-            "kvtier.cli",
-            "operator",
-            "--namespace",
-            "kvtier-system",
-            "--liveness",
-            "http://127.0.0.1:0/healthz",
-            "--webhook-port",
-            str(port),
-            "--webhook-host",
-            "127.0.0.1",
-            "--webhook-tls-secret",
-            "kvtier-webhook-tls",
-            "--webhook-config",
-            "kvtier-inject",
-            "--webhook-service",
-            "kvtier-webhook",
-        ],
+        operator_argv(webhook_port=port, self_managed=True, liveness="http://127.0.0.1:0/healthz"),
         cp.env(),
     )
 

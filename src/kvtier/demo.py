@@ -14,7 +14,6 @@ import base64
 import os
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -136,6 +135,7 @@ def main(args: argparse.Namespace) -> int:
 
     from kvtier.dev.agents import spawn_agent
     from kvtier.dev.controlplane import LocalControlPlane
+    from kvtier.dev.local_operator import operator_argv
     from kvtier.dev.tools import ensure_tools
     from kvtier.operator.kube import apply_crds
 
@@ -160,7 +160,7 @@ def main(args: argparse.Namespace) -> int:
         op_log = open(folder / "operator.log", "w")  # noqa: SIM115
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "kvtier.cli", "operator", "--namespace", NAMESPACE, "--liveness", ""],
+                operator_argv(NAMESPACE),
                 env={**env, "KVTIER_STATUS_INTERVAL": "2"},
                 stdout=op_log,
                 stderr=subprocess.STDOUT,

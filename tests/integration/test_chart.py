@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -18,6 +17,7 @@ import yaml
 from kubernetes import client, config
 
 from kvtier.api import v1alpha1 as api
+from kvtier.dev.local_operator import operator_argv
 from tests.conftest import REPO, eventually
 
 pytestmark = pytest.mark.integration
@@ -130,26 +130,7 @@ def test_rendered_manifests_validate_on_the_api_server(chart_cluster):
 
 def _operator(cp, port: int, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kvtier.cli",
-            "operator",
-            "--namespace",
-            NS,
-            "--liveness",
-            "",
-            "--webhook-port",
-            str(port),
-            "--webhook-host",
-            "127.0.0.1",
-            "--webhook-tls-secret",
-            "kvtier-webhook-tls",
-            "--webhook-config",
-            "kvtier-inject",
-            "--webhook-service",
-            "kvtier-webhook",
-        ],
+        operator_argv(NS, port, self_managed=True),
         env={**cp.env(), "KVTIER_STATUS_INTERVAL": "1"},
         stdout=open(log, "a"),
         stderr=subprocess.STDOUT,

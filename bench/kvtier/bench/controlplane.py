@@ -11,7 +11,6 @@ import datetime as dt
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -43,6 +42,7 @@ def main(args: argparse.Namespace) -> int:
     from kvtier.operator.kube import apply_crds
 
     from kvtier.dev.controlplane import LocalControlPlane
+    from kvtier.dev.local_operator import operator_argv
     from kvtier.dev.tools import ensure_tools
 
     interval = args.status_interval
@@ -57,7 +57,7 @@ def main(args: argparse.Namespace) -> int:
         apply_crds(kube)
         custom, apps = client.CustomObjectsApi(kube), client.AppsV1Api(kube)
         op = subprocess.Popen(
-            [sys.executable, "-m", "kvtier.cli", "operator", "--namespace", NS, "--liveness", ""],
+            operator_argv(NS),
             env={**cp.env(), "KVTIER_STATUS_INTERVAL": str(interval), "KVTIER_RESYNC_SECONDS": "3600"},
             stdout=open(folder / "operator.log", "w"),  # noqa: SIM115
             stderr=subprocess.STDOUT,
