@@ -1,5 +1,9 @@
 # One image for the operator, the node agent, the CSI node plugin and the prefetch sidecar.
 # Its install steps are the README's (hack/setup.sh): pip install the package from the source tree.
+FROM golang:1.24-bookworm AS proto
+RUN GOFLAGS=-mod=mod go mod download -json github.com/container-storage-interface/spec@v1.11.0 \
+    && cp /go/pkg/mod/github.com/container-storage-interface/spec@v1.11.0/csi.proto /csi.proto
+
 FROM python:3.12-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -7,7 +11,11 @@ COPY src ./src
 COPY operator ./operator
 COPY agent ./agent
 COPY bench ./bench
-RUN python -m pip install --no-cache-dir --prefix=/install ".[gpu]"
+COPY hack/gen-csi.sh ./hack/gen-csi.sh
+COPY --from=proto /csi.proto /proto/csi.proto
+RUN python -m pip install --no-cache-dir "grpcio-tools>=1.60" \
+    && CSI_PROTO_DIR=/proto PYTHON=python bash hack/gen-csi.sh \
+    && python -m pip install --no-cache-dir --prefix=/install ".[gpu]"
 
 FROM python:3.12-slim
 RUN apt-get update && apt-get install -y --no-install-recommends nvme-cli util-linux \

@@ -15,6 +15,9 @@ stamp=".venv/.kvtier-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   say "installing kvtier and its test tools into .venv (pip)"
   .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q 'grpcio-tools>=1.60'
+  say "generating the CSI gRPC stubs from the CSI spec's proto"
+  bash hack/gen-csi.sh
   .venv/bin/python -m pip install -q -e '.[test,helm,kind,gpu]'
   touch "$stamp"
 fi

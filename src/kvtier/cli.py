@@ -195,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--config", required=True, help="the agent configuration the operator rendered")
     agent.set_defaults(func=_lazy("kvtier.agent.main"))
 
+    csi = sub.add_parser("csi", help="the CSI node plugin for csi.kvtier.io (delivers agent sockets to pods)")
+    csi.add_argument("--endpoint", default="unix:///csi/csi.sock")
+    csi.add_argument("--sockets", default="/var/run/kvtier", help="where each pool's agent keeps its sockets")
+    csi.add_argument("--node-id", default=None, help="default: $NODE_NAME")
+    csi.set_defaults(func=_lazy("kvtier.agent.csi.server"))
+
     demo = sub.add_parser("demo", help="the whole path on this machine, with a summary")
     demo.add_argument("--keep", action="store_true", help="leave the cluster and agents running")
     demo.set_defaults(func=_lazy("kvtier.demo"))
