@@ -7,8 +7,9 @@ set -euo pipefail
 K8S_VERSION="${K8S_VERSION:-v1.34.4}"    # one pinned Kubernetes release
 ETCD_VERSION="${ETCD_VERSION:-v3.6.4}"   # the etcd that release's go.mod requires
 HELM_VERSION="${HELM_VERSION:-v3.19.0}"
+CSI_TEST_VERSION="${CSI_TEST_VERSION:-v5.3.1}"  # csi-sanity, the CSI conformance suite
 CACHE="${KVTIER_CACHE_DIR:-$HOME/.cache/kvtier}"
-BIN="$CACHE/tools/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-helm-$HELM_VERSION/bin"
+BIN="$CACHE/tools/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-helm-$HELM_VERSION-csitest-$CSI_TEST_VERSION/bin"
 WORK="$CACHE/tools/src"
 export GOFLAGS="-mod=mod" GOTOOLCHAIN=local CGO_ENABLED=0
 mkdir -p "$BIN" "$WORK"
@@ -82,8 +83,21 @@ build_helm() {
   say "built helm in $(elapsed "$t")"
 }
 
+build_csi_sanity() {
+  have csi-sanity && return
+  local mod="$WORK/csi-test-$CSI_TEST_VERSION" t; t=$(date +%s)
+  mkdir -p "$mod"
+  printf 'module kvtier.local/csisanity\n\ngo 1.24.0\n\nrequire github.com/kubernetes-csi/csi-test/v5 %s\n' "$CSI_TEST_VERSION" > "$mod/go.mod"
+  printf 'package main\n' > "$mod/doc.go"
+  say "building csi-sanity $CSI_TEST_VERSION from its Go module"
+  (cd "$mod" && go build -trimpath -ldflags "-s -w" -o "$BIN/csi-sanity.tmp" github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity)
+  mv "$BIN/csi-sanity.tmp" "$BIN/csi-sanity"
+  say "built csi-sanity in $(elapsed "$t")"
+}
+
 build_etcd
 build_helm
 build_kubernetes
+build_csi_sanity
 say "tools ready in $BIN"
 echo "$BIN"

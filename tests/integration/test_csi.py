@@ -163,3 +163,53 @@ def test_publish_and_unpublish_are_idempotent_and_refusals_say_why(kube, csi, ag
     with pytest.raises(grpc.RpcError) as err:
         _publish(node, "no-agent-here", ns, tmp_path / "pods" / "z" / "kvtier")
     assert err.value.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAVAILABLE)
+
+
+def test_csi_sanity_passes_against_the_node_service(control_plane):
+    """csi-sanity (kubernetes-csi/csi-test, built from its Go module). Skipped as the CSI spec allows
+    for a node-only driver: the controller tests, and the one node test that needs CreateVolume."""
+    short = Path(tempfile.mkdtemp(prefix="kv-", dir="/tmp"))
+    endpoint = short / "csi.sock"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kvtier.cli",
+            "csi",
+            "--endpoint",
+            f"unix://{endpoint}",
+            "--sockets",
+            str(short / "s"),
+            "--node-id",
+            "node-a",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().startswith("kvtier csi ready")
+        out = subprocess.run(
+            [
+                str(control_plane.bin_dir / "csi-sanity"),
+                "-csi.endpoint",
+                str(endpoint),
+                "-csi.mountdir",
+                str(short / "mnt"),
+                "-csi.stagingdir",
+                str(short / "stg"),
+                "--ginkgo.skip",
+                "Controller Service|should remove target path",
+                "--ginkgo.no-color",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        summary = next(line for line in out.stdout.splitlines() if "Passed" in line and "Failed" in line)
+        assert out.returncode == 0, out.stdout[-3000:]
+        assert "0 Failed" in summary and "10 Passed" in summary, summary
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        shutil.rmtree(short, ignore_errors=True)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-TOOLS = ("etcd", "kube-apiserver", "kubectl", "helm")
+TOOLS = ("etcd", "kube-apiserver", "kubectl", "helm", "csi-sanity")
 
 
 def repo_root() -> Path:

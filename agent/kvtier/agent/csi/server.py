@@ -111,6 +111,19 @@ class Identity(csi_pb2_grpc.IdentityServicer):
         return csi_pb2.ProbeResponse()
 
 
+class Controller(csi_pb2_grpc.ControllerServicer):
+    """Node-only driver: no controller capabilities (the spec lets conformance tools ask anyway)."""
+
+    def ControllerGetCapabilities(self, request, context):
+        # An empty list reaches Go clients as nil, which csi-sanity rejects; UNKNOWN grants nothing.
+        unknown = csi_pb2.ControllerServiceCapability.RPC(
+            type=csi_pb2.ControllerServiceCapability.RPC.UNKNOWN
+        )
+        return csi_pb2.ControllerGetCapabilitiesResponse(
+            capabilities=[csi_pb2.ControllerServiceCapability(rpc=unknown)]
+        )
+
+
 class Node(csi_pb2_grpc.NodeServicer):
     def __init__(
         self,
@@ -133,7 +146,8 @@ class Node(csi_pb2_grpc.NodeServicer):
         )
 
     def NodeGetCapabilities(self, request, context):
-        return csi_pb2.NodeGetCapabilitiesResponse(capabilities=[])
+        unknown = csi_pb2.NodeServiceCapability.RPC(type=csi_pb2.NodeServiceCapability.RPC.UNKNOWN)
+        return csi_pb2.NodeGetCapabilitiesResponse(capabilities=[csi_pb2.NodeServiceCapability(rpc=unknown)])
 
     def NodePublishVolume(self, request, context):
         if not request.volume_id:
@@ -199,6 +213,7 @@ def serve(endpoint: str, node_id: str, sockets_root: Path, tenancy: Tenancy) -> 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     csi_pb2_grpc.add_IdentityServicer_to_server(Identity(), server)
     csi_pb2_grpc.add_NodeServicer_to_server(Node(node_id, sockets_root, tenancy), server)
+    csi_pb2_grpc.add_ControllerServicer_to_server(Controller(), server)
     server.add_insecure_port(f"unix://{path}")
     server.start()
     return server
