@@ -201,6 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     csi.add_argument("--node-id", default=None, help="default: $NODE_NAME")
     csi.set_defaults(func=_lazy("kvtier.agent.csi.server"))
 
+    side = sub.add_parser(
+        "sidecar", help="the prefetch sidecar (HTTP hints -> promote and fetch via the agent)"
+    )
+    side.add_argument("--pool", required=True)
+    side.add_argument("--socket", default="/var/run/kvtier/kvtier.sock")
+    side.add_argument("--port", type=int, default=8765)
+    side.add_argument("--host", default="127.0.0.1")
+    side.add_argument("--deadline", type=float, default=2.0, help="seconds, for hints that give none")
+    side.set_defaults(func=_lazy("kvtier.agent.sidecar"))
+
     demo = sub.add_parser("demo", help="the whole path on this machine, with a summary")
     demo.add_argument("--keep", action="store_true", help="leave the cluster and agents running")
     demo.set_defaults(func=_lazy("kvtier.demo"))

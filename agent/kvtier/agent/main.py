@@ -71,6 +71,7 @@ class Agent:
             extra_stats=lambda: {"node": self.node, "peer": self.peer.address, "numaNode": numa},
             node=NodeService(self),
         )
+        self.api.prefetcher = self._prefetcher(secret)
         self.metrics_port = self._serve_metrics()
         self.reporter = None
         self._stop = threading.Event()
@@ -104,6 +105,35 @@ class Agent:
                 return None
             path, self.nvme_devices = Path(prepared.path), prepared.devices
         return NvmeTier(path, self.config.nvme_bytes, io_threads=self.config.ioThreads)
+
+    @property
+    def peer_address(self) -> str:
+        """host:port other agents reach this one at (the pod IP in a cluster)."""
+        port = self.peer.server_address[1]
+        host = os.environ.get("POD_IP") or (
+            self.config.peerHost if self.config.peerHost != "0.0.0.0" else "127.0.0.1"
+        )
+        return f"{host}:{port}"
+
+    def _prefetcher(self, secret: bytes):
+        from kvtier.agent.prefetch import PeerDirectory, Prefetcher
+        from kvtier.agent.transports import choose_transport
+
+        api_client = None
+        if os.environ.get("KUBERNETES_SERVICE_HOST") or os.environ.get("KUBECONFIG"):
+            try:
+                from kubernetes import client, config
+
+                if os.environ.get("KUBERNETES_SERVICE_HOST"):
+                    config.load_incluster_config()
+                else:
+                    config.load_kube_config()
+                api_client = client.ApiClient()
+            except Exception as exc:
+                log.warning("peers from KVCacheNodes unavailable: %s", exc)
+        directory = PeerDirectory(self.config.pool, self.peer_address, self.config.peers, api_client)
+        transport = choose_transport(self.config.spec.prefetch.transport, secret)
+        return Prefetcher(self.store, transport, directory)
 
     def _serve_metrics(self) -> int:
         port = self.config.metricsPort

@@ -37,6 +37,15 @@ class Metrics:
         self.peer_bytes = Counter(
             "kvtier_peer_bytes", "Bytes served to or fetched from peers", ["direction"], registry=r
         )
+        self.prefetch_used = Counter(
+            "kvtier_prefetch_used_blocks", "Prefetched blocks later read", registry=r
+        )
+        self.prefetch_unused = Counter(
+            "kvtier_prefetch_unused_blocks", "Prefetched blocks evicted before anyone read them", registry=r
+        )
+        self.prefetch_late = Counter(
+            "kvtier_prefetch_late", "Prefetches stopped at their deadline", registry=r
+        )
         self.latency = Histogram(
             "kvtier_op_seconds",
             "Latency of agent operations",

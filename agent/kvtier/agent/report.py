@@ -42,7 +42,7 @@ def node_status(agent: Agent) -> dict[str, Any]:
         reason=agent.health_reason,
         agentVersion=agent_version(),
         numaNode=agent.numa,
-        peerAddress=agent.peer.address,
+        peerAddress=agent.peer_address,
         heartbeat=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     )
     return status.model_dump(mode="json", exclude_none=True)

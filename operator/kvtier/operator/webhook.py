@@ -94,6 +94,8 @@ def sidecar_container(pool: str, settings: InjectSettings) -> dict[str, Any]:
             pool,
             "--socket",
             f"{SOCKET_DIR}/kvtier.sock",
+            "--host",
+            "0.0.0.0",  # the kubelet's startup probe comes from outside the pod's loopback
             "--port",
             str(SIDECAR_PORT),
         ],

@@ -37,6 +37,10 @@ class AgentConfig(Model):
         7070, ge=0, lt=65536, description="TCP data port for peer agents (0: any free port)."
     )
     peerHost: str = "0.0.0.0"
+    peers: list[str] = Field(
+        default_factory=list,
+        description="Static peer agents (host:port); in a cluster they come from KVCacheNodes.",
+    )
     metricsPort: int = Field(9400, ge=0, lt=65536, description="Prometheus metrics (0: any free port).")
     nodeName: str | None = Field(None, description="Overridden by $NODE_NAME (the downward API sets it).")
     ioThreads: int = Field(8, ge=1, le=128, description="Parallel direct-I/O requests to the NVMe tier.")

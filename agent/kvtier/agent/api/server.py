@@ -160,6 +160,19 @@ class TenantHandler(socketserver.BaseRequestHandler):
         blocks = [[seg.id, ext.offset, block.size, block.key.hex()] for seg, ext, block in got]
         return {"blocks": blocks, "tiers": []}, [seg for seg, _, _ in got]
 
+    def op_prefetch(self, store: Store, lease: Lease, msg: dict[str, Any]):
+        deadline = msg.get("deadline", 2.0)
+        if not isinstance(deadline, int | float) or not 0 < deadline <= 60:
+            raise StoreError("'deadline' must be seconds between 0 and 60")
+        prefetcher = self.server.prefetcher
+        if prefetcher is None:
+            return {
+                "result": store.prefetch_local(
+                    lease.tenant, _fingerprint(msg), _keys(msg), time.monotonic() + deadline
+                )
+            }, []
+        return {"result": prefetcher.run(lease.tenant, _fingerprint(msg), _keys(msg), float(deadline))}, []
+
     def op_release(self, store: Store, lease: Lease, msg: dict[str, Any]):
         store.release(lease, _keys(msg, "handles"))
         return {}, []
@@ -169,8 +182,9 @@ class TenantServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, path: Path, namespace: str, store: Store, block_tokens: int) -> None:
+    def __init__(self, path: Path, namespace: str, store: Store, block_tokens: int, prefetcher=None) -> None:
         self.namespace = namespace
+        self.prefetcher = prefetcher
         self.store = store
         self.block_tokens = block_tokens
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -228,6 +242,7 @@ class AgentAPI:
         self.admit = admit or (lambda namespace: None)  # returns a refusal reason or None
         self.extra_stats = extra_stats or (lambda: {})
         self.node = node  # CSI-style node calls (identity, probe, node_info, capacity), read-only
+        self.prefetcher = None  # set by the agent once its peer transport is up
         self.tenants: dict[str, TenantServer] = {}
         self._lock = threading.Lock()
         socket_dir.mkdir(parents=True, exist_ok=True)
@@ -243,7 +258,7 @@ class AgentAPI:
         with self._lock:
             if namespace not in self.tenants:
                 path = tenant_socket(self.socket_dir, namespace)
-                server = TenantServer(path, namespace, self.store, self.block_tokens)
+                server = TenantServer(path, namespace, self.store, self.block_tokens, self.prefetcher)
                 self.tenants[namespace] = server
                 self._serve(server)
             return Path(self.tenants[namespace].server_address)  # type: ignore[arg-type]

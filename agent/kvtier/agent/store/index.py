@@ -44,6 +44,7 @@ class Block:
     pins: int = 0
     last_used: float = 0.0
     unpersistable: bool = False  # the NVMe tier had no room: dropping it from DRAM loses it
+    prefetched: bool = False  # brought up ahead of a request and not read since (unused if evicted so)
 
     @property
     def tier(self) -> str:
@@ -244,6 +245,9 @@ class Store:
         with self.lock:
             now = time.monotonic()
             for block, tier in zip(pinned, tiers, strict=True):
+                if block.prefetched:
+                    block.prefetched = False
+                    self.metrics.prefetch_used.inc()
                 self.metrics.lookups.labels(tier).inc()
                 block.last_used = now
                 self.dram_policy.touch(block.key)
@@ -253,6 +257,36 @@ class Store:
                 self.metrics.lookups.labels("miss").inc()
         self.metrics.latency.labels("read_blocks").observe(time.perf_counter() - t0)
         return [(b.seg, b.extent, b) for b in pinned]  # type: ignore[misc]
+
+    def prefetch_local(
+        self, tenant: str, fingerprint: str, keys: list[bytes], deadline: float
+    ) -> dict[str, int]:
+        """Bring the leading cached blocks of a chain into DRAM (promoting from NVMe) before the
+        engine asks, stopping at the deadline. Returns counts, and the index keys still missing."""
+        ikeys = [self.index_key(tenant, fingerprint, k) for k in keys]
+        dram = promoted = 0
+        late = False
+        for ikey in ikeys:
+            if time.monotonic() > deadline:
+                late = True
+                break
+            with self.lock:
+                block = self.blocks.get(ikey)
+                if block is None:
+                    break
+                if block.seg:
+                    dram += 1
+                    continue
+                block.pins += 1
+            ok = self._promote(block)
+            with self.lock:
+                block.pins -= 1
+                if ok:
+                    block.prefetched = True
+            if not ok:
+                break
+            promoted += 1
+        return {"dram": dram, "promoted": promoted, "late": int(late), "first_missing": dram + promoted}
 
     def evict_dram(self) -> int:
         """Drop every DRAM copy that is safe to drop (benchmarks of the NVMe tier, maintenance)."""
@@ -322,7 +356,14 @@ class Store:
             seg, ext = got
             seg.view(ext, len(data))[:] = data
             self.blocks[ikey] = Block(
-                ikey, tenant, len(data), sum_, seg=seg, extent=ext, last_used=time.monotonic()
+                ikey,
+                tenant,
+                len(data),
+                sum_,
+                seg=seg,
+                extent=ext,
+                last_used=time.monotonic(),
+                prefetched=True,
             )
             self.dram_policy.insert(ikey)
             if self.nvme:
@@ -414,6 +455,9 @@ class Store:
 
     def _drop_dram_copy(self, block: Block) -> None:
         assert block.seg and block.extent
+        if block.prefetched:
+            block.prefetched = False
+            self.metrics.prefetch_unused.inc()
         self.dram.free(block.seg, block.extent)
         block.seg, block.extent = None, None
         self.dram_policy.remove(block.key)
