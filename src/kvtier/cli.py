@@ -26,44 +26,12 @@ def _dev_up(args: argparse.Namespace) -> int:
     bin_dir = ensure_tools()
     cp = LocalControlPlane(state_dir=state_dir, bin_dir=bin_dir).start()
     if args.operator:
-        _install_with_local_operator(cp)
+        from kvtier.dev.local_operator import install_chart_with_local_operator
+
+        install_chart_with_local_operator(cp)
     print(f"kubeconfig: {cp.kubeconfig}")
     print(f"export KUBECONFIG={cp.kubeconfig} PATH={bin_dir}:$PATH")
     return 0
-
-
-def _install_with_local_operator(cp) -> None:
-    """`helm install` the chart with its webhook pointed at an operator process started here."""
-    import subprocess
-
-    from kvtier.dev.controlplane import free_port
-    from kvtier.dev.tools import repo_root
-
-    port = free_port()
-    print(f"helm install kvtier charts/kvtier -n kvtier-system (webhook -> https://127.0.0.1:{port})")
-    subprocess.run(
-        [
-            str(cp.bin_dir / "helm"),
-            "install",
-            "kvtier",
-            str(repo_root() / "charts" / "kvtier"),
-            "-n",
-            "kvtier-system",
-            "--create-namespace",
-            "--set",
-            f"webhook.url=https://127.0.0.1:{port}/kvtier-inject",
-        ],
-        env=cp.env(),
-        check=True,
-    )
-    print("starting the operator (log: operator.log in the state folder)")
-    from kvtier.dev.local_operator import operator_argv
-
-    cp.spawn_managed(
-        "operator",
-        operator_argv(webhook_port=port, self_managed=True, liveness="http://127.0.0.1:0/healthz"),
-        cp.env(),
-    )
 
 
 def _dev_down(args: argparse.Namespace) -> int:

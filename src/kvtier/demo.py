@@ -135,9 +135,8 @@ def main(args: argparse.Namespace) -> int:
 
     from kvtier.dev.agents import spawn_agent
     from kvtier.dev.controlplane import LocalControlPlane
-    from kvtier.dev.local_operator import operator_argv
+    from kvtier.dev.local_operator import install_chart_with_local_operator
     from kvtier.dev.tools import ensure_tools
-    from kvtier.operator.kube import apply_crds
 
     folder = Path(tempfile.mkdtemp(prefix="kvtier-demo-"))
     node = socket.gethostname().lower()
@@ -145,26 +144,18 @@ def main(args: argparse.Namespace) -> int:
     bin_dir = ensure_tools()
     say("starting a local control plane (real etcd + kube-apiserver)")
     cp = LocalControlPlane(state_dir=folder / "controlplane", bin_dir=bin_dir).start(log=lambda m: say(m))
-    procs: list[subprocess.Popen] = []
     agent = None
     try:
         api = config.new_client_from_config(str(cp.kubeconfig))
         env = cp.env()
-        say("installing kvtier's CRDs")
-        apply_crds(api)
         say(f"registering this machine as Node {node!r} (no kubelet: nothing is scheduled here)")
         client.CoreV1Api(api).create_node(
             {"metadata": {"name": node, "labels": {"kubernetes.io/hostname": node}}}
         )
-        say("starting the operator")
-        op_log = open(folder / "operator.log", "w")  # noqa: SIM115
-        procs.append(
-            subprocess.Popen(
-                operator_argv(NAMESPACE),
-                env={**env, "KVTIER_STATUS_INTERVAL": "2"},
-                stdout=op_log,
-                stderr=subprocess.STDOUT,
-            )
+        install_chart_with_local_operator(cp, log=say, extra_env={"KVTIER_STATUS_INTERVAL": "2"})
+        print(_kubectl(bin_dir, env, "-n", NAMESPACE, "get", "deployment,service").strip())
+        print(
+            "    (the chart's Deployment has no pod here: no kubelet; the operator runs as a local process)"
         )
         pool = demo_pool(node, folder / "nvme" / "demo.cache")
         (folder / "pool.yaml").write_text(yaml.safe_dump(pool, sort_keys=False))
@@ -196,6 +187,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"    {agent.ready_line.strip()}")
         say("a small model on the CPU: prefill 4,096 tokens, save the KV, drop it, restore it")
         w = run_workload(agent)
+        say("an engine pod labelled kvtier.io/inject=true, created through the API server and the webhook")
+        print(f"    {_injected_pod(api)}")
         say("waiting for the operator to aggregate the agent's KVCacheNode into the pool status")
 
         def ready() -> bool:
@@ -211,8 +204,8 @@ def main(args: argparse.Namespace) -> int:
         if args.keep:
             print(f"\nleft running; export KUBECONFIG={cp.kubeconfig} PATH={bin_dir}:$PATH")
             print(
-                f"agent sockets: {cfg.socketDir}; stop with: kill {agent.proc.pid} {procs[0].pid}; "
-                f"kvtier dev down --dir {cp.state_dir}"
+                f"agent sockets: {cfg.socketDir}; stop with: kill {agent.proc.pid}; "
+                f"KVTIER_DEV_DIR={cp.state_dir} kvtier dev down"
             )
             return 0
         return 0 if w["dram_diff"] == 0 and w["nvme_diff"] == 0 and w["other_namespace_hits"] == 0 else 1
@@ -220,10 +213,40 @@ def main(args: argparse.Namespace) -> int:
         if not args.keep:
             if agent:
                 agent.kill()
-            for p in procs:
-                p.terminate()
-                p.wait(timeout=20)
-            cp.stop()
+            cp.stop()  # stops the operator it started too
+
+
+def _injected_pod(api) -> str:
+    """Create a labelled engine pod and say what the webhook added (retrying while it starts)."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(api)
+    core.create_namespace({"metadata": {"name": TENANT}})
+    body = {
+        "metadata": {
+            "name": "engine",
+            "labels": {"kvtier.io/inject": "true"},
+            "annotations": {"kvtier.io/pool": POOL},
+        },
+        "spec": {
+            "containers": [{"name": "engine", "image": "python:3.12", "command": ["python", "serve.py"]}]
+        },
+    }
+
+    def create():
+        pod = core.create_namespaced_pod(TENANT, body)
+        if (pod.metadata.annotations or {}).get("kvtier.io/injected"):
+            return pod
+        core.delete_namespaced_pod("engine", TENANT, grace_period_seconds=0)
+        return None
+
+    pod = _wait(create, 30, "the webhook")
+    added = [c.name for c in pod.spec.init_containers]
+    volume = next(v for v in pod.spec.volumes if v.csi)
+    return (
+        f"pod {TENANT}/engine: injected {pod.metadata.annotations['kvtier.io/injected']}; init containers {added}; "
+        f"volume {volume.name} (csi {volume.csi.driver}); no hostPath"
+    )
 
 
 def _kubectl(bin_dir: Path, env: dict[str, str], *args: str) -> str:

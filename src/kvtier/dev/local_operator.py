@@ -33,3 +33,28 @@ def operator_argv(
                 "--webhook-service", CHART_WEBHOOK_SERVICE,
             ]  # fmt: skip
     return argv
+
+
+def install_chart_with_local_operator(cp, log=print, extra_env: dict[str, str] | None = None) -> None:
+    """`helm install` the chart into a local control plane with its webhook pointed at an operator
+    process started here (self-managed certificates); the operator lives as long as the control plane."""
+    import subprocess
+
+    from kvtier.dev.controlplane import free_port
+    from kvtier.dev.tools import repo_root
+
+    port = free_port()
+    log(f"helm install kvtier charts/kvtier -n kvtier-system (webhook -> https://127.0.0.1:{port})")
+    subprocess.run(
+        [
+            str(cp.bin_dir / "helm"), "install", "kvtier", str(repo_root() / "charts" / "kvtier"),
+            "-n", "kvtier-system", "--create-namespace", "--set", f"webhook.url=https://127.0.0.1:{port}/kvtier-inject",
+        ],
+        env=cp.env(), check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    log("starting the operator (its log: operator.log in the control plane's folder)")
+    cp.spawn_managed(
+        "operator",
+        operator_argv(webhook_port=port, self_managed=True, liveness="http://127.0.0.1:0/healthz"),
+        {**cp.env(), **(extra_env or {})},
+    )
