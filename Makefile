@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both work on a fresh machine.
-.PHONY: demo test setup lint unit integration crds bench-store
+.PHONY: demo test setup lint unit integration crds bench-store test-vllm
 
 setup:
 	@bash hack/setup.sh
@@ -25,3 +25,9 @@ crds:
 
 bench-store: setup
 	.venv/bin/kvtier bench store --out docs/benchmarks/store.json
+
+# The optional vLLM tier: the connector against vLLM's real base class (downloads vLLM and torch, ~9 GB).
+test-vllm: setup
+	test -x .venv-vllm/bin/python || python3 -m venv .venv-vllm
+	.venv-vllm/bin/python -m pip install -q vllm pytest pytest-timeout -e .
+	.venv-vllm/bin/python -m pytest -m vllm tests/vllm

@@ -38,6 +38,7 @@ VLLM_CONNECTOR = {
     "kv_connector": "KVTierConnector",
     "kv_connector_module_path": "kvtier.agent.connectors.vllm",
     "kv_role": "kv_both",
+    "kv_load_failure_policy": "recompute",  # a block that cannot be loaded is recomputed, never wrong
 }
 
 
