@@ -117,7 +117,7 @@ def test_prompt_saved_after_prefill_is_loaded_into_new_pages(agent, tmp_path, la
 
 def test_a_failed_load_reports_its_pages_for_recompute_and_a_down_agent_is_a_miss(agent, tmp_path):
     a = agent(agent_config(tmp_path, nvme=None))
-    sched, worker = _connectors(a.tenant("team-a"))
+    _, worker = _connectors(a.tenant("team-a"))
     worker.register_kv_caches(_caches("flash", fill=False))
     from kvtier.agent.connectors.vllm import KVTierConnectorMetadata, Transfer
 

@@ -160,7 +160,7 @@ class KVTierConnector(KVConnectorBase_V1):
         for i, req_id in enumerate(cached.req_ids):
             if req_id not in self._unsaved:
                 continue
-            tokens, pages = self._unsaved[req_id]
+            _, pages = self._unsaved[req_id]
             new = cached.new_block_ids[i]
             if new:
                 pages.extend(new[0])
