@@ -66,6 +66,8 @@ def _pool(kube, isolation: str) -> str:
         "kind": "KVCachePool",
         "metadata": {"name": name},
         "spec": {
+            # a nodeSelector no Node has: a pool selecting every node would conflict with other tests' pools
+            "nodeSelector": {"kvtier.test/csi": name},
             "tiers": {"dram": {"size": "64Mi"}},
             "tenancy": {
                 "isolation": isolation,
