@@ -44,39 +44,24 @@ def helm(cp, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     )
 
 
+def template(cp, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`helm template` of the chart for this Kubernetes version (helm alone assumes an old one)."""
+    return helm(cp, "template", "kvtier", str(CHART), "--kube-version", "1.34.4", *args, check=check)
+
+
 def test_lint_is_clean_and_a_values_typo_is_refused(chart_cluster):
     cp, _ = chart_cluster
     lint = helm(cp, "lint", "--strict", str(CHART))
     assert "1 chart(s) linted, 0 chart(s) failed" in lint.stdout
-    typo = helm(
-        cp,
-        "template",
-        "kvtier",
-        str(CHART),
-        "--kube-version",
-        "1.34.4",
-        "--set",
-        "webhook.failurPolicy=Fail",
-        check=False,
-    )
+    typo = template(cp, "--set", "webhook.failurPolicy=Fail", check=False)
     assert typo.returncode != 0 and "additional properties 'failurPolicy' not allowed" in typo.stderr
-    bad = helm(
-        cp,
-        "template",
-        "kvtier",
-        str(CHART),
-        "--kube-version",
-        "1.34.4",
-        "--set",
-        "webhook.timeoutSeconds=30",
-        check=False,
-    )
+    bad = template(cp, "--set", "webhook.timeoutSeconds=30", check=False)
     assert bad.returncode != 0 and "timeoutSeconds" in bad.stderr
 
 
 def test_rendered_manifests_validate_on_the_api_server(chart_cluster):
     cp, _ = chart_cluster
-    out = helm(cp, "template", "kvtier", str(CHART), "-n", NS, "--kube-version", "1.34.4").stdout
+    out = template(cp, "-n", NS).stdout
     docs = [d for d in yaml.safe_load_all(out) if d]
     kinds = sorted(d["kind"] for d in docs)
     assert kinds.count("CustomResourceDefinition") == 2 and "CSIDriver" in kinds and "Deployment" in kinds
@@ -104,9 +89,7 @@ def test_rendered_manifests_validate_on_the_api_server(chart_cluster):
     subprocess.run(
         [str(cp.bin_dir / "kubectl"), "create", "namespace", "chart-dry-run"], env=cp.env(), check=True
     )
-    rendered = helm(
-        cp, "template", "kvtier", str(CHART), "-n", "chart-dry-run", "--kube-version", "1.34.4"
-    ).stdout
+    rendered = template(cp, "-n", "chart-dry-run").stdout
     applied = subprocess.run(
         [str(cp.bin_dir / "kubectl"), "apply", "--dry-run=server", "-f", "-"],
         env=cp.env(),
@@ -115,16 +98,7 @@ def test_rendered_manifests_validate_on_the_api_server(chart_cluster):
         text=True,
     )
     assert applied.returncode == 0, applied.stderr
-    cm = helm(
-        cp,
-        "template",
-        "kvtier",
-        str(CHART),
-        "--kube-version",
-        "1.34.4",
-        "--set",
-        "webhook.certificates.mode=cert-manager",
-    ).stdout
+    cm = template(cp, "--set", "webhook.certificates.mode=cert-manager").stdout
     assert "kind: Certificate" in cm and "cert-manager.io/inject-ca-from" in cm
 
 

@@ -27,30 +27,22 @@ pytestmark = [
 ]
 
 
+def start_csi(endpoint: Path, sockets: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvtier.cli", "csi", "--endpoint", f"unix://{endpoint}", "--sockets", str(sockets),
+         "--node-id", "node-a"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert proc.stdout.readline().startswith("kvtier csi ready")
+    return proc
+
+
 @pytest.fixture
 def csi(control_plane, crds_installed):
     short = Path(tempfile.mkdtemp(prefix="kv-", dir="/tmp"))  # Unix socket paths must stay under 108 bytes
     sockets = short / "s"
     endpoint = short / "csi.sock"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kvtier.cli",
-            "csi",
-            "--endpoint",
-            f"unix://{endpoint}",
-            "--sockets",
-            str(sockets),
-            "--node-id",
-            "node-a",
-        ],
-        env=control_plane.env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert proc.stdout.readline().startswith("kvtier csi ready")
+    proc = start_csi(endpoint, sockets, control_plane.env())
     channel = grpc.insecure_channel(f"unix://{endpoint}")
     yield sockets, csi_pb2_grpc.IdentityStub(channel), csi_pb2_grpc.NodeStub(channel)
     channel.close()
@@ -172,25 +164,8 @@ def test_csi_sanity_passes_against_the_node_service(control_plane):
     for a node-only driver: the controller tests, and the one node test that needs CreateVolume."""
     short = Path(tempfile.mkdtemp(prefix="kv-", dir="/tmp"))
     endpoint = short / "csi.sock"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kvtier.cli",
-            "csi",
-            "--endpoint",
-            f"unix://{endpoint}",
-            "--sockets",
-            str(short / "s"),
-            "--node-id",
-            "node-a",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_csi(endpoint, short / "s")
     try:
-        assert proc.stdout.readline().startswith("kvtier csi ready")
         out = subprocess.run(
             [
                 str(control_plane.bin_dir / "csi-sanity"),

@@ -45,26 +45,24 @@ def apply(manifest: dict[str, Any]) -> None:
     )
 
 
-def delete(api_version: str, kind: str, name: str, namespace: str | None = None) -> bool:
+def _by_name(verb: str, api_version: str, kind: str, name: str, namespace: str | None) -> bool:
+    """get or delete one object; False when it does not exist."""
     res = dynamic_client().resources.get(api_version=api_version, kind=kind)
     try:
-        res.delete(name=name, namespace=namespace) if res.namespaced else res.delete(name=name)
+        getattr(res, verb)(name=name, namespace=namespace if res.namespaced else None)
         return True
     except ApiException as exc:
         if exc.status == 404:
             return False
         raise
+
+
+def delete(api_version: str, kind: str, name: str, namespace: str | None = None) -> bool:
+    return _by_name("delete", api_version, kind, name, namespace)
 
 
 def exists(api_version: str, kind: str, name: str, namespace: str | None = None) -> bool:
-    res = dynamic_client().resources.get(api_version=api_version, kind=kind)
-    try:
-        res.get(name=name, namespace=namespace) if res.namespaced else res.get(name=name)
-        return True
-    except ApiException as exc:
-        if exc.status == 404:
-            return False
-        raise
+    return _by_name("get", api_version, kind, name, namespace)
 
 
 def list_kvcachenodes(pool: str) -> list[api.KVCacheNode]:

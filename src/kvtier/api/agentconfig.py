@@ -45,7 +45,6 @@ class AgentConfig(Model):
     nodeName: str | None = Field(None, description="Overridden by $NODE_NAME (the downward API sets it).")
     ioThreads: int = Field(8, ge=1, le=128, description="Parallel direct-I/O requests to the NVMe tier.")
     heartbeatSeconds: float = Field(10.0, gt=0)
-    leaseSeconds: float = Field(30.0, gt=0, description="Pins held by a silent client expire after this.")
 
     @property
     def dram_bytes(self) -> int:

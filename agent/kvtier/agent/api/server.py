@@ -234,12 +234,11 @@ class AgentAPI:
     """Owns the sockets: the admin one, and a tenant one per namespace created on demand."""
 
     def __init__(
-        self, socket_dir: Path, store: Store, block_tokens: int, admit=None, extra_stats=None, node=None
+        self, socket_dir: Path, store: Store, block_tokens: int, extra_stats=None, node=None
     ) -> None:
         self.socket_dir = socket_dir
         self.store = store
         self.block_tokens = block_tokens
-        self.admit = admit or (lambda namespace: None)  # returns a refusal reason or None
         self.extra_stats = extra_stats or (lambda: {})
         self.node = node  # CSI-style node calls (identity, probe, node_info, capacity), read-only
         self.prefetcher = None  # set by the agent once its peer transport is up
@@ -252,9 +251,6 @@ class AgentAPI:
     def ensure_tenant(self, namespace: str) -> Path:
         if not NAMESPACE.match(namespace or ""):
             raise StoreError(f"{namespace!r} is not a namespace name")
-        refusal = self.admit(namespace)
-        if refusal:
-            raise StoreError(refusal)
         with self._lock:
             if namespace not in self.tenants:
                 path = tenant_socket(self.socket_dir, namespace)

@@ -59,7 +59,6 @@ class Lease:
     pins: Counter[bytes] = field(default_factory=Counter)
     reserved: dict[tuple[int, int], tuple[Segment, Extent]] = field(default_factory=dict)
     segments_sent: set[int] = field(default_factory=set)
-    last_seen: float = field(default_factory=time.monotonic)
 
 
 class StoreError(Exception):
