@@ -30,4 +30,4 @@ bench-store: setup
 test-vllm: setup
 	test -x .venv-vllm/bin/python || python3 -m venv .venv-vllm
 	.venv-vllm/bin/python -m pip install -q vllm pytest pytest-timeout -e .
-	.venv-vllm/bin/python -m pytest -m vllm tests/vllm
+	.venv-vllm/bin/python -m pytest -m "vllm or torch" tests/vllm tests/torch

@@ -240,7 +240,7 @@ def run_hf(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
             agent = start_pool_agent(agent_dir, kv_bytes, B, nvme_dir)
             try:
                 client = Client(agent.tenant("bench"), timeout=None)  # an NVMe restore of 24 GB takes a while
-                kv = HFKVCache(client, layout)
+                kv = HFKVCache(client, layout, device)
                 save_t = Timings()
                 t0 = time.perf_counter()
                 saved = kv.save(tokens, cache, wait=30, timings=save_t)

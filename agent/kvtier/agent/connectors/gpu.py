@@ -18,26 +18,27 @@ from kvtier.agent.connectors.runs import GROUP_BYTES, HostRun, groups, runs, run
 class GpuArena:
     """The client's segments as CUDA-registered host tensors."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, pin: bool = True) -> None:
         self.client = client
+        self.pin = pin  # False for CPU-only processes (tests, CPU tensor-parallel ranks): no CUDA calls
         self.host: dict[int, torch.Tensor] = {}
 
     def sync(self) -> None:
         """Register segments the agent has handed over since the last call (engine start-up, mostly)."""
-        cudart = torch.cuda.cudart()
         for seg_id, mm in self.client.segments.items():
             if seg_id in self.host:
                 continue
             tensor = torch.frombuffer(mm, dtype=torch.uint8)
-            err = cudart.cudaHostRegister(tensor.data_ptr(), tensor.numel(), 0)
-            if int(err) != 0:
-                raise RuntimeError(f"cudaHostRegister failed ({err}) for segment {seg_id}")
+            if self.pin:
+                err = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel(), 0)
+                if int(err) != 0:
+                    raise RuntimeError(f"cudaHostRegister failed ({err}) for segment {seg_id}")
             self.host[seg_id] = tensor
 
     def close(self) -> None:
-        cudart = torch.cuda.cudart()
-        for tensor in self.host.values():
-            cudart.cudaHostUnregister(tensor.data_ptr())
+        if self.pin:
+            for tensor in self.host.values():
+                torch.cuda.cudart().cudaHostUnregister(tensor.data_ptr())
         self.host.clear()
 
     def view(self, run: HostRun, block_bytes: int) -> torch.Tensor:
@@ -50,8 +51,11 @@ class Staging:
     def __init__(self, device: torch.device, group_bytes: int = GROUP_BYTES) -> None:
         self.device = device
         self.group_bytes = group_bytes
-        self.stream = torch.cuda.Stream(device)
-        self.buffers = [torch.empty(group_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
+        on_gpu = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if on_gpu else None
+        self.buffers = (
+            [torch.empty(group_bytes, dtype=torch.uint8, device=device) for _ in range(2)] if on_gpu else []
+        )
 
 
 def host_to_gpu(
@@ -64,6 +68,11 @@ def host_to_gpu(
     """DMA blocks group by group into a staging buffer and hand each group to `scatter`, with the
     next group's DMA overlapping the current scatter (two buffers, two streams)."""
     device = staging.device
+    if device.type != "cuda":  # CPU: the arena is already host memory; scatter straight from it
+        all_runs = runs(locations, block_bytes)
+        for run in all_runs:
+            scatter(run.first, arena.view(run, block_bytes))
+        return
     copy_stream = staging.stream
     compute = torch.cuda.current_stream(device)
     buffers = staging.buffers
@@ -104,7 +113,8 @@ def gpu_to_host(
                 (lo - run.first) * block_bytes : (hi - run.first) * block_bytes
             ]
             dst.copy_(staged[(lo - start) * block_bytes : (hi - start) * block_bytes], non_blocking=True)
-        torch.cuda.current_stream().synchronize()  # staging is reused by the next group
+        if staged.is_cuda:
+            torch.cuda.current_stream().synchronize()  # staging is reused by the next group
 
 
 def measure_h2d(arena: GpuArena, nbytes: int, device: torch.device, repeats: int = 5) -> float:

@@ -37,11 +37,11 @@ class Timings:
 
 
 class HFKVCache:
-    def __init__(self, client: Client, layout: KVLayout) -> None:
+    def __init__(self, client: Client, layout: KVLayout, device: str | torch.device = "cuda") -> None:
         self.client = client
         self.layout = layout
         self.dtype = _DTYPES[layout.dtype]
-        self.arena = GpuArena(client)
+        self.arena = GpuArena(client, pin=torch.device(device).type == "cuda")
         self._staging: dict[torch.device, Staging] = {}
 
     def staging(self, device: torch.device) -> Staging:
@@ -151,7 +151,8 @@ class HFKVCache:
             host_to_gpu(
                 self.arena, [(b.segment, b.offset) for b in pinned], lay.block_bytes, scatter, staging
             )
-            torch.cuda.current_stream(device).synchronize()  # the arena may be reused once released
+            if device.type == "cuda":
+                torch.cuda.current_stream(device).synchronize()  # the arena may be reused once released
             t0 = t.mark("copy", t0)
         cache = DynamicCache()
         for li in range(lay.num_layers):
