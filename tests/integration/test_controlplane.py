@@ -92,20 +92,22 @@ def test_dev_up_then_down_leaves_nothing_running(tmp_path):
     up = subprocess.run(
         [sys.executable, "-m", "kvtier.cli", "dev", "up"], env=env, capture_output=True, text=True
     )
-    assert up.returncode == 0, up.stderr
-    assert f"export KUBECONFIG={state / 'kubeconfig'}" in up.stdout
-    bin_dir = Path(up.stdout.split("PATH=")[1].split(":")[0])
-    version = subprocess.run(
-        [str(bin_dir / "kubectl"), "get", "--raw", "/version"],
-        env={**env, "KUBECONFIG": str(state / "kubeconfig")},
-        capture_output=True,
-        text=True,
-    )
-    assert '"gitVersion": "v1.34.4"' in version.stdout
-    assert _processes_under(state), "etcd and kube-apiserver run under the state folder"
-    down = subprocess.run(
-        [sys.executable, "-m", "kvtier.cli", "dev", "down"], env=env, capture_output=True, text=True
-    )
+    try:
+        assert up.returncode == 0, up.stderr
+        assert f"export KUBECONFIG={state / 'kubeconfig'}" in up.stdout
+        bin_dir = Path(up.stdout.split("PATH=")[1].split(":")[0])
+        version = subprocess.run(
+            [str(bin_dir / "kubectl"), "get", "--raw", "/version"],
+            env={**env, "KUBECONFIG": str(state / "kubeconfig")},
+            capture_output=True,
+            text=True,
+        )
+        assert '"gitVersion": "v1.34.4"' in version.stdout
+        assert _processes_under(state), "etcd and kube-apiserver run under the state folder"
+    finally:
+        down = subprocess.run(
+            [sys.executable, "-m", "kvtier.cli", "dev", "down"], env=env, capture_output=True, text=True
+        )
     assert down.returncode == 0
     assert not _processes_under(state)
     assert not state.exists()
