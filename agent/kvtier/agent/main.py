@@ -25,6 +25,7 @@ from prometheus_client import start_http_server
 
 from kvtier.api.agentconfig import AgentConfig
 from kvtier.api.v1alpha1 import NvmeDevice
+from kvtier.kubeapi import api_client_from_environment
 
 log = logging.getLogger("kvtier.agent")
 VERSION = "0.1.0"
@@ -71,6 +72,8 @@ class Agent:
             extra_stats=lambda: {"node": self.node, "peer": self.peer.address, "numaNode": numa},
             node=NodeService(self),
         )
+        # one API client (or None off-cluster) for the KVCacheNode reporter and the peer directory
+        self.api_client = api_client_from_environment()
         self.api.prefetcher = self._prefetcher(secret)
         self.metrics_port = self._serve_metrics()
         self.reporter = None
@@ -119,19 +122,7 @@ class Agent:
         from kvtier.agent.prefetch import PeerDirectory, Prefetcher
         from kvtier.agent.transports import choose_transport
 
-        api_client = None
-        if os.environ.get("KUBERNETES_SERVICE_HOST") or os.environ.get("KUBECONFIG"):
-            try:
-                from kubernetes import client, config
-
-                if os.environ.get("KUBERNETES_SERVICE_HOST"):
-                    config.load_incluster_config()
-                else:
-                    config.load_kube_config()
-                api_client = client.ApiClient()
-            except Exception as exc:
-                log.warning("peers from KVCacheNodes unavailable: %s", exc)
-        directory = PeerDirectory(self.config.pool, self.peer_address, self.config.peers, api_client)
+        directory = PeerDirectory(self.config.pool, self.peer_address, self.config.peers, self.api_client)
         transport = choose_transport(self.config.spec.prefetch.transport, secret)
         return Prefetcher(self.store, transport, directory)
 
@@ -147,9 +138,11 @@ class Agent:
     def start_reporter(self) -> None:
         from kvtier.agent.report import NodeReporter
 
-        self.reporter = NodeReporter.from_environment(self)
-        if self.reporter:
+        if self.api_client is not None:
+            self.reporter = NodeReporter(self, self.api_client)
             threading.Thread(target=self.reporter.run, args=(self._stop,), daemon=True).start()
+        else:
+            log.info("not writing a KVCacheNode (no Kubernetes API)")
 
     def stop(self) -> None:
         self._stop.set()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -61,29 +60,6 @@ class NodeReporter:
         self.agent = agent
         self.api = client.CustomObjectsApi(api_client)
         self.name = api.kvcachenode_name(agent.config.pool, agent.node)
-
-    @classmethod
-    def from_environment(cls, agent: Agent) -> NodeReporter | None:
-        if not (os.environ.get("KUBERNETES_SERVICE_HOST") or os.environ.get("KUBECONFIG")):
-            log.info("no Kubernetes API configured: not writing a KVCacheNode")
-            return None
-        try:
-            from kubernetes import client, config
-        except ImportError:
-            log.warning("the kubernetes client is not installed: not writing a KVCacheNode")
-            return None
-        try:
-            if os.environ.get("KUBERNETES_SERVICE_HOST"):
-                config.load_incluster_config()
-            elif os.environ.get("KUBECONFIG"):
-                config.load_kube_config()
-            else:
-                log.info("no Kubernetes API configured: not writing a KVCacheNode")
-                return None
-        except Exception as exc:
-            log.warning("Kubernetes API not usable (%s): not writing a KVCacheNode", exc)
-            return None
-        return cls(agent, client.ApiClient())
 
     def body(self) -> dict[str, Any]:
         cfg = self.agent.config

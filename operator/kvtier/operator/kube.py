@@ -3,26 +3,22 @@
 from __future__ import annotations
 
 import functools
-import os
 import threading
 import time
 from typing import Any
 
-from kubernetes import client, config, dynamic
+from kubernetes import client, dynamic
 from kubernetes.client.exceptions import ApiException
 
 from kvtier.api import v1alpha1 as api
+from kvtier.kubeapi import api_client_from_environment
 
 FIELD_MANAGER = "kvtier-operator"
 
 
 @functools.cache
 def api_client() -> client.ApiClient:
-    if os.environ.get("KUBERNETES_SERVICE_HOST"):
-        config.load_incluster_config()
-    else:
-        config.load_kube_config()
-    return client.ApiClient()
+    return api_client_from_environment(required=True)
 
 
 @functools.cache

@@ -221,15 +221,9 @@ def serve(endpoint: str, node_id: str, sockets_root: Path, tenancy: Tenancy) -> 
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=os.environ.get("KVTIER_LOG", "INFO"), format="%(asctime)s %(name)s %(message)s")
-    api_client = None
-    if os.environ.get("KUBERNETES_SERVICE_HOST") or os.environ.get("KUBECONFIG"):
-        from kubernetes import client, config
+    from kvtier.kubeapi import api_client_from_environment
 
-        if os.environ.get("KUBERNETES_SERVICE_HOST"):
-            config.load_incluster_config()
-        else:
-            config.load_kube_config()
-        api_client = client.ApiClient()
+    api_client = api_client_from_environment()
     node_id = args.node_id or os.environ.get("NODE_NAME") or os.uname().nodename
     server = serve(args.endpoint, node_id, Path(args.sockets), Tenancy(api_client))
     print(f"kvtier csi ready endpoint={args.endpoint} node={node_id}", flush=True)

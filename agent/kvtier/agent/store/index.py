@@ -95,6 +95,7 @@ class Store:
         self.misses = 0
         self._closed = False
         self._persisting = 0
+        self._salts: dict[str, bytes] = {}
         # promotions run beside the NVMe tier's own I/O pool (each one fans out into chunk reads there)
         self._promoters = ThreadPoolExecutor(
             nvme.pool._max_workers if nvme else 1, thread_name_prefix="kvtier-promote"
@@ -114,7 +115,13 @@ class Store:
         return "shared" if self.isolation == "shared" else namespace
 
     def salt(self, tenant: str) -> bytes:
-        return hmac.new(self.secret, b"tenant\0" + tenant.encode(), hashlib.sha256).digest()
+        """Derived once per tenant (every key of every lookup, read and commit needs it)."""
+        salt = self._salts.get(tenant)
+        if salt is None:
+            salt = self._salts[tenant] = hmac.new(
+                self.secret, b"tenant\0" + tenant.encode(), hashlib.sha256
+            ).digest()
+        return salt
 
     def index_key(self, tenant: str, fingerprint: str, key: bytes) -> bytes:
         h = hashlib.blake2b(key, digest_size=24, key=self.salt(tenant)[:32], person=b"kvtier-index")
