@@ -15,7 +15,7 @@ def api_client_from_environment(required: bool = False) -> Any:
     operator) also tries ~/.kube/config and lets errors propagate."""
     in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
     if not (in_cluster or os.environ.get("KUBECONFIG") or required):
-        log.info("no Kubernetes API configured")
+        log.debug("no Kubernetes API configured")
         return None
     try:
         from kubernetes import client, config
