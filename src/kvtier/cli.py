@@ -206,6 +206,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--engine", choices=["hf", "numpy"], default=None, help="with --small: numpy (default) or hf"
     )
+    b.add_argument(
+        "--tp",
+        type=int,
+        default=None,
+        help="tensor parallel: N ranks, one process and GPU each (CPU + gloo with --small)",
+    )
+    b.add_argument(
+        "--shape", choices=["qwen2.5-7b", "llama3-70b"], default="llama3-70b", help="model shape with --tp"
+    )
+    b.add_argument(
+        "--only-rank",
+        type=int,
+        default=None,
+        help="with --tp N: run this rank alone on one GPU (its shards; the all-reduces skipped)",
+    )
     b.set_defaults(func=_lazy("kvtier.bench.ttft"))
     b = bench_sub.add_parser("report", help="merge `bench ttft` JSON files into one, with a plot")
     b.add_argument("inputs", nargs="+")

@@ -420,12 +420,19 @@ def run_numpy(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
-    default = "1024,2048,4096" if args.small else "16384,65536,131072,262144,419840"
+    if args.tp:
+        default = "1024,2048" if args.small else "131072"
+    else:
+        default = "1024,2048,4096" if args.small else "16384,65536,131072,262144,419840"
     lengths = [int(x) for x in (args.tokens or default).split(",")]
-    use_torch = not args.small
-    if args.small and args.engine == "hf":
-        use_torch = True
-    report = run_hf(args, lengths) if use_torch else run_numpy(args, lengths)
+    if args.tp:
+        from kvtier.bench.tp import run_tp
+
+        report = run_tp(args, lengths)
+    elif args.small and args.engine != "hf":
+        report = run_numpy(args, lengths)
+    else:
+        report = run_hf(args, lengths)
     report["command"] = "kvtier bench ttft " + " ".join(args.argv_echo)
     report["date"] = time.strftime("%Y-%m-%d")
     print_table(report["results"], f"{report['model']} on {report['device']}")

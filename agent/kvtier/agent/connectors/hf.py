@@ -19,6 +19,8 @@ from kvtier.agent.client import Client
 from kvtier.agent.connectors.gpu import GpuArena, Staging, gpu_to_host, host_to_gpu
 from kvtier.agent.connectors.runs import GROUP_BYTES
 from kvtier.agent.keys import KVLayout, block_keys
+from transformers import DynamicCache  # at import, not on the first restore (importing takes seconds)
+from transformers.cache_utils import DynamicLayer
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -119,9 +121,6 @@ class HFKVCache:
     ):
         """A DynamicCache holding the longest cached prefix of `token_ids` (leaving at least
         `keep_last` tokens for the model to compute), and its length in tokens. (None, 0) on a miss."""
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
         lay = self.layout
         t = timings or Timings()
         device = torch.device(device)
