@@ -13,6 +13,7 @@ recompute time is a lower bound: the group's all-reduces are not in it).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -309,3 +310,97 @@ def summarize(L, shard_bytes, world, tp, per_rank, nvme, raw, cold) -> list[dict
         logits_diff_vs_decode_from_original_kv=max(d["decode_diff"] for d in nvme),
     )
     return [dram_row, nvme_row]
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+def summary_rows(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One line per run and context length: recompute, DRAM and NVMe restore, their floors, scaling."""
+    out = []
+    for p in parts:
+        by_tier = {(r["tokens"], r["tier"]): r for r in p["results"]}
+        for (tokens, tier), dram in sorted(by_tier.items()):
+            if tier != "dram":
+                continue
+            nvme = by_tier.get((tokens, "nvme"), {})
+            out.append(
+                {
+                    "model": p["model"],
+                    "tp": p["tp"],
+                    "ranks": p["ranks"],
+                    "tokens": tokens,
+                    "kv_gb_per_rank": round(dram["kv_bytes"] / len(p["ranks"]) / 1e9, 2),
+                    "recompute_s": dram["recompute_s"],
+                    "dram_restore_s": dram["restore_s"],
+                    "dram_vs_floor": dram["vs_floor"],
+                    "speedup": dram["speedup"],
+                    "nvme_restore_s": nvme.get("restore_s"),
+                    "nvme_vs_floor": nvme.get("vs_floor"),
+                    "n_x_h2d_over_aggregate": dram["n_x_h2d_over_aggregate"],
+                    "kv_bitwise_equal": dram["kv_bitwise_equal"] and nvme.get("kv_bitwise_equal", True),
+                    "command": p.get("command"),
+                }
+            )
+    return out
+
+
+def report_tp(parts: list[dict[str, Any]], out: str, plot_path: str | None) -> None:
+    rows = summary_rows(parts)
+    merged = {"device": parts[0]["device"], "torch": parts[0].get("torch"), "summary": rows, "runs": parts}
+    Path(out).write_text(json.dumps(merged, indent=2))
+    print(
+        f"{'model':<38} {'TP':>3} {'ranks':>6} {'context':>8} {'KV GB/rank':>10} {'recompute':>10} "
+        f"{'DRAM':>8} {'x floor':>7} {'speedup':>8} {'NVMe':>8} {'Nxh2d/agg':>9}"
+    )
+    for r in rows:
+        print(
+            f"{r['model'].split('(')[0]:<38} {r['tp']:>3} {','.join(map(str, r['ranks'])):>6} {r['tokens']:>8,} "
+            f"{r['kv_gb_per_rank']:>10.2f} {r['recompute_s']:>9.2f}s {r['dram_restore_s'] * 1e3:>6.0f}ms "
+            f"{r['dram_vs_floor']:>6.3f}x {r['speedup']:>7.1f}x {r['nvme_restore_s'] or 0:>7.2f}s "
+            f"{r['n_x_h2d_over_aggregate'] or 0:>9.3f}"
+        )
+    if plot_path:
+        plot_tp(rows, plot_path, parts[0]["device"])
+    print(f"\nwrote {out}" + (f" and {plot_path}" if plot_path else ""))
+
+
+def plot_tp(rows: list[dict[str, Any]], path: str, device: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [
+        f"{r['model'].split('-shaped')[0].replace('DeepSeek-R1-Distill-', '')}\nTP={r['tp']}"
+        + (f" rank {r['ranks'][0]}" if len(r["ranks"]) < r["tp"] else "")
+        + f"\n{r['tokens'] // 1024}k"
+        for r in rows
+    ]
+    xs = range(len(rows))
+    width = 0.27
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(rows)), 5.5))
+    series = (
+        ("recompute (prefill)", "recompute_s", "0.3"),
+        ("restore from DRAM", "dram_restore_s", "tab:blue"),
+        ("restore from NVMe", "nvme_restore_s", "tab:orange"),
+    )
+    for i, (name, key, color) in enumerate(series):
+        vals = [r[key] or 0 for r in rows]
+        bars = ax.bar([x + (i - 1) * width for x in xs], vals, width, label=name, color=color)
+        if key == "dram_restore_s":
+            for bar, r in zip(bars, rows, strict=True):
+                ax.annotate(
+                    f"{r['speedup']:.0f}x",
+                    (bar.get_x() + width / 2, bar.get_height()),
+                    ha="center",
+                    va="bottom",
+                )
+    ax.set_yscale("log")
+    ax.set_xticks(list(xs), labels, fontsize=8)
+    ax.set_ylabel("time to first token (s)")
+    ax.set_title(f"Tensor-parallel shards, restore vs recompute ({device})")
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -447,6 +447,11 @@ def main(args: argparse.Namespace) -> int:
 def report(args: argparse.Namespace) -> int:
     """Merge the JSON of several `bench ttft` runs (one per call on a lent GPU) into one, with a plot."""
     parts = [json.loads(Path(p).read_text()) for p in args.inputs]
+    if any("tp" in p for p in parts):
+        from kvtier.bench.tp import report_tp
+
+        report_tp(parts, args.out, args.plot)
+        return 0
     merged = {k: v for k, v in parts[0].items() if k not in ("results", "command", "date")}
     merged["runs"] = [
         {"command": p.get("command"), "date": p.get("date"), "ceilings": p.get("ceilings")} for p in parts
