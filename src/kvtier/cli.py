@@ -221,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="with --tp N: run this rank alone on one GPU (its shards; the all-reduces skipped)",
     )
+    b.add_argument(
+        "--share-gpus",
+        action="store_true",
+        help="with --tp N on fewer GPUs: ranks share them over gloo (checks the multi-rank path; times mean little)",
+    )
     b.set_defaults(func=_lazy("kvtier.bench.ttft"))
     b = bench_sub.add_parser("report", help="merge `bench ttft` JSON files into one, with a plot")
     b.add_argument("inputs", nargs="+")

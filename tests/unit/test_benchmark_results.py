@@ -12,11 +12,13 @@ from kvtier.cli import main
 
 pytestmark = pytest.mark.unit
 RESULTS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks"
-TP_RUNS = sorted(RESULTS.glob("ttft-h200-tp?*-*.json"))
+TP_RUNS = [
+    RESULTS / f"ttft-h200-{name}-131k.json"
+    for name in ("tp1-qwen7b", "tp2rank0-qwen7b", "tp2rank0-70b", "tp4rank0-70b", "tp8rank0-70b")
+]
 
 
 def test_tensor_parallel_results_reproduce_their_summary(tmp_path):
-    assert len(TP_RUNS) == 5
     out = tmp_path / "tp.json"
     assert main(["bench", "report", *map(str, TP_RUNS), "--out", str(out)]) == 0
     summary = json.loads(out.read_text())["summary"]
@@ -30,3 +32,14 @@ def test_tensor_parallel_results_reproduce_their_summary(tmp_path):
         assert r["dram_vs_floor"] <= 1.15, r
         assert r["n_x_h2d_over_aggregate"] <= 1.15, r
         assert r["tokens"] == 131072 and r["speedup"] > 50, r
+
+
+def test_two_ranks_restore_their_shards_at_once_on_a_gpu():
+    """The multi-rank GPU path (two processes, one agent, both restoring at once; ranks shared one GPU
+    over gloo): every shard came back with an equal digest and the decode equals the original's."""
+    run = json.loads((RESULTS / "ttft-h200-tp2-shared-qwen7b-32k.json").read_text())
+    assert run["ranks"] == [0, 1] and "H200" in run["device"]
+    for r in run["results"]:
+        assert r["shared_gpus"] and r["kv_bitwise_equal"], r
+        assert r["logits_diff_vs_decode_from_original_kv"] == 0.0, r
+        assert len(r["per_rank_restore_s"]) == 2

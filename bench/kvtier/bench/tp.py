@@ -55,10 +55,10 @@ def run_tp(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
     if not on_gpu and not args.small:
         raise SystemExit("no GPU here: run the model shapes on GPUs, or --small for the CPU (gloo) run")
     ranks = [args.only_rank] if args.only_rank is not None else list(range(args.tp))
-    if on_gpu and len(ranks) > torch.cuda.device_count():
+    if on_gpu and len(ranks) > torch.cuda.device_count() and not args.share_gpus:
         raise SystemExit(
             f"--tp {args.tp} needs {len(ranks)} GPUs, this machine has {torch.cuda.device_count()}; "
-            "--only-rank R runs one rank's share on one GPU"
+            "--only-rank R runs one rank's share on one GPU (--share-gpus: a correctness run)"
         )
     work = Path(tempfile.mkdtemp(prefix="kvtier-ttft-tp-"))
     nvme_dir = Path(args.nvme_path) if args.nvme_path else work / "nvme"
@@ -66,6 +66,8 @@ def run_tp(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
     kv_node_bytes = max(lengths) * shape.kv_bytes_per_token(args.tp, 2 if on_gpu else 4) * len(ranks)
     agent = start_pool_agent(work / "agent", kv_node_bytes, args.block_tokens, nvme_dir)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    # NVLink multicast (NVLS) buys nothing for these small all-reduces and can wedge shared GPU hosts
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     try:
         ctx = mp.get_context("spawn")
         queue = ctx.Queue()
@@ -77,6 +79,7 @@ def run_tp(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
             "block_tokens": args.block_tokens,
             "chunk": args.chunk,
             "small": args.small,
+            "share_gpus": bool(args.share_gpus),
             "tenant": agent.tenant("bench"),
             "admin_dir": str(agent.socket_dir),
             "nvme_file": str(nvme_dir / NVME_FILE),
@@ -106,15 +109,17 @@ def rank_main(index: int, plan: dict[str, Any], queue) -> None:
     shape, tp, ranks = plan["shape"], plan["tp"], plan["ranks"]
     world, rank = len(ranks), ranks[index]  # rank: this process's shard; index: its place in the group
     on_gpu = torch.cuda.is_available() and not plan["small"]
-    device = torch.device("cuda", index) if on_gpu else torch.device("cpu")
+    shared = plan["share_gpus"]  # ranks take the GPUs round-robin: NCCL needs one GPU a rank, gloo not
+    device = torch.device("cuda", index % torch.cuda.device_count()) if on_gpu else torch.device("cpu")
     if on_gpu:
         torch.cuda.set_device(device)
+    nccl = on_gpu and not shared
     dist.init_process_group(
-        "nccl" if on_gpu else "gloo",
+        "nccl" if nccl else "gloo",
         init_method=f"tcp://127.0.0.1:{plan['port']}",
         rank=index,
         world_size=world,
-        device_id=device if on_gpu else None,
+        device_id=device if nccl else None,
     )
     group = dist.group.WORLD if world > 1 else None
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
@@ -220,13 +225,16 @@ def rank_main(index: int, plan: dict[str, Any], queue) -> None:
             if index == 0:
                 drop_page_cache()
                 raw_after = raw_direct_read(Path(plan["nvme_file"]), shard_bytes * world)
-                results += summarize(L, shard_bytes, world, tp, per_rank, nvme, (raw_before, raw_after), cold)
+                results += summarize(
+                    L, shard_bytes, world, tp, per_rank, nvme, (raw_before, raw_after), cold, shared
+                )
                 ceilings = {k: results[-2][k] for k in ("h2d_alone_gbps", "h2d_together_gbps")}
                 ceilings["raw_read_gbps"] = results[-1]["raw_read_gbps"]
                 print_table(results[-2:], f"{L:,} tokens, TP={tp}, ranks {ranks}")
             dist.barrier()
     if index == 0:
         only = f", rank {ranks[0]} of TP={tp} alone (all-reduces skipped)" if world < tp else ""
+        only += ", ranks sharing GPUs (gloo; a correctness run, not a timing)" if plan["share_gpus"] else ""
         queue.put(
             {
                 "model": shape.name + only,
@@ -246,7 +254,7 @@ def rank_main(index: int, plan: dict[str, Any], queue) -> None:
     dist.destroy_process_group()
 
 
-def summarize(L, shard_bytes, world, tp, per_rank, nvme, raw, cold) -> list[dict[str, Any]]:
+def summarize(L, shard_bytes, world, tp, per_rank, nvme, raw, cold, shared=False) -> list[dict[str, Any]]:
     """Two rows (DRAM, NVMe) for one context length from every rank's measurements.
 
     TTFT is the slowest rank's (the next token needs every rank). DRAM floor: the slowest rank's shard
@@ -256,7 +264,7 @@ def summarize(L, shard_bytes, world, tp, per_rank, nvme, raw, cold) -> list[dict
     recompute = max(r["recompute_s"] for r in per_rank)
     dram = [r["dram"] for r in per_rank]
     ttft = max(d["restore_s"] for d in dram)
-    on_gpu = all(r["h2d_alone"] for r in per_rank)
+    on_gpu = all(r["h2d_alone"] for r in per_rank) and not shared  # shared GPUs: no per-GPU link to judge
     floor = max(
         shard_bytes / r["h2d_alone"] + r["dram"]["decode_s"] if on_gpu else r["dram"]["decode_s"]
         for r in per_rank
@@ -264,7 +272,7 @@ def summarize(L, shard_bytes, world, tp, per_rank, nvme, raw, cold) -> list[dict
     copy = max(d["copy_s"] for d in dram)
     aggregate = total / copy
     n_h2d = sum(r["h2d_alone"] for r in per_rank)
-    common = dict(tp=tp, ranks=[r["rank"] for r in per_rank])
+    common = dict(tp=tp, ranks=[r["rank"] for r in per_rank], shared_gpus=shared)
     dram_row = row(
         L,
         "dram",
