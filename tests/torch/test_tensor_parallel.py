@@ -85,7 +85,8 @@ def test_each_rank_saves_and_restores_its_own_shard(agent, tmp_path):
 
 def sharded_rank_main(rank: int, world: int, port: int, results) -> None:
     import torch.distributed as dist
-    from kvtier.bench.tpmodel import SHAPES, ShardedLlama, as_cache, past_of, random_weights, shard
+    from kvtier.bench.shapes import SHAPES
+    from kvtier.bench.tpmodel import ShardedLlama, as_cache, past_of, random_weights, shard
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     shape = SHAPES["tiny"]

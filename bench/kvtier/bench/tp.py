@@ -45,7 +45,7 @@ def _free_port() -> int:
 def run_tp(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
     import torch
     import torch.multiprocessing as mp
-    from kvtier.bench.tpmodel import SHAPES
+    from kvtier.bench.shapes import SHAPES
 
     shape = SHAPES["tiny" if args.small else args.shape]
     shape.check_tp(args.tp)

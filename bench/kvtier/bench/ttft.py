@@ -27,21 +27,12 @@ from typing import Any
 from kvtier.agent.client import Client
 from kvtier.agent.keys import KVLayout, block_keys
 from kvtier.agent.tiers.nvme import open_direct, parallel_io
+from kvtier.bench.shapes import SHAPES
 
 from kvtier.dev.agents import AgentProcess, local_agent_config, spawn_agent
 
 GiB = 1 << 30
 IO_THREADS = 32  # the agent's NVMe queue depth, and the raw reader's
-QWEN25_7B = dict(
-    hidden_size=3584,
-    num_hidden_layers=28,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    head_dim=128,
-    intermediate_size=18944,
-    vocab_size=152064,
-    rope_theta=1e6,
-)
 
 
 # --------------------------------------------------------------------------------- shared parts
@@ -182,22 +173,9 @@ def run_hf(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, DynamicCache, Qwen2Config
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
-    shape = (
-        dict(QWEN25_7B)
-        if device.type == "cuda"
-        else dict(
-            hidden_size=256,
-            num_hidden_layers=4,
-            num_attention_heads=8,
-            num_key_value_heads=2,
-            head_dim=32,
-            intermediate_size=688,
-            vocab_size=2048,
-            rope_theta=1e4,
-        )
-    )
-    config = Qwen2Config(**shape, max_position_embeddings=1 << 21, torch_dtype="bfloat16")
-    config._name_or_path = "Qwen2.5-7B-shaped(random)" if device.type == "cuda" else "tiny-qwen2(random)"
+    shape = SHAPES["qwen2.5-7b" if device.type == "cuda" else "tiny-qwen2"]
+    config = Qwen2Config(**shape.hf_config(), max_position_embeddings=1 << 21, torch_dtype="bfloat16")
+    config._name_or_path = shape.name
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(
