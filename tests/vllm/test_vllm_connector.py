@@ -3,6 +3,7 @@ in for the paged KV cache (no engine runs). Needs vllm installed: `pytest -m vll
 
 from __future__ import annotations
 
+import mmap
 from types import SimpleNamespace
 
 import pytest
@@ -129,3 +130,66 @@ def test_a_failed_load_reports_its_pages_for_recompute_and_a_down_agent_is_a_mis
     down, _ = _connectors(str(tmp_path / "nowhere.sock"))
     req = SimpleNamespace(request_id="r", prompt_token_ids=list(range(300)), cache_salt=None)
     assert down.get_num_new_matched_tokens(req, 0) == (0, False), "kvtier down: the engine just prefills"
+
+
+def _save(worker, sched, req_id: str, tokens: list[int], pages: list[int]) -> None:
+    worker.bind_connector_metadata(sched.build_connector_meta(_step(req_id, tokens, pages)))
+    worker.wait_for_save()
+    worker.clear_connector_metadata()
+
+
+def _load(worker, sched, req_id: str, tokens: list[int], pages: list[int]) -> set[int]:
+    from kvtier.agent.connectors.vllm import KVTierConnectorMetadata, Transfer
+    from kvtier.agent.keys import block_keys
+
+    keys = block_keys(tokens[:-1], B)
+    worker.bind_connector_metadata(KVTierConnectorMetadata(loads=[Transfer(req_id, keys, pages)]))
+    worker.start_load_kv(None)
+    worker.clear_connector_metadata()
+    return worker.get_block_ids_with_load_errors()
+
+
+def test_after_an_agent_restart_loads_read_the_new_agents_memory(agent, tmp_path):
+    """The agent restarts (its arena is new memory; segment ids start over). The worker must reconnect
+    and map the new arena: reading through the old mappings would copy the old agent's bytes, wrong KV
+    for blocks the new agent holds. Saves resume after the restart too."""
+    cfg = agent_config(tmp_path, nvme=None)
+    a = agent(cfg)
+    sched, worker = _connectors(a.tenant("team-a"))
+    tokens = list(range(5000, 5000 + 2 * B + 1))
+    pages = list(range(0, 2 * B // PAGE))
+    old = _caches("flash", fill=True)
+    worker.register_kv_caches(old)
+    _save(worker, sched, "r1", tokens, pages)
+    worker.register_kv_caches(_caches("flash", fill=False))
+    assert _load(worker, sched, "r2", tokens, pages) == set(), "loaded from the first agent"
+
+    a.kill()
+    b = agent(cfg, name="agent-restarted")
+    assert b.tenant("team-a") == a.tenant("team-a"), "same socket: the engine pod is unchanged"
+    # another replica saves the same prompt, with other KV, into the restarted agent
+    sched2, replica = _connectors(b.tenant("team-a"))
+    new = _caches("flash", fill=True)
+    replica.register_kv_caches(new)
+    _save(replica, sched2, "r3", tokens, pages)
+
+    target = _caches("flash", fill=False)
+    worker.register_kv_caches(target)
+    failed = _load(worker, sched, "r4", tokens, pages)  # the old connection is gone: a miss, recomputed
+    assert failed == set(pages)
+    # Whatever the process maps next may land where the old arena was (the kernel reuses the range):
+    # a connector still reading through its old views would copy this decoy.
+    decoys = [mmap.mmap(-1, 8 << 20) for _ in range(4)]
+    for d in decoys:
+        d.write(b"\x5a" * (8 << 20))
+    assert _load(worker, sched, "r5", tokens, pages) == set(), "reconnected"
+    for got, want in zip(_pages_of(target, "flash", pages), _pages_of(new, "flash", pages), strict=True):
+        assert torch.equal(got, want), "the new agent's KV, not the old arena's"
+
+    # the worker's own saves resume once it has reconnected
+    tokens2 = list(range(9000, 9000 + B + 1))
+    worker.register_kv_caches(new)
+    _save(worker, sched, "r6", tokens2, pages[: B // PAGE])
+    req = SimpleNamespace(request_id="r7", prompt_token_ids=tokens2, cache_salt=None)
+    assert sched.get_num_new_matched_tokens(req, 0) in ((0, False), (B, False))  # first call may reconnect
+    assert sched.get_num_new_matched_tokens(req, 0) == (B, False)

@@ -11,13 +11,14 @@ Scheduler side: `get_num_new_matched_tokens` asks the agent how many leading kvt
 prompt it holds (a prefix lookup; no side effects; an unreachable agent is a miss, never a wait).
 Worker side: `start_load_kv` reads the pinned blocks from the arena and scatters them into the
 request's pages for every layer before the forward; `wait_for_save` gathers the pages of prompts
-whose prefill finished this step and commits them. A load that comes up short (evicted meanwhile,
+whose prefill finished this step and commits them. Both move blocks with the same copy engine as the
+Hugging Face connector (`connectors/gpu.py`: the arena registered with CUDA, adjacent blocks merged
+into one DMA, double-buffered staging), bound to the current connection to the agent. A load that comes up short (evicted meanwhile,
 a corrupt NVMe block) reports its pages through `get_block_ids_with_load_errors`, so vLLM recomputes
 them (kv_load_failure_policy: recompute) — wrong KV is never used.
 
-A kvtier block is `blockTokens` tokens (a multiple of vLLM's page size); its blob is every layer's
-K and V for those tokens as [layer, k/v, token, kv head, head dim] ("L2THD"). Paged layouts
-(2, blocks, page, heads, dim) and (blocks, 2, page, heads, dim), NHD or HND, are read through views.
+A kvtier block is `blockTokens` tokens (a multiple of vLLM's page size); its blob layout and the
+copies between blocks and vLLM's paged layouts are in `paged.py`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from typing import Any
 
 import torch
 from kvtier.agent.client import Client
+from kvtier.agent.connectors.gpu import GpuArena, Staging
+from kvtier.agent.connectors.paged import PagedCache
+from kvtier.agent.connectors.runs import GROUP_BYTES
 from kvtier.agent.keys import block_keys
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
@@ -52,21 +56,6 @@ class KVTierConnectorMetadata(KVConnectorMetadata):
     saves: list[Transfer] = field(default_factory=list)
 
 
-def page_views(layer: torch.Tensor, num_pages: int, page: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(K, V) of one layer's paged cache as [pages, page tokens, kv heads, head dim] views."""
-    if layer.dim() != 5:
-        raise ValueError(f"unsupported KV cache layout {tuple(layer.shape)} (MLA is not supported yet)")
-    if layer.shape[0] == 2 and layer.shape[1] == num_pages:
-        k, v = layer[0], layer[1]  # FlashAttention: (2, pages, ...)
-    elif layer.shape[1] == 2 and layer.shape[0] == num_pages:
-        k, v = layer[:, 0], layer[:, 1]  # FlashInfer / Triton: (pages, 2, ...)
-    else:
-        raise ValueError(f"cannot tell K from V in a KV cache of shape {tuple(layer.shape)}")
-    if k.shape[1] != page and k.shape[2] == page:
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # HND -> NHD views
-    return k, v
-
-
 class KVTierConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
@@ -83,7 +72,8 @@ class KVTierConnector(KVConnectorBase_V1):
         # worker state
         self.kv_caches: dict[str, torch.Tensor] = {}
         self._failed: set[int] = set()
-        self._host: dict[int, torch.Tensor] = {}
+        self._arena: GpuArena | None = None  # the current client's segments; dropped with the client
+        self._staging: Staging | None = None
 
     # ------------------------------------------------------------------------------ plumbing
 
@@ -119,6 +109,11 @@ class KVTierConnector(KVConnectorBase_V1):
         return int(self._block_tokens or 256)
 
     def _drop_client(self) -> None:
+        # The arena goes with its connection: a restarted agent hands out new memory under the same
+        # segment ids, and old views would read whatever the process maps there next.
+        if self._arena is not None:
+            self._arena.close()
+            self._arena = None
         if self._client is not None:
             self._client.close()
         self._client = None
@@ -189,35 +184,23 @@ class KVTierConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.kv_caches = dict(kv_caches)
 
-    def _layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        out = []
-        for layer in self.kv_caches.values():
-            num_pages = layer.shape[1] if layer.shape[0] == 2 else layer.shape[0]
-            out.append(page_views(layer, num_pages, self.page))
-        return out
+    def _paged(self) -> PagedCache:
+        return PagedCache.of(list(self.kv_caches.values()), self.page, self.block_tokens)
 
-    def _host_view(
-        self, client: Client, segment: int, offset: int, size: int, device: torch.device
-    ) -> torch.Tensor:
-        if segment not in self._host:
-            tensor = torch.frombuffer(client.segments[segment], dtype=torch.uint8)
-            if device.type == "cuda":
-                torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel(), 0)
-            self._host[segment] = tensor
-        return self._host[segment][offset : offset + size]
-
-    def _blob_shape(self, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[int, ...]:
-        k = layers[0][0]
-        return (len(layers), 2, self.block_tokens, k.shape[2], k.shape[3])
+    def _worker_arena(self, client: Client, device: torch.device, block_bytes: int) -> GpuArena:
+        """This connection's segments as (CUDA-registered) host tensors, and the staging buffers."""
+        if self._arena is None or self._arena.client is not client:
+            self._arena = GpuArena(client, pin=device.type == "cuda")
+        if self._staging is None or self._staging.device != device or self._staging.group_bytes < block_bytes:
+            self._staging = Staging(device, max(GROUP_BYTES, block_bytes))
+        self._arena.sync()
+        return self._arena
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         if not isinstance(meta, KVTierConnectorMetadata) or not meta.loads:
             return
-        layers = self._layers()
-        shape = self._blob_shape(layers)
-        dtype, device = layers[0][0].dtype, layers[0][0].device
-        per = self.block_tokens // self.page
+        paged = self._paged()
         for t in meta.loads:
             loaded = 0
             client = self.client()
@@ -225,20 +208,20 @@ class KVTierConnector(KVConnectorBase_V1):
                 if client is None:
                     raise OSError("agent not reachable")
                 with client.read(self.fingerprint, t.keys) as pinned:
-                    for bi, blk in enumerate(pinned):
-                        host = self._host_view(client, blk.segment, blk.offset, blk.size, device)
-                        blob = host.to(device, non_blocking=True).view(dtype).view(shape)
-                        page_ids = torch.tensor(t.page_ids[bi * per : (bi + 1) * per], device=device)
-                        for li, (k, v) in enumerate(layers):
-                            k[page_ids] = blob[li, 0].view(per, self.page, *shape[3:])
-                            v[page_ids] = blob[li, 1].view(per, self.page, *shape[3:])
-                        loaded += 1
-                    if device.type == "cuda":
-                        torch.cuda.current_stream(device).synchronize()  # before the pins end
+                    if any(b.size != paged.block_bytes for b in pinned):
+                        raise ValueError(
+                            f"blocks of another size than this engine's {paged.block_bytes} bytes"
+                        )
+                    arena = self._worker_arena(client, paged.device, paged.block_bytes)
+                    paged.load(arena, self._staging, [(b.segment, b.offset) for b in pinned], t.page_ids)
+                    loaded = len(pinned)
             except Exception as exc:  # a failed load becomes a recompute, never wrong KV
-                log.warning("kvtier load for %s stopped after %d blocks: %s", t.req_id, loaded, exc)
-                self._drop_client()
-            self._failed.update(t.page_ids[loaded * per :])
+                log.warning(
+                    "kvtier load for %s failed (%d of %d blocks): %s", t.req_id, loaded, len(t.keys), exc
+                )
+                if isinstance(exc, OSError):
+                    self._drop_client()
+            self._failed.update(t.page_ids[loaded * paged.per :])
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # start_load_kv completes every layer before the forward
@@ -255,33 +238,23 @@ class KVTierConnector(KVConnectorBase_V1):
         client = self.client()
         if client is None:
             return
-        layers = self._layers()
-        shape = self._blob_shape(layers)
-        dtype, device = layers[0][0].dtype, layers[0][0].device
-        per = self.block_tokens // self.page
-        size = int(torch.Size(shape).numel()) * layers[0][0].element_size()
+        paged = self._paged()
+        size = paged.block_bytes
         for t in meta.saves:
             try:
                 todo = t.keys[client.lookup(self.fingerprint, t.keys) :]
                 if not todo:
                     continue
-                first = len(t.keys) - len(todo)
+                first = (len(t.keys) - len(todo)) * paged.per
                 slots = client.allocate([size] * len(todo))  # wait=0: a full arena skips the save
-                for i, slot in enumerate(slots):
-                    page_ids = torch.tensor(
-                        t.page_ids[(first + i) * per : (first + i + 1) * per], device=device
-                    )
-                    blob = torch.empty(shape, dtype=dtype, device=device)
-                    for li, (k, v) in enumerate(layers):
-                        blob[li, 0] = k[page_ids].reshape(shape[2:])
-                        blob[li, 1] = v[page_ids].reshape(shape[2:])
-                    host = self._host_view(client, slot.segment, slot.offset, size, device)
-                    host.copy_(blob.view(-1).view(torch.uint8))
-                if device.type == "cuda":
-                    torch.cuda.current_stream(device).synchronize()
+                arena = self._worker_arena(client, paged.device, size)
+                paged.save(arena, [(s.segment, s.offset) for s in slots], t.page_ids[first:])
                 client.commit(self.fingerprint, todo, slots, [size] * len(todo))
             except Exception as exc:  # a failed save is a future miss, never an engine error
                 log.warning("kvtier save for %s skipped: %s", t.req_id, exc)
+                if isinstance(exc, OSError):
+                    self._drop_client()
+                    return
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._failed = self._failed, set()
