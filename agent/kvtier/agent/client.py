@@ -25,6 +25,8 @@ from kvtier.agent.api import protocol
 from kvtier.agent.api.protocol import AgentError
 
 DEFAULT_SOCKET = "/var/run/kvtier/kvtier.sock"
+# what a lost agent looks like to a caller: the connection is gone (make a new Client), not a refusal
+CONNECTION_LOST = (OSError, protocol.ProtocolError)
 
 
 @dataclass(frozen=True)

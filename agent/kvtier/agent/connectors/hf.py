@@ -11,17 +11,19 @@ token, head dim] (the fingerprint says so), so one block is one contiguous exten
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
 import torch
-from kvtier.agent.client import Client
+from kvtier.agent.client import CONNECTION_LOST, Client
 from kvtier.agent.connectors.gpu import GpuArena, Staging, gpu_to_host, host_to_gpu
 from kvtier.agent.connectors.runs import GROUP_BYTES
 from kvtier.agent.keys import KVLayout, block_keys
 from transformers import DynamicCache  # at import, not on the first restore (importing takes seconds)
 from transformers.cache_utils import DynamicLayer
 
+log = logging.getLogger("kvtier.hf")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -39,12 +41,33 @@ class Timings:
 
 
 class HFKVCache:
+    """Save and restore through the agent; an agent that cannot be reached is a miss (restore gives
+    (None, 0), save stores nothing), and the next call connects again, with the new agent's arena."""
+
     def __init__(self, client: Client, layout: KVLayout, device: str | torch.device = "cuda") -> None:
         self.client = client
         self.layout = layout
         self.dtype = _DTYPES[layout.dtype]
         self.arena = GpuArena(client, pin=torch.device(device).type == "cuda")
         self._staging: dict[torch.device, Staging] = {}
+        self._down = False
+
+    def _reachable(self) -> bool:
+        if self._down:
+            try:
+                self.client = Client(self.client.path, timeout=self.client.sock.gettimeout())
+            except OSError:
+                return False
+            self.arena = GpuArena(self.client, pin=self.arena.pin)
+            self._down = False
+        return True
+
+    def _lost(self, exc: Exception) -> None:
+        # the arena goes with its connection: a restarted agent's memory is new
+        log.warning("kvtier agent at %s lost: %s (a miss; the next call reconnects)", self.client.path, exc)
+        self.arena.close()
+        self.client.close()
+        self._down = True
 
     def staging(self, device: torch.device) -> Staging:
         if device not in self._staging:
@@ -77,6 +100,15 @@ class HFKVCache:
         timings: Timings | None = None,
     ) -> int:
         """Save the full blocks of `token_ids` whose KV is in `cache`. Returns blocks newly stored."""
+        if not self._reachable():
+            return 0
+        try:
+            return self._save(token_ids, cache, extra, sync, wait, timings)
+        except CONNECTION_LOST as exc:
+            self._lost(exc)
+            return 0
+
+    def _save(self, token_ids, cache, extra, sync, wait, timings) -> int:
         lay = self.layout
         t = timings or Timings()
         t0 = time.perf_counter()
@@ -121,6 +153,15 @@ class HFKVCache:
     ):
         """A DynamicCache holding the longest cached prefix of `token_ids` (leaving at least
         `keep_last` tokens for the model to compute), and its length in tokens. (None, 0) on a miss."""
+        if not self._reachable():
+            return None, 0
+        try:
+            return self._restore(token_ids, device, extra, keep_last, timings)
+        except CONNECTION_LOST as exc:
+            self._lost(exc)
+            return None, 0
+
+    def _restore(self, token_ids, device, extra, keep_last, timings):
         lay = self.layout
         t = timings or Timings()
         device = torch.device(device)

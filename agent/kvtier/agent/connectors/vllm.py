@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from kvtier.agent.client import Client
+from kvtier.agent.client import CONNECTION_LOST, Client
 from kvtier.agent.connectors.gpu import GpuArena, Staging
 from kvtier.agent.connectors.paged import PagedCache
 from kvtier.agent.connectors.runs import GROUP_BYTES
@@ -97,7 +97,7 @@ class KVTierConnector(KVConnectorBase_V1):
             try:
                 self._client = Client(self.socket, timeout=10)
                 self._block_tokens = self._block_tokens or self._client.block_tokens
-            except OSError as exc:
+            except CONNECTION_LOST as exc:
                 log.warning("kvtier agent not reachable at %s: %s", self.socket, exc)
                 return None
         return self._client
@@ -130,8 +130,10 @@ class KVTierConnector(KVConnectorBase_V1):
             return 0, False
         try:
             hits = client.lookup(self.fingerprint, keys)
-        except OSError:
-            self._drop_client()
+        except Exception as exc:  # the agent lost or refusing is a miss, never a scheduler error
+            log.warning("kvtier lookup failed: %s", exc)
+            if isinstance(exc, CONNECTION_LOST):
+                self._drop_client()
             return 0, False
         self._matched[request.request_id] = keys[:hits]
         return max(0, hits * B - num_computed_tokens), False
@@ -219,7 +221,7 @@ class KVTierConnector(KVConnectorBase_V1):
                 log.warning(
                     "kvtier load for %s failed (%d of %d blocks): %s", t.req_id, loaded, len(t.keys), exc
                 )
-                if isinstance(exc, OSError):
+                if isinstance(exc, CONNECTION_LOST):
                     self._drop_client()
             self._failed.update(t.page_ids[loaded * paged.per :])
 
@@ -252,7 +254,7 @@ class KVTierConnector(KVConnectorBase_V1):
                 client.commit(self.fingerprint, todo, slots, [size] * len(todo))
             except Exception as exc:  # a failed save is a future miss, never an engine error
                 log.warning("kvtier save for %s skipped: %s", t.req_id, exc)
-                if isinstance(exc, OSError):
+                if isinstance(exc, CONNECTION_LOST):
                     self._drop_client()
                     return
 
