@@ -17,7 +17,7 @@ pytest.importorskip("vllm")
 PAGE, B, PAGES, H, D, LAYERS = 16, 64, 48, 2, 8, 3
 
 
-def _config(socket: str):
+def _config(socket: str, **extra):
     from vllm.config import DeviceConfig, KVTransferConfig, VllmConfig
 
     return VllmConfig(
@@ -31,16 +31,17 @@ def _config(socket: str):
                 "socket": socket,
                 "fingerprint": "test-model;L2THD",
                 "block_tokens": B,
+                **extra,
             },
         ),
     )
 
 
-def _connectors(socket: str):
+def _connectors(socket: str, **extra):
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
 
-    config = _config(socket)
+    config = _config(socket, **extra)
     sched = KVConnectorFactory.create_connector(config, KVConnectorRole.SCHEDULER, None)
     worker = KVConnectorFactory.create_connector(config, KVConnectorRole.WORKER, None)
     assert isinstance(sched, KVConnectorBase_V1) and type(sched).__name__ == "KVTierConnector"
@@ -155,7 +156,7 @@ def test_after_an_agent_restart_loads_read_the_new_agents_memory(agent, tmp_path
     for blocks the new agent holds. Saves resume after the restart too."""
     cfg = agent_config(tmp_path, nvme=None)
     a = agent(cfg)
-    sched, worker = _connectors(a.tenant("team-a"))
+    sched, worker = _connectors(a.tenant("team-a"), retry_after_s=0)
     tokens = list(range(5000, 5000 + 2 * B + 1))
     pages = list(range(0, 2 * B // PAGE))
     old = _caches("flash", fill=True)
@@ -193,3 +194,36 @@ def test_after_an_agent_restart_loads_read_the_new_agents_memory(agent, tmp_path
     req = SimpleNamespace(request_id="r7", prompt_token_ids=tokens2, cache_salt=None)
     assert sched.get_num_new_matched_tokens(req, 0) in ((0, False), (B, False))  # first call may reconnect
     assert sched.get_num_new_matched_tokens(req, 0) == (B, False)
+
+
+def test_a_hung_agent_costs_the_scheduler_one_short_wait_then_nothing(agent, tmp_path):
+    """The agent is alive but not answering (stopped): the first lookup is a miss after
+    lookup_timeout_s, the following ones are misses at once until retry_after_s has passed; once the
+    agent answers again, hits come back."""
+    import os
+    import signal
+    import time
+
+    a = agent(agent_config(tmp_path, nvme=None))
+    sched, worker = _connectors(a.tenant("team-a"), lookup_timeout_s=0.2, retry_after_s=1.0)
+    tokens = list(range(7000, 7000 + B + 1))
+    worker.register_kv_caches(_caches("flash", fill=True))
+    _save(worker, sched, "r1", tokens, list(range(B // PAGE)))
+    req = SimpleNamespace(request_id="r2", prompt_token_ids=tokens, cache_salt=None)
+    assert sched.get_num_new_matched_tokens(req, 0) == (B, False)
+
+    os.kill(a.proc.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
+        first = time.monotonic() - t0
+        t0 = time.monotonic()
+        for _ in range(100):
+            assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
+        rest = time.monotonic() - t0
+    finally:
+        os.kill(a.proc.pid, signal.SIGCONT)
+    assert 0.15 < first < 1.0, f"one wait of about lookup_timeout_s, not more ({first:.3f}s)"
+    assert rest < 0.1, f"100 lookups while backing off took {rest:.3f}s"
+    time.sleep(1.1)
+    assert sched.get_num_new_matched_tokens(req, 0) == (B, False), "the agent answers again: hits"

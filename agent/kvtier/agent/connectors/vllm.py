@@ -8,7 +8,8 @@ Enable it (the webhook does this for injected pods):
         "kv_load_failure_policy": "recompute"}'
 
 Scheduler side: `get_num_new_matched_tokens` asks the agent how many leading kvtier blocks of the
-prompt it holds (a prefix lookup; no side effects; an unreachable agent is a miss, never a wait).
+prompt it holds (a prefix lookup; no side effects; an unreachable or hung agent is a miss after at
+most `lookup_timeout_s`, and every call is a miss for `retry_after_s` after that).
 Worker side: `start_load_kv` reads the pinned blocks from the arena and scatters them into the
 request's pages for every layer before the forward; `wait_for_save` gathers the pages of prompts
 whose prefill finished this step and commits them. Both move blocks with the same copy engine as the
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +67,15 @@ class KVTierConnector(KVConnectorBase_V1):
         self.fingerprint = extra.get("fingerprint") or self._fingerprint(vllm_config)
         self._client: Client | None = None
         self._block_tokens: int | None = extra.get("block_tokens")
+        # A hung or dead agent must not hold up the engine: the scheduler's lookups wait at most
+        # lookup_timeout_s, the worker's pin/promote/commit calls io_timeout_s (a promotion from NVMe
+        # moves gigabytes), and after a lost connection every call is a miss for retry_after_s.
+        scheduler = role == KVConnectorRole.SCHEDULER
+        self._timeout = float(
+            extra.get("lookup_timeout_s", 0.25) if scheduler else extra.get("io_timeout_s", 60)
+        )
+        self._retry_after = float(extra.get("retry_after_s", 5.0))
+        self._retry_at = 0.0
         # scheduler state
         self._matched: dict[str, list[bytes]] = {}
         self._loads: dict[str, tuple[list[bytes], int]] = {}
@@ -94,11 +105,19 @@ class KVTierConnector(KVConnectorBase_V1):
     def client(self) -> Client | None:
         """The agent, or None when it cannot be reached (kvtier down never blocks the engine)."""
         if self._client is None:
+            if time.monotonic() < self._retry_at:
+                return None
             try:
-                self._client = Client(self.socket, timeout=10)
+                self._client = Client(self.socket, timeout=self._timeout)
                 self._block_tokens = self._block_tokens or self._client.block_tokens
             except CONNECTION_LOST as exc:
-                log.warning("kvtier agent not reachable at %s: %s", self.socket, exc)
+                log.warning(
+                    "kvtier agent not reachable at %s: %s (retry in %.0fs)",
+                    self.socket,
+                    exc,
+                    self._retry_after,
+                )
+                self._retry_at = time.monotonic() + self._retry_after
                 return None
         return self._client
 
@@ -117,6 +136,7 @@ class KVTierConnector(KVConnectorBase_V1):
         if self._client is not None:
             self._client.close()
         self._client = None
+        self._retry_at = time.monotonic() + self._retry_after
 
     # ------------------------------------------------------------------------- scheduler side
 
