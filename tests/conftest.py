@@ -149,8 +149,8 @@ def operator_process(control_plane, crds_installed, tmp_path_factory) -> Iterato
     """A real `kvtier operator` process against the local control plane (status every second).
     Its log stays in pytest's temporary folder (operator0/operator.log)."""
     from kvtier.dev import certs
-    from kvtier.dev.controlplane import free_port
     from kvtier.dev.local_operator import operator_argv
+    from kvtier.dev.ports import free_port
 
     folder = tmp_path_factory.mktemp("operator")
     log = open(folder / "operator.log", "w")  # noqa: SIM115

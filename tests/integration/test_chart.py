@@ -119,7 +119,7 @@ def _ca_bundle(kube) -> str | None:
 def test_helm_install_then_pods_are_injected_and_certificates_stay_stable(chart_cluster, tmp_path):
     from pyhelm3 import Client
 
-    from kvtier.dev.controlplane import free_port
+    from kvtier.dev.ports import free_port
 
     cp, kube = chart_cluster
     port = free_port()

@@ -5,10 +5,10 @@ whole cache. Needs torch and transformers (the vLLM tier's environment, or the G
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 
+from kvtier.dev.ports import free_port
 from tests.conftest import agent_config
 
 pytestmark = pytest.mark.torch
@@ -68,9 +68,7 @@ def test_each_rank_saves_and_restores_its_own_shard(agent, tmp_path):
 
     a = agent(agent_config(tmp_path, nvme=None))
     sock = a.tenant("team-a")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -117,9 +115,7 @@ def test_sharded_model_computes_what_the_whole_model_does():
     restore path) agrees with the chunked prefill."""
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     results = mp.get_context("spawn").Queue()
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     mp.start_processes(sharded_rank_main, args=(2, port, results), nprocs=2, join=True, start_method="spawn")

@@ -14,10 +14,12 @@ socket.
 from __future__ import annotations
 
 import itertools
+import logging
 import mmap
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +27,7 @@ from kvtier.agent.api import protocol
 from kvtier.agent.api.protocol import AgentError
 
 DEFAULT_SOCKET = "/var/run/kvtier/kvtier.sock"
+log = logging.getLogger("kvtier.client")
 # what a lost agent looks like to a caller: the connection is gone (make a new Client), not a refusal
 CONNECTION_LOST = (OSError, protocol.ProtocolError)
 
@@ -195,3 +198,56 @@ def admin_call(
     if not reply.get("ok"):
         raise AgentError(reply.get("error", "agent refused the request"))
     return reply
+
+
+class AgentConnection:
+    """A Client that comes back after the agent does (connectors, the sidecar).
+
+    `get()` connects on demand and answers None while the agent cannot be reached; after `lost()`
+    every `get()` is None for `retry_after` seconds, so a hung agent costs one timeout, not one per
+    call. Subclasses release what they built on a connection (views of its arena) in `_release`,
+    before the connection's mappings go: nothing outlives the memory it points at."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        timeout: float | None = 30.0,
+        retry_after: float = 0.0,
+        client: Client | None = None,
+    ) -> None:
+        self.path = str(client.path if client else (path or os.environ.get("KVTIER_SOCKET", DEFAULT_SOCKET)))
+        self.timeout = timeout
+        self.retry_after = retry_after
+        self.client = client
+        self._retry_at = 0.0
+        self._lock = threading.Lock()
+
+    def get(self) -> Client | None:
+        with self._lock:
+            if self.client is None and time.monotonic() >= self._retry_at:
+                try:
+                    self.client = Client(self.path, timeout=self.timeout)
+                except CONNECTION_LOST as exc:
+                    log.warning("kvtier agent not reachable at %s: %s", self.path, exc)
+                    self._retry_at = time.monotonic() + self.retry_after
+            return self.client
+
+    def lost(self, exc: BaseException | None = None) -> None:
+        """The connection failed: close it (a miss for the caller); connect again after retry_after."""
+        log.warning("kvtier agent at %s lost: %s (retry in %.1fs)", self.path, exc, self.retry_after)
+        with self._lock:
+            self._close()
+            self._retry_at = time.monotonic() + self.retry_after
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        self._release()
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+    def _release(self) -> None:
+        """Drop what was built on the current connection (overridden where an arena is mapped)."""

@@ -17,11 +17,10 @@ import argparse
 import json
 import logging
 import os
-import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from kvtier.agent.client import Client
+from kvtier.agent.client import CONNECTION_LOST, AgentConnection, Client
 from kvtier.agent.keys import block_keys
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
@@ -33,8 +32,7 @@ class Sidecar:
     def __init__(self, socket_path: str, default_deadline: float = 2.0) -> None:
         self.socket_path = socket_path
         self.default_deadline = default_deadline
-        self._client: Client | None = None
-        self._lock = threading.Lock()
+        self.conn = AgentConnection(socket_path, timeout=30)
         r = self.registry = CollectorRegistry()
         self.hints = Counter("kvtier_sidecar_hints", "Prefetch hints received", ["result"], registry=r)
         self.blocks = Counter("kvtier_sidecar_blocks", "Blocks made to hit DRAM", ["how"], registry=r)
@@ -42,18 +40,17 @@ class Sidecar:
         self.late = Counter("kvtier_sidecar_late", "Hints not done by their deadline", registry=r)
 
     def client(self) -> Client:
-        with self._lock:
-            if self._client is None:
-                self._client = Client(self.socket_path, timeout=30)
-            return self._client
+        client = self.conn.get()
+        if client is None:
+            raise ConnectionError(f"no agent at {self.socket_path}")
+        return client
 
     def healthy(self) -> bool:
         try:
             self.client().call("ping")
             return True
-        except OSError:
-            with self._lock:
-                self._client = None
+        except CONNECTION_LOST as exc:
+            self.conn.lost(exc)
             return False
 
     def hint(self, body: dict) -> dict:
@@ -69,10 +66,9 @@ class Sidecar:
             raise ValueError("give 'keys' (hex) or 'token_ids'")
         deadline = float(body.get("deadline_ms", self.default_deadline * 1000)) / 1000
         t0 = time.monotonic()
-        with self._lock:
-            result = client.call(
-                "prefetch", fingerprint=fingerprint, keys=[k.hex() for k in keys], deadline=deadline
-            )["result"]
+        result = client.call(  # Client serializes calls on its connection
+            "prefetch", fingerprint=fingerprint, keys=[k.hex() for k in keys], deadline=deadline
+        )["result"]
         result["seconds"] = round(time.monotonic() - t0, 4)
         self.hints.labels("late" if result.get("late") else "done").inc()
         self.blocks.labels("promoted").inc(result.get("promoted", 0))
@@ -119,7 +115,8 @@ def make_handler(sidecar: Sidecar):
                 sidecar.hints.labels("invalid").inc()
                 self._send(400, json.dumps({"error": str(exc)}).encode())
                 return
-            except OSError as exc:
+            except CONNECTION_LOST as exc:
+                sidecar.conn.lost(exc)  # the next hint connects again
                 sidecar.hints.labels("agent_down").inc()
                 self._send(503, json.dumps({"error": f"agent not reachable: {exc}"}).encode())
                 return

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -115,12 +114,12 @@ def bench_arena(agent, block: int, total: int, memcpy: float, batch: int = 1024)
 def bench_redis(block: int, total: int, memcpy: float, work: Path) -> list[dict[str, Any]]:
     import redis
 
+    from kvtier.dev.ports import free_port
+
     server = shutil.which("redis-server")
     if not server:
         return []
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(
         [
             server,

@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -33,13 +32,9 @@ from kvtier.bench.ttft import (
     start_pool_agent,
 )
 
+from kvtier.dev.ports import free_port
+
 NVME_FILE = "kvtier-bench.cache"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_tp(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
@@ -83,7 +78,7 @@ def run_tp(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
             "tenant": agent.tenant("bench"),
             "admin_dir": str(agent.socket_dir),
             "nvme_file": str(nvme_dir / NVME_FILE),
-            "port": _free_port(),
+            "port": free_port(),
         }
         mp.start_processes(rank_main, args=(plan, queue), nprocs=len(ranks), join=True, start_method="spawn")
         report = queue.get(timeout=60)
@@ -249,8 +244,7 @@ def rank_main(index: int, plan: dict[str, Any], queue) -> None:
                 "results": results,
             }
         )
-    client.close()
-    kv.arena.close()
+    kv.conn.close()  # unregisters the arena, then unmaps it
     dist.destroy_process_group()
 
 

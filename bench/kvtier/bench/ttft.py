@@ -319,8 +319,7 @@ def run_hf(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
                     "raw_read_gbps": round(raw / 1e9, 2),
                 }
                 print_table(results[-2:], f"{L:,} tokens")
-                client.close()
-                kv.arena.close()
+                kv.conn.close()  # unregisters the arena, then unmaps it
             finally:
                 agent.kill()
                 shutil.rmtree(agent_dir, ignore_errors=True)

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -23,14 +22,9 @@ from pathlib import Path
 import yaml
 
 from kvtier.dev import certs
+from kvtier.dev.ports import free_port
 
 STATE_FILE = "controlplane.json"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _write(path: Path, data: bytes, mode: int = 0o600) -> Path:

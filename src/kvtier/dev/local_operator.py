@@ -40,7 +40,7 @@ def install_chart_with_local_operator(cp, log=print, extra_env: dict[str, str] |
     process started here (self-managed certificates); the operator lives as long as the control plane."""
     import subprocess
 
-    from kvtier.dev.controlplane import free_port
+    from kvtier.dev.ports import free_port
     from kvtier.dev.tools import repo_root
 
     port = free_port()

@@ -11,7 +11,7 @@ group's DMA runs on a second stream.
 from __future__ import annotations
 
 import torch
-from kvtier.agent.client import Client
+from kvtier.agent.client import AgentConnection, Client
 from kvtier.agent.connectors.runs import GROUP_BYTES, HostRun, groups, runs, runs_in
 
 
@@ -43,6 +43,29 @@ class GpuArena:
 
     def view(self, run: HostRun, block_bytes: int) -> torch.Tensor:
         return self.host[run.segment][run.offset : run.offset + run.count * block_bytes]
+
+
+class ArenaConnection(AgentConnection):
+    """An AgentConnection and its arena: the arena belongs to the connection and is unregistered
+    before the connection unmaps it (a restarted agent's memory is new, under the same segment ids)."""
+
+    def __init__(self, *args, pin: bool = True, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pin = pin  # False for CPU-only processes: no CUDA calls
+        self._arena: GpuArena | None = None
+
+    def arena(self) -> GpuArena:
+        """The current connection's segments, registered up to the last reply (call after `get()`)."""
+        if self._arena is None:
+            assert self.client is not None, "arena() needs a connection"
+            self._arena = GpuArena(self.client, pin=self.pin)
+        self._arena.sync()
+        return self._arena
+
+    def _release(self) -> None:
+        if self._arena is not None:
+            self._arena.close()
+            self._arena = None
 
 
 class Staging:

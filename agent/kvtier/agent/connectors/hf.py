@@ -11,19 +11,17 @@ token, head dim] (the fingerprint says so), so one block is one contiguous exten
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 
 import torch
 from kvtier.agent.client import CONNECTION_LOST, Client
-from kvtier.agent.connectors.gpu import GpuArena, Staging, gpu_to_host, host_to_gpu
+from kvtier.agent.connectors.gpu import ArenaConnection, GpuArena, Staging, gpu_to_host, host_to_gpu
 from kvtier.agent.connectors.runs import GROUP_BYTES
 from kvtier.agent.keys import KVLayout, block_keys
 from transformers import DynamicCache  # at import, not on the first restore (importing takes seconds)
 from transformers.cache_utils import DynamicLayer
 
-log = logging.getLogger("kvtier.hf")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -45,29 +43,21 @@ class HFKVCache:
     (None, 0), save stores nothing), and the next call connects again, with the new agent's arena."""
 
     def __init__(self, client: Client, layout: KVLayout, device: str | torch.device = "cuda") -> None:
-        self.client = client
+        self.conn = ArenaConnection(
+            client=client, timeout=client.sock.gettimeout(), pin=torch.device(device).type == "cuda"
+        )
         self.layout = layout
         self.dtype = _DTYPES[layout.dtype]
-        self.arena = GpuArena(client, pin=torch.device(device).type == "cuda")
         self._staging: dict[torch.device, Staging] = {}
-        self._down = False
 
-    def _reachable(self) -> bool:
-        if self._down:
-            try:
-                self.client = Client(self.client.path, timeout=self.client.sock.gettimeout())
-            except OSError:
-                return False
-            self.arena = GpuArena(self.client, pin=self.arena.pin)
-            self._down = False
-        return True
+    @property
+    def client(self) -> Client | None:
+        return self.conn.client
 
-    def _lost(self, exc: Exception) -> None:
-        # the arena goes with its connection: a restarted agent's memory is new
-        log.warning("kvtier agent at %s lost: %s (a miss; the next call reconnects)", self.client.path, exc)
-        self.arena.close()
-        self.client.close()
-        self._down = True
+    @property
+    def arena(self) -> GpuArena:
+        """The connection's arena (registered with CUDA on a GPU), synced to the last reply."""
+        return self.conn.arena()
 
     def staging(self, device: torch.device) -> Staging:
         if device not in self._staging:
@@ -100,12 +90,12 @@ class HFKVCache:
         timings: Timings | None = None,
     ) -> int:
         """Save the full blocks of `token_ids` whose KV is in `cache`. Returns blocks newly stored."""
-        if not self._reachable():
+        if self.conn.get() is None:
             return 0
         try:
             return self._save(token_ids, cache, extra, sync, wait, timings)
         except CONNECTION_LOST as exc:
-            self._lost(exc)
+            self.conn.lost(exc)
             return 0
 
     def _save(self, token_ids, cache, extra, sync, wait, timings) -> int:
@@ -121,7 +111,7 @@ class HFKVCache:
             return 0
         slots = self.client.allocate([lay.block_bytes] * len(todo), wait=wait)
         t0 = t.mark("allocate", t0)
-        self.arena.sync()  # registers segments the agent handed over just now (first touch of their pages)
+        arena = self.arena  # registers segments the agent handed over just now (first touch of their pages)
         t0 = t.mark("register", t0)
         device = layers[0].keys.device
 
@@ -134,7 +124,7 @@ class HFKVCache:
                 blocks[:, li, 1].copy_(self._layer_blocks(layer.values, have + start, have + end))
             return staged
 
-        gpu_to_host(self.arena, [(s.segment, s.offset) for s in slots], lay.block_bytes, gather)
+        gpu_to_host(arena, [(s.segment, s.offset) for s in slots], lay.block_bytes, gather)
         t0 = t.mark("copy", t0)
         new = self.client.commit(lay.fingerprint, todo, slots, [lay.block_bytes] * len(todo), sync=sync)
         t.mark("commit", t0)
@@ -153,12 +143,12 @@ class HFKVCache:
     ):
         """A DynamicCache holding the longest cached prefix of `token_ids` (leaving at least
         `keep_last` tokens for the model to compute), and its length in tokens. (None, 0) on a miss."""
-        if not self._reachable():
+        if self.conn.get() is None:
             return None, 0
         try:
             return self._restore(token_ids, device, extra, keep_last, timings)
         except CONNECTION_LOST as exc:
-            self._lost(exc)
+            self.conn.lost(exc)
             return None, 0
 
     def _restore(self, token_ids, device, extra, keep_last, timings):
@@ -174,7 +164,7 @@ class HFKVCache:
             t0 = t.mark("read", t0)  # lookup + pin (+ promotion from NVMe)
             if n == 0:
                 return None, 0
-            self.arena.sync()
+            arena = self.arena
             T = n * lay.block_tokens
             # one allocation for every layer's K and V: [layer, k/v, 1, heads, tokens, dim]
             kv = torch.empty(
@@ -188,9 +178,7 @@ class HFKVCache:
                     self._layer_blocks(kv[li, 0], first, first + g).copy_(blocks[:, li, 0])
                     self._layer_blocks(kv[li, 1], first, first + g).copy_(blocks[:, li, 1])
 
-            host_to_gpu(
-                self.arena, [(b.segment, b.offset) for b in pinned], lay.block_bytes, scatter, staging
-            )
+            host_to_gpu(arena, [(b.segment, b.offset) for b in pinned], lay.block_bytes, scatter, staging)
             if device.type == "cuda":
                 torch.cuda.current_stream(device).synchronize()  # the arena may be reused once released
             t0 = t.mark("copy", t0)

@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from kvtier.agent.client import CONNECTION_LOST, Client
-from kvtier.agent.connectors.gpu import GpuArena, Staging
+from kvtier.agent.connectors.gpu import ArenaConnection, Staging
 from kvtier.agent.connectors.paged import PagedCache
 from kvtier.agent.connectors.runs import GROUP_BYTES
 from kvtier.agent.keys import block_keys
@@ -65,17 +64,18 @@ class KVTierConnector(KVConnectorBase_V1):
         self.page = int(vllm_config.cache_config.block_size)
         self.socket = extra.get("socket") or os.environ.get("KVTIER_SOCKET", "/var/run/kvtier/kvtier.sock")
         self.fingerprint = extra.get("fingerprint") or self._fingerprint(vllm_config)
-        self._client: Client | None = None
         self._block_tokens: int | None = extra.get("block_tokens")
         # A hung or dead agent must not hold up the engine: the scheduler's lookups wait at most
         # lookup_timeout_s, the worker's pin/promote/commit calls io_timeout_s (a promotion from NVMe
         # moves gigabytes), and after a lost connection every call is a miss for retry_after_s.
         scheduler = role == KVConnectorRole.SCHEDULER
-        self._timeout = float(
-            extra.get("lookup_timeout_s", 0.25) if scheduler else extra.get("io_timeout_s", 60)
+        self._conn = ArenaConnection(
+            self.socket,
+            timeout=float(
+                extra.get("lookup_timeout_s", 0.25) if scheduler else extra.get("io_timeout_s", 60)
+            ),
+            retry_after=float(extra.get("retry_after_s", 5.0)),
         )
-        self._retry_after = float(extra.get("retry_after_s", 5.0))
-        self._retry_at = 0.0
         # scheduler state
         self._matched: dict[str, list[bytes]] = {}
         self._loads: dict[str, tuple[list[bytes], int]] = {}
@@ -83,7 +83,6 @@ class KVTierConnector(KVConnectorBase_V1):
         # worker state
         self.kv_caches: dict[str, torch.Tensor] = {}
         self._failed: set[int] = set()
-        self._arena: GpuArena | None = None  # the current client's segments; dropped with the client
         self._staging: Staging | None = None
 
     # ------------------------------------------------------------------------------ plumbing
@@ -104,39 +103,16 @@ class KVTierConnector(KVConnectorBase_V1):
 
     def client(self) -> Client | None:
         """The agent, or None when it cannot be reached (kvtier down never blocks the engine)."""
-        if self._client is None:
-            if time.monotonic() < self._retry_at:
-                return None
-            try:
-                self._client = Client(self.socket, timeout=self._timeout)
-                self._block_tokens = self._block_tokens or self._client.block_tokens
-            except CONNECTION_LOST as exc:
-                log.warning(
-                    "kvtier agent not reachable at %s: %s (retry in %.0fs)",
-                    self.socket,
-                    exc,
-                    self._retry_after,
-                )
-                self._retry_at = time.monotonic() + self._retry_after
-                return None
-        return self._client
+        client = self._conn.get()
+        if client is not None and self._block_tokens is None:
+            self._block_tokens = client.block_tokens
+        return client
 
     @property
     def block_tokens(self) -> int:
         if self._block_tokens is None:
             self.client()
         return int(self._block_tokens or 256)
-
-    def _drop_client(self) -> None:
-        # The arena goes with its connection: a restarted agent hands out new memory under the same
-        # segment ids, and old views would read whatever the process maps there next.
-        if self._arena is not None:
-            self._arena.close()
-            self._arena = None
-        if self._client is not None:
-            self._client.close()
-        self._client = None
-        self._retry_at = time.monotonic() + self._retry_after
 
     # ------------------------------------------------------------------------- scheduler side
 
@@ -153,7 +129,7 @@ class KVTierConnector(KVConnectorBase_V1):
         except Exception as exc:  # the agent lost or refusing is a miss, never a scheduler error
             log.warning("kvtier lookup failed: %s", exc)
             if isinstance(exc, CONNECTION_LOST):
-                self._drop_client()
+                self._conn.lost(exc)
             return 0, False
         self._matched[request.request_id] = keys[:hits]
         return max(0, hits * B - num_computed_tokens), False
@@ -205,18 +181,15 @@ class KVTierConnector(KVConnectorBase_V1):
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.kv_caches = dict(kv_caches)
+        self._conn.pin = next(iter(kv_caches.values())).device.type == "cuda"
 
     def _paged(self) -> PagedCache:
         return PagedCache.of(list(self.kv_caches.values()), self.page, self.block_tokens)
 
-    def _worker_arena(self, client: Client, device: torch.device, block_bytes: int) -> GpuArena:
-        """This connection's segments as (CUDA-registered) host tensors, and the staging buffers."""
-        if self._arena is None or self._arena.client is not client:
-            self._arena = GpuArena(client, pin=device.type == "cuda")
+    def _staging_for(self, device: torch.device, block_bytes: int) -> Staging:
         if self._staging is None or self._staging.device != device or self._staging.group_bytes < block_bytes:
             self._staging = Staging(device, max(GROUP_BYTES, block_bytes))
-        self._arena.sync()
-        return self._arena
+        return self._staging
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -226,23 +199,26 @@ class KVTierConnector(KVConnectorBase_V1):
         for t in meta.loads:
             loaded = 0
             client = self.client()
+            if client is None:  # kvtier down: these pages are recomputed
+                self._failed.update(t.page_ids)
+                continue
             try:
-                if client is None:
-                    raise OSError("agent not reachable")
                 with client.read(self.fingerprint, t.keys) as pinned:
                     if any(b.size != paged.block_bytes for b in pinned):
                         raise ValueError(
                             f"blocks of another size than this engine's {paged.block_bytes} bytes"
                         )
-                    arena = self._worker_arena(client, paged.device, paged.block_bytes)
-                    paged.load(arena, self._staging, [(b.segment, b.offset) for b in pinned], t.page_ids)
+                    staging = self._staging_for(paged.device, paged.block_bytes)
+                    paged.load(
+                        self._conn.arena(), staging, [(b.segment, b.offset) for b in pinned], t.page_ids
+                    )
                     loaded = len(pinned)
             except Exception as exc:  # a failed load becomes a recompute, never wrong KV
                 log.warning(
                     "kvtier load for %s failed (%d of %d blocks): %s", t.req_id, loaded, len(t.keys), exc
                 )
                 if isinstance(exc, CONNECTION_LOST):
-                    self._drop_client()
+                    self._conn.lost(exc)
             self._failed.update(t.page_ids[loaded * paged.per :])
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -269,13 +245,12 @@ class KVTierConnector(KVConnectorBase_V1):
                     continue
                 first = (len(t.keys) - len(todo)) * paged.per
                 slots = client.allocate([size] * len(todo))  # wait=0: a full arena skips the save
-                arena = self._worker_arena(client, paged.device, size)
-                paged.save(arena, [(s.segment, s.offset) for s in slots], t.page_ids[first:])
+                paged.save(self._conn.arena(), [(s.segment, s.offset) for s in slots], t.page_ids[first:])
                 client.commit(self.fingerprint, todo, slots, [size] * len(todo))
             except Exception as exc:  # a failed save is a future miss, never an engine error
                 log.warning("kvtier save for %s skipped: %s", t.req_id, exc)
                 if isinstance(exc, CONNECTION_LOST):
-                    self._drop_client()
+                    self._conn.lost(exc)
                     return
 
     def get_block_ids_with_load_errors(self) -> set[int]:
