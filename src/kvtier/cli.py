@@ -167,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     csi.add_argument("--endpoint", default="unix:///csi/csi.sock")
     csi.add_argument("--sockets", default="/var/run/kvtier", help="where each pool's agent keeps its sockets")
     csi.add_argument("--node-id", default=None, help="default: $NODE_NAME")
+    csi.add_argument(
+        "--pods-dir",
+        default="/var/lib/kubelet/pods",
+        help="the kubelet's pods folder: the only place it mounts",
+    )
+    csi.add_argument(
+        "--state-dir", default="/csi", help="where it records its own publishes (kept across restarts)"
+    )
     csi.set_defaults(func=_lazy("kvtier.agent.csi.server"))
 
     side = sub.add_parser(
@@ -175,7 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     side.add_argument("--pool", required=True)
     side.add_argument("--socket", default="/var/run/kvtier/kvtier.sock")
     side.add_argument("--port", type=int, default=8765)
-    side.add_argument("--host", default="127.0.0.1")
+    side.add_argument("--host", default="127.0.0.1", help="the hints endpoint: the pod's loopback by default")
+    side.add_argument("--probe-port", type=int, default=None, help="healthz and metrics on every address")
+    side.add_argument(
+        "--public-port", type=int, default=None, help="token-authenticated cross-pod hints (off by default)"
+    )
+    side.add_argument("--token-file", default=None, help="the bearer token the public endpoint requires")
     side.add_argument("--deadline", type=float, default=2.0, help="seconds, for hints that give none")
     side.set_defaults(func=_lazy("kvtier.agent.sidecar"))
 

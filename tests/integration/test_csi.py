@@ -28,13 +28,17 @@ pytestmark = [
 
 
 def start_csi(endpoint: Path, sockets: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A plugin whose pods folder and state folder sit beside its socket."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "kvtier.cli", "csi", "--endpoint", f"unix://{endpoint}", "--sockets", str(sockets),
-         "--node-id", "node-a"],
+         "--node-id", "node-a", "--pods-dir", str(endpoint.parent / "pods"), "--state-dir",
+         str(endpoint.parent / "state")],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    assert proc.stdout.readline().startswith("kvtier csi ready")
-    return proc
+    for line in proc.stdout:  # a warning may come first (no API: every publish refused)
+        if line.startswith("kvtier csi ready"):
+            return proc
+    raise AssertionError("kvtier csi exited before it was ready")
 
 
 @pytest.fixture
@@ -46,6 +50,7 @@ def csi(control_plane, crds_installed):
     channel = grpc.insecure_channel(f"unix://{endpoint}")
     yield sockets, csi_pb2_grpc.IdentityStub(channel), csi_pb2_grpc.NodeStub(channel)
     channel.close()
+    subprocess.run(["umount", "-R", str(short / "pods")], capture_output=True)
     proc.terminate()
     proc.wait(timeout=10)
     shutil.rmtree(short, ignore_errors=True)
@@ -78,10 +83,17 @@ def _ns(kube, admitted: bool = True) -> str:
     return name
 
 
+def pod_target(sockets: Path, pod: str) -> Path:
+    """The kubelet's target for a pod's inline volume (its parent made, as the kubelet does)."""
+    parent = sockets.parent / "pods" / pod / "volumes" / "kubernetes.io~csi" / "kvtier-socket"
+    parent.mkdir(parents=True, exist_ok=True)
+    return parent / "mount"
+
+
 def _publish(node, pool: str, namespace: str, target: Path):
     return node.NodePublishVolume(
         csi_pb2.NodePublishVolumeRequest(
-            volume_id=f"csi-{uuid.uuid4().hex}",
+            volume_id="v",
             target_path=str(target),
             volume_capability=csi_pb2.VolumeCapability(
                 mount=csi_pb2.VolumeCapability.MountVolume(),
@@ -113,7 +125,7 @@ def test_pods_get_their_namespace_socket_and_tenancy_holds(kube, csi, agent, tmp
     cfg = agent_config(tmp_path / "agent", pool=pool, nvme=None, tenancy={"isolation": isolation})
     agent(cfg.model_copy(update={"socketDir": str(sockets / pool)}))
     ns_a, ns_b = _ns(kube), _ns(kube)
-    pod_a, pod_b = tmp_path / "pods" / "a" / "kvtier", tmp_path / "pods" / "b" / "kvtier"
+    pod_a, pod_b = pod_target(sockets, "a"), pod_target(sockets, "b")
     try:
         _publish(node, pool, ns_a, pod_a)
         _publish(node, pool, ns_b, pod_b)
@@ -141,7 +153,7 @@ def test_publish_and_unpublish_are_idempotent_and_refusals_say_why(kube, csi, ag
     cfg = agent_config(tmp_path / "agent", pool=pool, nvme=None)
     agent(cfg.model_copy(update={"socketDir": str(sockets / pool)}))
     ns = _ns(kube)
-    target = tmp_path / "pods" / "x" / "kvtier"
+    target = pod_target(sockets, "x")
     _publish(node, pool, ns, target)
     _publish(node, pool, ns, target)
     assert _mounts(target) == 1, "the same call twice is a success and one mount"
@@ -151,12 +163,12 @@ def test_publish_and_unpublish_are_idempotent_and_refusals_say_why(kube, csi, ag
 
     outsider = _ns(kube, admitted=False)
     with pytest.raises(grpc.RpcError) as err:
-        _publish(node, pool, outsider, tmp_path / "pods" / "y" / "kvtier")
+        _publish(node, pool, outsider, pod_target(sockets, "y"))
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert f"namespace '{outsider}' is not admitted by KVCachePool '{pool}'" in err.value.details()
     with pytest.raises(grpc.RpcError) as err:
-        _publish(node, "no-agent-here", ns, tmp_path / "pods" / "z" / "kvtier")
-    assert err.value.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAVAILABLE)
+        _publish(node, "no-agent-here", ns, pod_target(sockets, "z"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, "an unknown pool is the pod's mistake"
 
 
 def test_csi_sanity_passes_against_the_node_service(control_plane):

@@ -140,3 +140,77 @@ def test_refusals_say_what_to_fix_and_warn_mode_leaves_the_pod_alone(pool, name,
     assert not denied.allowed and message in denied.message and denied.patch == []
     warned = decide(vllm_pod(), pool, name, "team-a", labels, InjectSettings(on_refusal="warn"))
     assert warned.allowed and warned.patch == [] and message in warned.warnings[0]
+
+
+@pytest.mark.parametrize("name", ["..", ".", "fast/status", "x%2F", "Fast", "a" * 254, ""])
+def test_pool_names_that_are_not_kubernetes_names_are_refused_as_malformed(name):
+    pod = vllm_pod()
+    pod["metadata"]["annotations"]["kvtier.io/pool"] = name
+    denied = decide(pod, None, name, "team-a", TENANT)
+    assert not denied.allowed and denied.code == 400 and denied.patch == []
+
+
+def test_names_that_clash_are_named_and_warn_mode_leaves_the_pod_alone():
+    pod = vllm_pod()
+    pod["spec"]["volumes"] = [{"name": "kvtier-lib", "emptyDir": {}}]
+    pod["spec"]["containers"][0]["volumeMounts"] = [{"name": "x", "mountPath": "/var/run/kvtier/"}]
+    denied = decide(pod, POOL, "fast", "team-a", TENANT)
+    assert not denied.allowed and denied.code == 400
+    assert "volume 'kvtier-lib'" in denied.message and "mountPath '/var/run/kvtier/'" in denied.message
+    warned = decide(pod, POOL, "fast", "team-a", TENANT, InjectSettings(on_refusal="warn"))
+    assert warned.allowed and warned.patch == [] and "kvtier-lib" in warned.warnings[0]
+
+
+def test_only_a_consistent_injection_counts_as_injected():
+    injected = apply_patch(vllm_pod(), decide(vllm_pod(), POOL, "fast", "team-a", TENANT).patch)
+    assert decide(injected, POOL, "fast", "team-a", TENANT).message == "already injected"
+    forged = vllm_pod()
+    forged["metadata"]["annotations"][INJECTED_ANNOTATION] = "pool=fast"
+    assert not decide(forged, POOL, "fast", "team-a", TENANT).allowed
+    other = copy.deepcopy(injected)
+    other["metadata"]["annotations"][INJECTED_ANNOTATION] = "pool=slow"
+    assert not decide(other, POOL, "fast", "team-a", TENANT).allowed, "the record must match the pool"
+    assert not decide(injected, POOL, "fast", "team-a", {}).allowed, "checks run again on reinvocation"
+
+
+def test_pythonpath_from_valuefrom_or_empty_keeps_the_library_first():
+    pod = vllm_pod()
+    source = {"configMapKeyRef": {"name": "paths", "key": "py"}}
+    pod["spec"]["containers"][0]["env"] = [
+        {"name": "A", "value": "1"},
+        {"name": "PYTHONPATH", "valueFrom": source},
+    ]
+    pod["spec"]["containers"].append(
+        {"name": "b", "image": "x", "env": [{"name": "PYTHONPATH", "value": ""}]}
+    )
+    pod["spec"]["containers"].append(
+        {"name": "c", "image": "x", "envFrom": [{"configMapRef": {"name": "e"}}]}
+    )
+    decision = decide(pod, POOL, "fast", "team-a", TENANT)
+    a, b, _ = apply_patch(pod, decision.patch)["spec"]["containers"]
+    assert a["env"][:3] == [
+        {"name": "A", "value": "1"},
+        {"name": "KVTIER_USER_PYTHONPATH", "valueFrom": source},
+        {"name": "PYTHONPATH", "value": "/opt/kvtier-lib:$(KVTIER_USER_PYTHONPATH)"},
+    ]
+    assert {"name": "PYTHONPATH", "value": "/opt/kvtier-lib"} in b["env"]
+    assert any("'c' takes variables from envFrom" in w for w in decision.warnings)
+
+
+def test_sidecar_listens_on_loopback_and_the_token_reaches_the_sidecar_alone():
+    spec = apply_patch(vllm_pod(), decide(vllm_pod(), POOL, "fast", "team-a", TENANT).patch)["spec"]
+    sidecar = next(c for c in spec["initContainers"] if c["name"] == SIDECAR)
+    assert sidecar["args"][sidecar["args"].index("--host") + 1] == "127.0.0.1"
+    assert "--public-port" not in sidecar["args"] and not any("secret" in v for v in spec["volumes"])
+    pod = vllm_pod()
+    pod["metadata"]["annotations"]["kvtier.io/hints-secret"] = "gateway-token"
+    spec = apply_patch(pod, decide(pod, POOL, "fast", "team-a", TENANT).patch)["spec"]
+    sidecar = next(c for c in spec["initContainers"] if c["name"] == SIDECAR)
+    assert "--public-port" in sidecar["args"] and "--token-file" in sidecar["args"]
+    (token,) = [v for v in spec["volumes"] if "secret" in v]
+    assert token["secret"]["secretName"] == "gateway-token"
+    holders = [c["name"] for c in spec["initContainers"] + spec["containers"]
+               if any(m["name"] == token["name"] for m in c.get("volumeMounts", []))]  # fmt: skip
+    assert holders == [SIDECAR]
+    pod["metadata"]["annotations"]["kvtier.io/hints-secret"] = "../x"
+    assert decide(pod, POOL, "fast", "team-a", TENANT).code == 400

@@ -3,22 +3,36 @@ the pure `webhook.decide`. Imported only when the operator runs with --webhook-p
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import kopf
+import pydantic
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kvtier.operator import kube
-from kvtier.operator.webhook import POOL_ANNOTATION, InjectSettings, apply_patch, decide
+from kvtier.operator.webhook import (
+    POOL_ANNOTATION,
+    Decision,
+    InjectSettings,
+    apply_patch,
+    decide,
+    name_problem,
+)
 
 from kvtier.api import v1alpha1 as api
 
+log = logging.getLogger("kvtier.webhook")
 HANDLER_ID = "kvtier-inject"  # kopf serves it at <root>/kvtier-inject
 SETTINGS = InjectSettings(
     image=os.environ.get("KVTIER_IMAGE", api.DEFAULT_AGENT_IMAGE),
     on_refusal=os.environ.get("KVTIER_WEBHOOK_ON_REFUSAL", "deny"),
 )
+
+
+class LookupFailed(Exception):
+    """The API could not answer a lookup the decision needs (said in the refusal, briefly)."""
 
 
 def _pool(name: str) -> api.KVCachePool | None:
@@ -29,16 +43,22 @@ def _pool(name: str) -> api.KVCachePool | None:
     except ApiException as exc:
         if exc.status == 404:
             return None
-        raise
-    return api.KVCachePool.model_validate(body)
+        raise LookupFailed(f"could not read KVCachePool {name!r}: {exc.status} {exc.reason}") from None
+    try:
+        return api.KVCachePool.model_validate(body)
+    except pydantic.ValidationError as exc:
+        raise LookupFailed(f"KVCachePool {name!r} is not valid ({exc.error_count()} errors)") from None
 
 
 def _namespace_labels(name: str) -> dict[str, str]:
-    return kube.snapshot(
-        f"ns/{name}",
-        lambda: client.CoreV1Api(kube.api_client()).read_namespace(name).metadata.labels or {},
-        5.0,
-    )
+    try:
+        return kube.snapshot(
+            f"ns/{name}",
+            lambda: client.CoreV1Api(kube.api_client()).read_namespace(name).metadata.labels or {},
+            5.0,
+        )
+    except ApiException as exc:
+        raise LookupFailed(f"could not read namespace {name!r}: {exc.status} {exc.reason}") from None
 
 
 @kopf.on.mutate("v1", "pods", id=HANDLER_ID, operation="CREATE", side_effects=False)
@@ -46,16 +66,26 @@ def inject(body: kopf.Body, patch: kopf.Patch, warnings: list[str], **_: Any) ->
     pod = dict(body)
     namespace = body.metadata.namespace or (body.get("metadata") or {}).get("namespace") or "default"
     pool_name = (body.metadata.annotations or {}).get(POOL_ANNOTATION)
-    decision = decide(
-        pod,
-        _pool(pool_name) if pool_name else None,
-        pool_name,
-        namespace,
-        _namespace_labels(namespace),
-        SETTINGS,
-    )
+    try:
+        # a name that is not a Kubernetes name never reaches the API (`..`, `fast/status`)
+        lookup = pool_name and name_problem("pool", pool_name) is None
+        decision = decide(
+            pod,
+            _pool(pool_name) if lookup else None,
+            pool_name,
+            namespace,
+            _namespace_labels(namespace),
+            SETTINGS,
+        )
+    except LookupFailed as exc:
+        decision = Decision(False, message=str(exc), code=403)
+        if SETTINGS.on_refusal == "warn":
+            decision = Decision(True, message=str(exc), warnings=[f"kvtier: not injected: {exc}"])
+    except Exception as exc:  # never a 500 with a traceback: a short reason
+        log.exception("admission of a pod in %s failed", namespace)
+        raise kopf.AdmissionError(f"kvtier: the webhook failed: {type(exc).__name__}", code=400) from None
     if not decision.allowed:
-        raise kopf.AdmissionError(f"kvtier: {decision.message}", code=403)
+        raise kopf.AdmissionError(f"kvtier: {decision.message}", code=decision.code)
     warnings.extend(decision.warnings)
     if decision.patch:
         ops = decision.patch

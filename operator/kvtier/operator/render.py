@@ -1,7 +1,7 @@
 """KVCachePool -> the Kubernetes objects that run it. Pure functions: spec in, manifests out.
 
-Per pool, in the operator's namespace: a ServiceAccount and the RBAC its agents need to write
-their KVCacheNodes, a ConfigMap with the agent configuration (the very AgentConfig model
+Per pool, in the operator's namespace: a ServiceAccount of its own and the RBAC its agents need to
+write their KVCacheNodes (nothing else: `agent_rules`), a ConfigMap with the agent configuration (the very AgentConfig model
 `kvtier agent --config` loads), a headless Service for peers, and the agent DaemonSet. The pool's
 shared secret (tenant salts, peer authentication) is a Secret the operator creates once and never
 renders again, so it survives every re-render.
@@ -174,6 +174,16 @@ def daemonset(
     }
 
 
+def agent_rules() -> list[dict[str, Any]]:
+    """What an agent does with the API: report its node (create, read, patch the status of its
+    KVCacheNode) and find its peers (list the pool's KVCacheNodes). Its pool Secret reaches it as a
+    mounted volume, so the account reads no Secret at all."""
+    return [
+        {"apiGroups": [api.GROUP], "resources": ["kvcachenodes"], "verbs": ["get", "list", "create"]},
+        {"apiGroups": [api.GROUP], "resources": ["kvcachenodes/status"], "verbs": ["patch"]},
+    ]
+
+
 def render_pool(pool: api.KVCachePool, uid: str, namespace: str) -> list[Manifest]:
     """Everything a pool needs, in apply order."""
     name = pool.metadata.name
@@ -188,19 +198,7 @@ def render_pool(pool: api.KVCachePool, uid: str, namespace: str) -> list[Manifes
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRole",
             "metadata": _meta(sa, name, None, owner),
-            "rules": [
-                {
-                    "apiGroups": [api.GROUP],
-                    "resources": ["kvcachenodes", "kvcachenodes/status"],
-                    "verbs": ["get", "list", "watch", "create", "update", "patch"],
-                },
-                {
-                    "apiGroups": [api.GROUP],
-                    "resources": ["kvcachepools"],
-                    "verbs": ["get"],
-                    "resourceNames": [name],
-                },
-            ],
+            "rules": agent_rules(),
         },
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
