@@ -236,6 +236,7 @@ def make_handler(sidecar: Sidecar, role: str = "hints", token: bytes | None = No
     class Handler(BaseHTTPRequestHandler):
         timeout = READ_TIMEOUT  # a client that stops sending loses its connection
         protocol_version = "HTTP/1.0"
+        default_request_version = "HTTP/1.0"  # answers to unparsable request lines carry a status line too
 
         def log_message(self, fmt: str, *args) -> None:
             log.debug(fmt, *args)
