@@ -24,9 +24,14 @@ webhook = hooks.webhook  # that module's fixture: a pool and the live webhook co
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(scope="module")
+def live(kube, webhook) -> str:
+    """The pool's name, once the webhook has admitted a pod (it may still be starting)."""
+    _create(kube, _namespace(kube, {"kvtier.io/tenant": "true"}), _pod(webhook))
+    return webhook
+
+
 def _refused(kube, ns: str, body: dict) -> ApiException:
-    _create(kube, ns, _pod(None))  # the webhook answers (retries while it starts)
-    client.CoreV1Api(kube).delete_namespaced_pod("llm", ns)
     with pytest.raises(ApiException) as err:
         client.CoreV1Api(kube).create_namespaced_pod(ns, body)
     return err.value
@@ -39,7 +44,7 @@ def _named(pod: dict, name: str) -> dict:
 
 
 @pytest.mark.parametrize("pool", ["..", ".", "fast/status", "x%2F", "Upper", "a" * 300])
-def test_pool_names_that_are_not_kubernetes_names_are_a_400(kube, webhook, pool):
+def test_pool_names_that_are_not_kubernetes_names_are_a_400(kube, live, pool):
     ns = _namespace(kube, {"kvtier.io/tenant": "true"})
     err = _refused(kube, ns, _pod(pool))
     assert err.status == 400, err.body
@@ -47,9 +52,9 @@ def test_pool_names_that_are_not_kubernetes_names_are_a_400(kube, webhook, pool)
     assert "validation error" not in err.body and "Traceback" not in err.body and len(err.body) < 1500
 
 
-def test_pythonpath_is_kept_whatever_its_source(kube, webhook):
+def test_pythonpath_is_kept_whatever_its_source(kube, live):
     ns = _namespace(kube, {"kvtier.io/tenant": "true"})
-    pod = _pod(webhook)
+    pod = _pod(live)
     engine = pod["spec"]["containers"][0]
     engine["env"] = [{"name": "PYTHONPATH", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
     pod["spec"]["containers"].append(
@@ -68,14 +73,14 @@ def test_pythonpath_is_kept_whatever_its_source(kube, webhook):
     assert ("PYTHONPATH", "/opt/kvtier-lib:/app", False) in env["plain"]
 
 
-def test_a_pod_cannot_declare_itself_injected(kube, webhook):
+def test_a_pod_cannot_declare_itself_injected(kube, live):
     ns = _namespace(kube, {"kvtier.io/tenant": "true"})
-    forged = _pod(webhook)
-    forged["metadata"]["annotations"]["kvtier.io/injected"] = f"pool={webhook}"
+    forged = _pod(live)
+    forged["metadata"]["annotations"]["kvtier.io/injected"] = f"pool={live}"
     err = _refused(kube, ns, forged)
     assert err.status == 400 and "only the webhook sets them" in err.body
     # a kvtier-prefetch container of its own, without the record, is refused the same way
-    own = _pod(webhook)
+    own = _pod(live)
     own["spec"]["initContainers"] = [{"name": "kvtier-prefetch", "image": "evil", "restartPolicy": "Always"}]
     assert _refused(kube, ns, own).status == 400
 
@@ -89,15 +94,15 @@ def test_a_pod_cannot_declare_itself_injected(kube, webhook):
         ("containers", {"name": "kvtier-stage", "image": "busybox"}),
     ],
 )
-def test_names_that_clash_with_the_injected_ones_are_refused_by_name(kube, webhook, where, clash):
+def test_names_that_clash_with_the_injected_ones_are_refused_by_name(kube, live, where, clash):
     ns = _namespace(kube, {"kvtier.io/tenant": "true"})
-    pod = _pod(webhook)
+    pod = _pod(live)
     pod["spec"].setdefault(where, []).append(clash)
     err = _refused(kube, ns, pod)
     assert err.status == 400 and f"'{clash['name']}'" in err.body and "which kvtier injects" in err.body
 
 
-def test_updates_cannot_change_what_kvtier_injected(kube, control_plane, webhook):
+def test_updates_cannot_change_what_kvtier_injected(kube, control_plane, live):
     release = f"vap-{uuid.uuid4().hex[:6]}"
     rendered = subprocess.run(
         [str(control_plane.bin_dir / "helm"), "template", release, str(REPO / "charts" / "kvtier"),
@@ -111,14 +116,14 @@ def test_updates_cannot_change_what_kvtier_injected(kube, control_plane, webhook
     adm.create_validating_admission_policy_binding(binding)
     try:
         ns = _namespace(kube, {"kvtier.io/tenant": "true"})
-        _create(kube, ns, _pod(webhook))
+        _create(kube, ns, _pod(live))
         core = client.CoreV1Api(kube)
         sidecar_at = next(
             i
             for i, c in enumerate(core.read_namespaced_pod("llm", ns).spec.init_containers)
             if c.name == "kvtier-prefetch"
         )
-        probe = _create(kube, ns, _named(_pod(webhook), "probe"))
+        probe = _create(kube, ns, _named(_pod(live), "probe"))
         assert probe.metadata.annotations["kvtier.io/injected"]
         deadline = time.monotonic() + 30  # enforced once the API server has loaded the policy
         while True:
