@@ -20,7 +20,7 @@ from tests.conftest import REPO, kubectl
 pytestmark = pytest.mark.integration
 RBAC_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
 ALL = {"get", "list", "watch", "create", "update", "patch", "delete"}
-ROW = re.compile(r"^(\S+)\s+\[(.*?)\]\s+\[(.*?)\]\s+\[(.*?)\]$")
+ROW = re.compile(r"^(\S*?)\s*\[(.*?)\]\s+\[(.*?)\]\s+\[(.*?)\]$")
 
 
 def expected(fullname: str) -> dict[str, dict[tuple[str, str], set[str]]]:
