@@ -83,6 +83,16 @@ def test_each_account_holds_exactly_the_listed_verbs(control_plane, kube, crds_i
     core.create_namespace({"metadata": {"name": ns}})
     core.create_namespaced_service_account(ns, {"metadata": {"name": "nobody"}})
     rendered = helm_template(control_plane, release, ns)
+    workloads = {
+        d["metadata"]["name"]: d
+        for d in yaml.safe_load_all(rendered)
+        if d and d["kind"] in ("Deployment", "DaemonSet")
+    }
+    assert (
+        workloads[f"{fullname}-operator"]["spec"]["template"]["spec"]["serviceAccountName"]
+        == f"{fullname}-operator"
+    )
+    assert workloads[f"{fullname}-csi"]["spec"]["template"]["spec"]["serviceAccountName"] == f"{fullname}-csi"
     docs = [d for d in yaml.safe_load_all(rendered) if d and d["kind"] in RBAC_KINDS]
     kubectl(control_plane, "apply", "-f", "-", input=yaml.safe_dump_all(docs))
 
@@ -93,7 +103,10 @@ def test_each_account_holds_exactly_the_listed_verbs(control_plane, kube, crds_i
         api.GROUP, api.VERSION, "kvcachepools", body
     )
     pool = api.KVCachePool.model_validate(made)
-    agent_rbac = [m for m in render_pool(pool, made["metadata"]["uid"], ns) if m["kind"] in RBAC_KINDS]
+    rendered_pool = render_pool(pool, made["metadata"]["uid"], ns)
+    (agents,) = [m for m in rendered_pool if m["kind"] == "DaemonSet"]
+    assert agents["spec"]["template"]["spec"]["serviceAccountName"] == f"kvtier-agent-{pool_name}"
+    agent_rbac = [m for m in rendered_pool if m["kind"] in RBAC_KINDS]
     as_operator = kubectl(
         control_plane, "apply", "--server-side", "--field-manager=kvtier-operator",
         f"--as=system:serviceaccount:{ns}:{fullname}-operator", "-f", "-",

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from kvtier.api import v1alpha1 as api
+from kvtier.names import is_subdomain
 
 INJECT_LABEL = "kvtier.io/inject"
 POOL_ANNOTATION = "kvtier.io/pool"
@@ -49,7 +49,6 @@ PUBLIC_PORT = 8767  # token-authenticated hints across pods (only with kvtier.io
 INJECTED_CONTAINERS = (STAGER, SIDECAR)
 INJECTED_VOLUMES = (SOCKET_VOLUME, LIB_VOLUME, TOKEN_VOLUME)
 INJECTED_MOUNT_PATHS = (SOCKET_DIR, LIB_DIR)
-DNS_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 VLLM_CONNECTOR = {
     "kv_connector": "KVTierConnector",
     "kv_connector_module_path": "kvtier.agent.connectors.vllm",
@@ -78,7 +77,7 @@ class Decision:
 
 def name_problem(what: str, name: str) -> str | None:
     """Why `name` is not a Kubernetes object name (DNS-1123 subdomain), or None."""
-    if DNS_SUBDOMAIN.match(name):
+    if is_subdomain(name):
         return None
     return (
         f"{what} {name[:80]!r} is not a Kubernetes name (lowercase letters, digits, '-' and '.', at most 253)"

@@ -18,7 +18,6 @@ import errno
 import functools
 import logging
 import os
-import re
 import time
 from concurrent import futures
 from pathlib import Path
@@ -38,6 +37,8 @@ from kvtier.agent.csi.mounts import (
 )
 from kvtier.agent.csi.publishes import Publish, Publishes
 
+from kvtier.names import is_label, is_subdomain
+
 log = logging.getLogger("kvtier.csi")
 DRIVER = "csi.kvtier.io"
 VERSION = "0.1.0"
@@ -49,8 +50,6 @@ EPHEMERAL = "csi.storage.k8s.io/ephemeral"
 
 MAX_VOLUME_ID = 256
 MAX_TARGET = 4096
-DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-DNS_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 # What the kubelet asks for an inline CSI volume: <pods>/<pod uid>/volumes/kubernetes.io~csi/<volume>/mount
 TARGET_SHAPE = ("*", "volumes", "kubernetes.io~csi", "*", "mount")
 
@@ -260,9 +259,9 @@ class Node(csi_pb2_grpc.NodeServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "volumeAttributes.pool and the pod's namespace (CSIDriver podInfoOnMount) are required",
             )
-        if not DNS_SUBDOMAIN.match(pool):
+        if not is_subdomain(pool):
             raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"pool {short(pool)} is not a KVCachePool name")
-        if not DNS_LABEL.match(namespace):
+        if not is_label(namespace):
             raise Refusal(
                 grpc.StatusCode.INVALID_ARGUMENT, f"namespace {short(namespace)} is not a namespace name"
             )
