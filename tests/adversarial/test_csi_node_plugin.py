@@ -19,7 +19,7 @@ from kvtier.agent.csi._generated import csi_pb2, csi_pb2_grpc
 from kvtier.agent.csi.mounts import decode, mounts_at
 
 from tests.conftest import agent_config
-from tests.integration.test_csi import _ns, _pool
+from tests.integration.test_csi import _ns, _pool, unmount_below
 
 pytestmark = [
     pytest.mark.integration,
@@ -114,7 +114,7 @@ def plugin(control_plane, crds_installed):
     started = [Plugin(root, control_plane.env())]
     yield started[0]
     started[0].stop()
-    subprocess.run(["umount", "-R", str(root / "pods dir")], capture_output=True)
+    unmount_below(root)
     shutil.rmtree(root, ignore_errors=True)
 
 

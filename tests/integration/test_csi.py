@@ -16,6 +16,7 @@ import pytest
 from kubernetes import client
 from kvtier.agent.client import Client
 from kvtier.agent.csi._generated import csi_pb2, csi_pb2_grpc
+from kvtier.agent.csi.mounts import mount_points
 
 from kvtier.api import v1alpha1 as api
 from tests.conftest import agent_config
@@ -41,6 +42,15 @@ def start_csi(endpoint: Path, sockets: Path, env: dict[str, str] | None = None) 
     raise AssertionError("kvtier csi exited before it was ready")
 
 
+def unmount_below(root: Path) -> None:
+    """Whatever a failed test left mounted below `root`, deepest first."""
+    points = [
+        p for _, _, p in mount_points(Path("/proc/self/mountinfo").read_text()) if p.startswith(f"{root}/")
+    ]
+    for point in sorted(points, key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True)
+
+
 @pytest.fixture
 def csi(control_plane, crds_installed):
     short = Path(tempfile.mkdtemp(prefix="kv-", dir="/tmp"))  # Unix socket paths must stay under 108 bytes
@@ -50,7 +60,7 @@ def csi(control_plane, crds_installed):
     channel = grpc.insecure_channel(f"unix://{endpoint}")
     yield sockets, csi_pb2_grpc.IdentityStub(channel), csi_pb2_grpc.NodeStub(channel)
     channel.close()
-    subprocess.run(["umount", "-R", str(short / "pods")], capture_output=True)
+    unmount_below(short)
     proc.terminate()
     proc.wait(timeout=10)
     shutil.rmtree(short, ignore_errors=True)

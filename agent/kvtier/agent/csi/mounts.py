@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 import re
 from pathlib import Path
@@ -34,33 +35,21 @@ def check_name(name: str) -> str:
     return name
 
 
-def open_beneath(
-    root: str | os.PathLike[str], names: list[str], create_last: bool = False
-) -> tuple[int, bool]:
+def open_beneath(root: str | os.PathLike[str] | int, names: list[str]) -> int:
     """Open `root/names...` as a folder, one component at a time, refusing symlinks and anything
-    that is not a folder. `create_last` makes the last folder when it is missing. Returns the fd
-    (the caller closes it) and whether the last folder was created here."""
-    fd = os.open(root, WALK)
-    created = False
+    that is not a folder. `root` is a path or an open folder's fd. The caller closes the result."""
+    fd = os.dup(root) if isinstance(root, int) else os.open(root, WALK)
     try:
-        for i, name in enumerate(names):
-            check_name(name)
-            last = i == len(names) - 1
-            if last and create_last:
-                try:
-                    os.mkdir(name, 0o750, dir_fd=fd)
-                    created = True
-                except FileExistsError:
-                    pass
+        for name in names:
             try:
-                nxt = os.open(name, WALK, dir_fd=fd)
+                nxt = os.open(check_name(name), WALK, dir_fd=fd)
             except OSError as exc:
-                if exc.errno in (40, 20):  # ELOOP (a symlink), ENOTDIR
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                     raise UnsafePath(f"{name[:64]!r} is a symlink or not a folder") from None
                 raise
             os.close(fd)
             fd = nxt
-        return fd, created
+        return fd
     except BaseException:
         os.close(fd)
         raise

@@ -14,7 +14,6 @@ below the pods folder, reached without following symlinks, and unmounts only wha
 from __future__ import annotations
 
 import argparse
-import errno
 import functools
 import logging
 import os
@@ -27,7 +26,6 @@ from kvtier.agent.api.protocol import AgentError, ProtocolError
 from kvtier.agent.client import admin_call
 from kvtier.agent.csi._generated import csi_pb2, csi_pb2_grpc
 from kvtier.agent.csi.mounts import (
-    WALK,
     UnsafePath,
     bind_read_only,
     check_name,
@@ -279,9 +277,10 @@ class Node(csi_pb2_grpc.NodeServicer):
         if kind != "mount":
             raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "volume_capability needs the mount access type")
 
-    def _open(self, root: str, names: list[str], create_last: bool = False) -> tuple[int, bool]:
+    @staticmethod
+    def _open(root: str | Path | int, names: list[str]) -> int:
         try:
-            return open_beneath(root, names, create_last)
+            return open_beneath(root, names)
         except UnsafePath as exc:
             raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"target_path refused: {exc}") from None
 
@@ -304,7 +303,7 @@ class Node(csi_pb2_grpc.NodeServicer):
             ) from None
         rel = os.path.relpath(str(folder), pool_dir)
         try:
-            fd, _ = open_beneath(pool_dir, rel.split("/"))
+            fd = open_beneath(pool_dir, rel.split("/"))
         except (UnsafePath, OSError) as exc:
             raise Refusal(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -334,7 +333,7 @@ class Node(csi_pb2_grpc.NodeServicer):
                 raise Refusal(
                     grpc.StatusCode.ALREADY_EXISTS, f"{short(target)} holds a mount kvtier did not make"
                 )
-            parent, _ = self._open(self.pods_dir, names[:-1])
+            parent = self._open(self.pods_dir, names[:-1])
             source = None
             try:
                 source, folder = self._agent_folder(pool, namespace)
@@ -381,24 +380,17 @@ class Node(csi_pb2_grpc.NodeServicer):
             pass
         return self._reopen(parent, name), created
 
-    @staticmethod
-    def _reopen(parent: int, name: str) -> int:
-        try:
-            return os.open(name, WALK, dir_fd=parent)
-        except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise Refusal(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"target_path refused: {name!r} is a symlink or not a folder",
-                ) from None
-            raise
+    @classmethod
+    def _reopen(cls, parent: int, name: str) -> int:
+        """The target, opened again from its parent's fd (crossing into whatever is mounted there)."""
+        return cls._open(parent, [name])
 
     def _shows(self, names: list[str], source_id: tuple[int, int]) -> bool:
         """Whether the top mount at the target is a bind of the recorded source folder."""
         if not self._mounted(names):
             return False
         try:
-            fd, _ = open_beneath(self.pods_dir, names)
+            fd = open_beneath(self.pods_dir, names)
         except (UnsafePath, OSError):
             return False
         try:
@@ -424,7 +416,7 @@ class Node(csi_pb2_grpc.NodeServicer):
                     f"volume {short(request.volume_id)} is not published at {short(target)}",
                 )
             try:
-                parent, _ = open_beneath(self.pods_dir, names[:-1])
+                parent = open_beneath(self.pods_dir, names[:-1])
             except FileNotFoundError:
                 self.publishes.drop(target)  # the pod's folder is gone, and the mount with it
                 return csi_pb2.NodeUnpublishVolumeResponse()
