@@ -15,7 +15,7 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from tests.conftest import REPO
+from tests.conftest import REPO, eventually
 from tests.integration import test_webhook as hooks
 from tests.integration.test_webhook import _create, _namespace, _pod
 
@@ -26,8 +26,15 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def live(kube, webhook) -> str:
-    """The pool's name, once the webhook has admitted a pod (it may still be starting)."""
-    _create(kube, _namespace(kube, {"kvtier.io/tenant": "true"}), _pod(webhook))
+    """The pool's name, once the webhook injects pods: until the operator's webhook server is up,
+    failurePolicy Ignore lets pods through untouched."""
+    ns = _namespace(kube, {"kvtier.io/tenant": "true"})
+
+    def injected() -> bool:
+        pod = _create(kube, ns, _named(_pod(webhook), f"warmup-{uuid.uuid4().hex[:6]}"))
+        return "kvtier.io/injected" in (pod.metadata.annotations or {})
+
+    eventually(injected, timeout=60, interval=0.5, message="the webhook injects pods")
     return webhook
 
 
