@@ -110,6 +110,18 @@ def test_the_public_endpoint_needs_the_token_and_reveals_nothing(sidecar):
             lambda: c.call("lookup", fingerprint=FP, keys=[k.hex() for k in keys])["tiers"] == ["dram"] * 2,
             message="the hint was carried out in the background",
         )
+    probes = f"http://127.0.0.1:{sidecar['probes'].split(':')[1]}/metrics"
+    metrics = eventually(
+        lambda: (
+            (m := urllib.request.urlopen(probes, timeout=10).read().decode())
+            and 'kvtier_sidecar_hints_total{result="public"} 2.0' in m
+            and m
+        ),
+        message="both public hints done",
+    )
+    assert 'how="already_in_dram"' not in metrics and 'how="promoted"' not in metrics, (
+        "no result in the metrics"
+    )
     # the pod's own engine, on the loopback, gets the details
     status, reply = post(sidecar["hints"], cached)
     assert status == 200 and reply["dram"] == 2

@@ -143,7 +143,9 @@ class Sidecar:
             self.conn.lost(exc)
             return False
 
-    def prefetch(self, hint: Hint) -> dict[str, Any]:
+    def prefetch(self, hint: Hint, public: bool = False) -> dict[str, Any]:
+        """The agent's result. A public hint's result is counted as `public` only: the probe port's
+        metrics must not tell another pod what its hint found."""
         client = self.client()
         keys = list(hint.keys) or block_keys(list(hint.token_ids), client.block_tokens, hint.extra)
         if len(keys) > MAX_KEYS:
@@ -155,6 +157,9 @@ class Sidecar:
             "prefetch", fingerprint=hint.fingerprint, keys=[k.hex() for k in keys], deadline=hint.deadline
         )["result"]
         result["seconds"] = round(time.monotonic() - t0, 4)
+        if public:
+            self.hints.labels("public").inc()
+            return result
         self.hints.labels("late" if result.get("late") else "done").inc()
         self.blocks.labels("promoted").inc(result.get("promoted", 0))
         self.blocks.labels("fetched").inc(result.get("fetched", 0))
@@ -164,10 +169,10 @@ class Sidecar:
             self.late.inc()
         return result
 
-    def answer(self, hint: Hint) -> tuple[int, dict[str, Any]]:
+    def answer(self, hint: Hint, public: bool = False) -> tuple[int, dict[str, Any]]:
         """(status, reply) for a parsed hint; the agent's failures become short reasons."""
         try:
-            return 200, self.prefetch(hint)
+            return 200, self.prefetch(hint, public)
         except BadHint as exc:
             self.hints.labels("invalid").inc()
             return exc.status, {"error": str(exc)}
@@ -224,7 +229,7 @@ class Background:
         while True:
             hint = self.queue.get()
             try:
-                self.sidecar.answer(hint)
+                self.sidecar.answer(hint, public=True)
             except Exception:
                 log.exception("public hint failed")
 
