@@ -69,10 +69,29 @@ def replay(data: bytes) -> tuple[dict[bytes, Record], int]:
     return live, pos
 
 
+def _starts_with_magic(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(MAGIC)) == MAGIC
+
+
+class NotOurs(Exception):
+    """The tier's file or device holds data kvtier did not write there (and the pool did not say adopt)."""
+
+
 class Manifest:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, adopt: bool = False) -> None:
         self.path = path
         self.records_written = 0
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            raise NotOurs(f"{path} is not a regular file; the manifest must be one kvtier creates")
+        if not adopt and path.exists() and path.stat().st_size and not _starts_with_magic(path):
+            raise NotOurs(
+                f"{path} holds data kvtier did not write; move it away, or set allowInUse: true on the pool"
+            )
+
+    def reset(self) -> None:
+        """An empty log (the tier's data file was just created or adopted)."""
+        self._rewrite([])
 
     def open(self) -> dict[bytes, Record]:
         """Replay the log (truncating a torn tail) and keep it open for appends."""
@@ -84,7 +103,7 @@ class Manifest:
             if valid < len(data):
                 with open(self.path, "r+b") as f:
                     f.truncate(valid)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
             self.records_written = len(live)
         return live
 

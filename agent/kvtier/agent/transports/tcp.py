@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterator
 
 from kvtier.agent.api import protocol
+from kvtier.agent.api.server import Gate, LimitedServer, ServerLimits
 from kvtier.agent.store.index import Store, checksum
 from kvtier.agent.transports.base import FetchedBlock
 
@@ -32,17 +33,18 @@ class _PeerHandler(socketserver.BaseRequestHandler):
     server: TcpPeerServer
 
     def handle(self) -> None:
-        sock, store = self.request, self.server.store
+        sock, store, limits = self.request, self.server.store, self.server.limits
         nonce = os.urandom(16)
         try:
             protocol.send(sock, {"nonce": nonce.hex()})
-            auth, _ = protocol.recv(sock)
+            # before the MAC is checked: a tiny frame, and it must come promptly
+            auth, _ = limits.recv(sock, limits.peer_pre_auth_frame_bytes, idle=limits.read_timeout)
             if not hmac.compare_digest(str(auth.get("mac", "")), _mac(self.server.secret, nonce)):
                 protocol.send(sock, {"ok": False, "error": "not a member of this pool"})
                 return
             protocol.send(sock, {"ok": True})
             while True:
-                msg, _ = protocol.recv(sock)
+                msg, _ = limits.recv(sock, limits.frame_bytes)
                 keys = msg.get("keys")
                 if msg.get("op") != "fetch" or not isinstance(keys, list) or len(keys) > MAX_FETCH:
                     protocol.send(
@@ -50,7 +52,7 @@ class _PeerHandler(socketserver.BaseRequestHandler):
                     )
                     continue
                 self._serve(sock, store, [bytes.fromhex(k) for k in keys])
-        except (ConnectionError, OSError, protocol.ProtocolError, ValueError):
+        except (ConnectionError, OSError, protocol.ProtocolError, ValueError, TypeError):
             pass
 
     def _serve(self, sock: socket.socket, store: Store, keys: list[bytes]) -> None:
@@ -68,13 +70,24 @@ class _PeerHandler(socketserver.BaseRequestHandler):
             store.unpin_for_peer([b for b, _ in pinned])
 
 
-class TcpPeerServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    daemon_threads = True
+class TcpPeerServer(LimitedServer, socketserver.TCPServer):
     allow_reuse_address = True
+    gate_key = "peer"
 
-    def __init__(self, store: Store, secret: bytes, host: str, port: int) -> None:
+    def __init__(
+        self,
+        store: Store,
+        secret: bytes,
+        host: str,
+        port: int,
+        limits: ServerLimits | None = None,
+        gate: Gate | None = None,
+    ) -> None:
         self.store = store
+        self.metrics = store.metrics
         self.secret = secret
+        self.limits = limits or ServerLimits()
+        self.gate = gate or Gate(self.limits.connections, self.limits.connections_per_tenant)
         super().__init__((host, port), _PeerHandler)
         threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
 
