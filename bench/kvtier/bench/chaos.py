@@ -158,7 +158,7 @@ def fuzz(target: str, frames: int, counts: FuzzCounts, with_fds: bool = True) ->
     def attack(frame: bytes, nfds: int, follow: bool) -> None:
         try:
             with _connect(target) as sock:
-                sock.settimeout(0.5)
+                sock.settimeout(2)
                 if target.startswith("tcp:"):
                     protocol.recv(sock)  # the nonce
                 if nfds and not target.startswith("tcp:"):
@@ -168,6 +168,7 @@ def fuzz(target: str, frames: int, counts: FuzzCounts, with_fds: bool = True) ->
                     sock.sendall(frame)
                 if follow:  # a valid request after the junk: is the stream still sane?
                     sock.sendall(protocol.encode({"op": "ping", "id": 1}))
+                sock.shutdown(socket.SHUT_WR)  # the agent answers what it can, then sees the end
                 try:
                     while sock.recv(65536):
                         counts.replies += 1
@@ -244,12 +245,19 @@ def kill_loop(
                         str(log),
                         f"w{w}",
                         str(max(done, default=-1) + 1),
+                        str(BLOCK),
                     ],
                     stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE if os.environ.get("CHAOS_DEBUG") else subprocess.DEVNULL,
                 )
             )
-        time.sleep(rng.uniform(0.3, 1.2))
+        before = sum(len(_acked(folder / f"writer{w}.log")) for w in range(writers))
+        deadline = time.monotonic() + 10  # writers are running (their start-up is not the test)
+        while time.monotonic() < deadline and (
+            sum(len(_acked(folder / f"writer{w}.log")) for w in range(writers)) <= before
+        ):
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.05, 0.8))  # then a kill at a random moment of the writes
         agent.kill(signal.SIGKILL)
         counts.kills += 1
         for p in procs:

@@ -139,6 +139,7 @@ class LimitedServer(socketserver.ThreadingMixIn):
     handler failures are logged once in a while, not as one traceback per connection."""
 
     daemon_threads = True
+    request_queue_size = 128  # listen backlog: a burst of connections waits, it is not refused
     gate: Gate
     gate_key: str
     metrics: Metrics

@@ -568,7 +568,7 @@ class Store:
             self.nvme.delete(block.nvme)
         except OSError as exc:  # no DEL record: the extent stays out of use (crash order), the block goes
             self.metrics.io_errors.labels("manifest").inc()
-            self._log.warning("manifest", "could not log an NVMe deletion: %s", exc)
+            self._log.warning("manifest", "could not log an NVMe deletion: %s", str(exc))
         block.nvme = None
         self.nvme_policy.remove(block.key)
         if block.seg is None:
@@ -599,7 +599,7 @@ class Store:
         except OSError as exc:  # EIO, a short read of a truncated file: the same as bad bytes
             good, failure = False, "nvme_read_error"
             self.metrics.io_errors.labels("read").inc()
-            self._log.warning("read", "NVMe read failed (served as a miss): %s", exc)
+            self._log.warning("read", "NVMe read failed (served as a miss): %s", str(exc))
         del view
         self.metrics.latency.labels("promote").observe(time.perf_counter() - t0)
         with self.lock:
@@ -689,7 +689,7 @@ class Store:
             try:
                 self.nvme.write_at(target, seg.view(ext))
             except OSError as exc:  # ENOSPC on a sparse file, EIO
-                error = exc
+                error = OSError(exc.errno, str(exc))  # without the traceback's views of the arena
         with self.lock:
             block.pins -= 1
             self._persisting -= 1
@@ -712,7 +712,7 @@ class Store:
                 self.metrics.persist_failures.inc()
             if error is not None:
                 self.metrics.io_errors.labels("write").inc()
-                self._log.warning("write", "NVMe write failed (block kept in DRAM only): %s", error)
+                self._log.warning("write", "NVMe write failed (block kept in DRAM only): %s", str(error))
             self.metrics.latency.labels("persist").observe(time.perf_counter() - t0)
             self._update_gauges()
             self.persisted.notify_all()

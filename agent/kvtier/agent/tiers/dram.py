@@ -14,6 +14,7 @@ committed blocks there, so no namespace can alter what another one reads.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -198,6 +199,7 @@ class DramTier:
     def close(self) -> None:
         for seg in list(self.slots):
             if seg:
-                seg.mm.close()
+                with contextlib.suppress(BufferError):  # a view still held elsewhere: the process ends anyway
+                    seg.mm.close()
                 os.close(seg.fd)
         self.slots = [None] * len(self.slots)

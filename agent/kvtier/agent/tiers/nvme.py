@@ -101,9 +101,13 @@ class NvmeTier:
             device = stat.S_ISBLK(mode)
         # the first 4 KiB hold the header: a file grows by them, a device gives them up
         self.capacity = (capacity - ALIGN if device else capacity) // ALIGN * ALIGN
-        self.fd, self.direct = open_direct(path, None if device else self.capacity + ALIGN)
+        existing = path.exists()
+        # an existing file is only read until it proves to be ours: sized after the header check
+        self.fd, self.direct = open_direct(path, None if device or existing else self.capacity + ALIGN)
         try:
             fresh = self._claim(adopt)
+            if existing and not device and os.fstat(self.fd).st_size < self.capacity + ALIGN:
+                os.ftruncate(self.fd, self.capacity + ALIGN)
             self.alloc = ExtentAllocator(self.capacity)
             self.manifest = Manifest(manifest_path or path.with_name(path.name + ".manifest"), adopt=adopt)
             if fresh:
