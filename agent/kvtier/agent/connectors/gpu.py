@@ -14,7 +14,6 @@ import torch
 from kvtier.agent.client import AgentConnection, Client
 from kvtier.agent.connectors.runs import GROUP_BYTES, HostRun, groups, runs, runs_in
 
-
 _REGISTER_READ_ONLY = 0x08  # cudaHostRegisterReadOnly
 
 
