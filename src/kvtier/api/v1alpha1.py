@@ -48,16 +48,21 @@ class Model(BaseModel):
 
 # A quantity is an int or a string such as "64Gi"; the API server checks it with CEL's quantity library
 # and pydantic with parse_quantity: the same grammar (no spaces), positive, at most 1Ei.
+QUANTITY_MESSAGE = f"must be a positive quantity of at most {MAX_QUANTITY} such as 64Gi or 500G, without spaces"
 _POSITIVE_QUANTITY = cel(
     f"type(self) == int ? (self > 0 && self <= {MAX_BYTES}) : (isQuantity(self) && "
     f"quantity(self).isGreaterThan(quantity('0')) && quantity(self).compareTo(quantity('{MAX_QUANTITY}')) <= 0)",
-    f"must be a positive quantity of at most {MAX_QUANTITY} such as 64Gi or 500G, without spaces",
+    QUANTITY_MESSAGE,
 )
 
 
 def _positive_quantity(value: int | str) -> int | str:
-    if parse_quantity(value) <= 0:
-        raise ValueError(f"must be a positive quantity such as 64Gi, got {value!r}")
+    try:
+        positive = parse_quantity(value) > 0
+    except ValueError as exc:
+        raise ValueError(f"{QUANTITY_MESSAGE} ({exc})") from None
+    if not positive:
+        raise ValueError(f"{QUANTITY_MESSAGE} (got {value!r})")
     return value
 
 
