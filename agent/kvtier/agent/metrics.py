@@ -20,24 +20,21 @@ class LogThrottle:
         self._held: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def _due(self, kind: str) -> int | None:
+    def _emit(self, log, kind: str, msg: str, args: tuple[object, ...]) -> None:
         now = time.monotonic()
         with self._lock:
             if now < self._next.get(kind, 0.0):
                 self._held[kind] = self._held.get(kind, 0) + 1
-                return None
+                return
             self._next[kind] = now + self.interval
-            return self._held.pop(kind, 0)
+            held = self._held.pop(kind, 0)
+        log(msg + (f" (and {held} more like it)" if held else ""), *args)
 
     def warning(self, kind: str, msg: str, *args: object) -> None:
-        held = self._due(kind)
-        if held is not None:
-            self.logger.warning(msg + (f" (and {held} more like it)" if held else ""), *args)
+        self._emit(self.logger.warning, kind, msg, args)
 
     def exception(self, kind: str, msg: str, *args: object) -> None:
-        held = self._due(kind)
-        if held is not None:
-            self.logger.exception(msg + (f" (and {held} more like it)" if held else ""), *args)
+        self._emit(self.logger.exception, kind, msg, args)
 
 
 class Metrics:

@@ -36,9 +36,8 @@ class GpuArena:
                 err = torch.cuda.cudart().cudaHostRegister(
                     tensor.data_ptr(), tensor.numel(), _REGISTER_READ_ONLY if readonly else 0
                 )
-                if int(err) != 0 and not readonly:
+                if int(err) != 0:
                     raise RuntimeError(f"cudaHostRegister failed ({err}) for segment {seg_id}")
-                # a read-only segment the platform cannot pin is copied from pageable memory (slower)
             self.host[seg_id] = tensor
 
     def close(self) -> None:
