@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import struct
@@ -358,6 +359,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for proc in started:
             proc.kill(signal.SIGKILL)
+        shutil.rmtree(folder, ignore_errors=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
