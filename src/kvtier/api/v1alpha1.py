@@ -48,7 +48,9 @@ class Model(BaseModel):
 
 # A quantity is an int or a string such as "64Gi"; the API server checks it with CEL's quantity library
 # and pydantic with parse_quantity: the same grammar (no spaces), positive, at most 1Ei.
-QUANTITY_MESSAGE = f"must be a positive quantity of at most {MAX_QUANTITY} such as 64Gi or 500G, without spaces"
+QUANTITY_MESSAGE = (
+    f"must be a positive quantity of at most {MAX_QUANTITY} such as 64Gi or 500G, without spaces"
+)
 _POSITIVE_QUANTITY = cel(
     f"type(self) == int ? (self > 0 && self <= {MAX_BYTES}) : (isQuantity(self) && "
     f"quantity(self).isGreaterThan(quantity('0')) && quantity(self).compareTo(quantity('{MAX_QUANTITY}')) <= 0)",
