@@ -360,3 +360,36 @@ def test_sigkill_loop_under_concurrent_writers_never_returns_wrong_bytes(agent, 
     assert counts.wrong_bytes == 0
     assert counts.missing == 0, "acknowledged sync puts survive a SIGKILL"
     assert counts.verified == counts.acknowledged
+
+
+def test_a_rogue_peer_cannot_make_the_fetching_agent_allocate_or_crash(tmp_path):
+    """The peer port's client side: a server that passes for a peer and lies in its headers."""
+    import threading
+
+    from kvtier.agent.transports.tcp import TcpTransport
+
+    lies = [
+        {"ok": True, "blocks": [{"key": "00", "tenant": "t", "size": 1 << 50, "checksum": 1}]},
+        {"ok": True, "blocks": [{"key": "zz", "tenant": "t", "size": 10, "checksum": 1}]},
+        {"ok": True, "blocks": "nope"},
+        {"ok": True, "blocks": [{"key": "00", "tenant": "t", "size": 4, "checksum": 1}]},  # bad checksum
+    ]
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        for lie in lies:
+            conn, _ = server.accept()
+            with conn:
+                protocol.send(conn, {"nonce": "00" * 16})
+                protocol.recv(conn)
+                protocol.send(conn, {"ok": True})
+                protocol.recv(conn)
+                protocol.send(conn, lie)
+                conn.sendall(b"abcd")
+
+    threading.Thread(target=serve, daemon=True).start()
+    peer = f"127.0.0.1:{server.getsockname()[1]}"
+    transport = TcpTransport(os.urandom(32), timeout=5)
+    for _ in lies:
+        assert list(transport.fetch(peer, [b"\0"])) == [], "a lie is a miss"
+    server.close()

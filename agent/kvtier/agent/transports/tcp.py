@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import socket
 import socketserver
 import threading
@@ -23,6 +24,7 @@ from kvtier.agent.transports.base import FetchedBlock
 
 log = logging.getLogger("kvtier.agent.peer")
 MAX_FETCH = 4096
+MAX_BLOCK_BYTES = 1 << 30  # no KV block is larger; a peer claiming more is refused before allocating
 
 
 def _mac(secret: bytes, nonce: bytes) -> str:
@@ -68,6 +70,19 @@ class _PeerHandler(socketserver.BaseRequestHandler):
                 store.metrics.peer_bytes.labels("served").inc(block.size)
         finally:
             store.unpin_for_peer([b for b, _ in pinned])
+
+
+def _plausible(info: object) -> bool:
+    """A block header from a peer we can act on without trusting it (no absurd allocation)."""
+    return (
+        isinstance(info, dict)
+        and isinstance(info.get("size"), int)
+        and 0 < info["size"] <= MAX_BLOCK_BYTES
+        and isinstance(info.get("checksum"), int)
+        and isinstance(info.get("key"), str)
+        and re.fullmatch(r"(?:[0-9a-f]{2}){1,64}", info["key"]) is not None
+        and isinstance(info.get("tenant"), str)
+    )
 
 
 class TcpPeerServer(LimitedServer, socketserver.TCPServer):
@@ -123,7 +138,9 @@ class TcpTransport:
                 )
                 reply, _ = protocol.recv(sock)
                 blocks = reply.get("blocks", [])
-                for info in blocks:
+                for info in blocks if isinstance(blocks, list) else []:
+                    if not _plausible(info):
+                        return  # a peer is untrusted: a header it cannot mean ends the prefix
                     data = memoryview(bytearray(info["size"]))
                     got = 0
                     while got < info["size"]:
