@@ -393,3 +393,17 @@ def test_a_rogue_peer_cannot_make_the_fetching_agent_allocate_or_crash(tmp_path)
     for _ in lies:
         assert list(transport.fetch(peer, [b"\0"])) == [], "a lie is a miss"
     server.close()
+
+
+def test_a_tenant_with_more_segments_than_one_message_can_carry_is_still_served(agent, tmp_path):
+    """The kernel passes at most 253 descriptors per message: replies stay below, reads get shorter."""
+    cfg = agent_config(tmp_path, dram="32Mi", nvme=None, tenancy={"dramShare": 1})
+    a = agent(cfg.model_copy(update={"segmentBytes": 64 << 10}))  # 512 segments of 64 KiB
+    keys = _keys(300, "many")
+    data = [os.urandom(64 << 10) for _ in keys]
+    with Client(a.tenant("team-a")) as c:
+        for i in range(0, 300, 100):
+            c.put(FP, keys[i : i + 100], data[i : i + 100])
+    with Client(a.tenant("team-a")) as c:
+        assert len(c.segments) == 250, "hello carries what fits"
+        assert c.get(FP, keys) == data, "the rest arrive with the read that needs them"

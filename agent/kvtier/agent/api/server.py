@@ -35,6 +35,7 @@ _throttled = LogThrottle(log)
 
 NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 MAX_KEYS = 65536
+SEGMENTS_PER_REPLY = 250  # the kernel passes at most 253 descriptors in one message (SCM_MAX_FD)
 
 
 def tenant_socket(socket_dir: Path, namespace: str) -> Path:
@@ -218,7 +219,9 @@ class TenantHandler(socketserver.BaseRequestHandler):
             return {"id": rid, "ok": False, "error": f"request failed: {type(exc).__name__}"}, []
         finally:
             store.metrics.latency.labels(op).observe(time.perf_counter() - t0)
-        new = list({s.id: s for s in segments if s.id not in lease.segments_sent}.values())
+        new = _unsent(lease, segments)
+        if len(new) > SEGMENTS_PER_REPLY:  # hello and read keep within it; anything else is refused
+            return {"id": rid, "ok": False, "error": "the reply would span too many new segments"}, []
         lease.segments_sent.update(s.id for s in new)
         reply = {"id": rid, "ok": True, **body}
         if new:
@@ -230,8 +233,9 @@ class TenantHandler(socketserver.BaseRequestHandler):
     def op_hello(
         self, store: Store, lease: Lease, msg: dict[str, Any]
     ) -> tuple[dict[str, Any], list[Segment]]:
-        segments = store.segments_for(lease)
         lease.segments_sent.clear()  # a second hello re-sends everything
+        # the rest, if any, arrive with the first reply that refers to them
+        segments = store.segments_for(lease)[:SEGMENTS_PER_REPLY]
         return {
             "namespace": self.server.namespace,
             "isolation": store.isolation,
@@ -278,6 +282,15 @@ class TenantHandler(socketserver.BaseRequestHandler):
 
     def op_read(self, store: Store, lease: Lease, msg: dict[str, Any]):
         got = store.read(lease, _fingerprint(msg), _keys(msg))
+        fits, new = len(got), set()
+        for i, (seg, _, _) in enumerate(got):  # a shorter answer (a miss for the rest), not too many fds
+            if seg.id not in lease.segments_sent:
+                new.add(seg.id)
+            if len(new) > SEGMENTS_PER_REPLY:
+                fits = i
+                break
+        store.release(lease, [block.key for _, _, block in got[fits:]])
+        got = got[:fits]
         blocks = [[seg.id, ext.offset, block.size, block.key.hex()] for seg, ext, block in got]
         return {"blocks": blocks, "tiers": []}, [seg for seg, _, _ in got]
 
@@ -297,6 +310,10 @@ class TenantHandler(socketserver.BaseRequestHandler):
     def op_release(self, store: Store, lease: Lease, msg: dict[str, Any]):
         store.release(lease, _keys(msg, "handles"))
         return {}, []
+
+
+def _unsent(lease: Lease, segments: list[Segment]) -> list[Segment]:
+    return list({s.id: s for s in segments if s.id not in lease.segments_sent}.values())
 
 
 class TenantServer(LimitedServer, socketserver.UnixStreamServer):
