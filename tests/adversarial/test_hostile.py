@@ -407,3 +407,22 @@ def test_a_tenant_with_more_segments_than_one_message_can_carry_is_still_served(
     with Client(a.tenant("team-a")) as c:
         assert len(c.segments) == 250, "hello carries what fits"
         assert c.get(FP, keys) == data, "the rest arrive with the read that needs them"
+
+
+def test_a_manifest_append_cut_short_by_a_full_disk_leaves_no_torn_record(tmp_path, monkeypatch):
+    from kvtier.agent.tiers import manifest as manifest_module
+    from kvtier.agent.tiers.manifest import Manifest, Record
+
+    log = Manifest(tmp_path / "m")
+    log.open()
+    log.add(Record(b"a" * 24, "t", 0, 4096, 10, 1))
+    real_write = os.write
+    monkeypatch.setattr(manifest_module.os, "write", lambda fd, data: real_write(fd, data[:7]))
+    with pytest.raises(OSError, match="cut short"):
+        log.add(Record(b"b" * 24, "t", 4096, 4096, 10, 2))
+    monkeypatch.setattr(manifest_module.os, "write", real_write)
+    log.add(Record(b"c" * 24, "t", 8192, 4096, 10, 3))  # after the disk has room again
+    log.close()
+    assert sorted(Manifest(tmp_path / "m").open()) == [b"a" * 24, b"c" * 24], (
+        "no record lost behind a torn one"
+    )

@@ -703,7 +703,10 @@ class Store:
                 else:
                     self.nvme_policy.insert(block.key)
                     self.metrics.bytes_moved.labels("dram_to_nvme").inc(block.size)
-                    self.nvme.maybe_compact([b.nvme for b in self.blocks.values() if b.nvme])
+                    try:
+                        self.nvme.maybe_compact([b.nvme for b in self.blocks.values() if b.nvme])
+                    except OSError as exc:  # the old log stays valid; compaction is tried again later
+                        self._log.warning("compact", "manifest compaction failed: %s", str(exc))
             if target is not None and block.nvme is None:
                 self.nvme.abandon(target)
                 self.nvme_used[block.tenant] -= target.length
