@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both work on a fresh machine.
-.PHONY: demo test setup lint unit integration crds bench-store test-vllm
+.PHONY: demo test setup lint unit integration adversarial crds bench-store bench-chaos test-vllm
 
 setup:
 	@bash hack/setup.sh
@@ -20,11 +20,19 @@ unit: setup
 integration: setup
 	.venv/bin/python -m pytest -m integration tests
 
+# hostile clients, peers and disks against real agents (also part of `make test`, about a minute)
+adversarial: setup
+	.venv/bin/python -m pytest -m adversarial tests
+
 crds:
 	.venv/bin/kvtier crds --write
 
 bench-store: setup
 	.venv/bin/kvtier bench store --out docs/benchmarks/store.json
+
+# the long adversarial run (about 7 minutes on 2 cores): JSON with frames, kills, wrong bytes, leaks
+bench-chaos: setup
+	.venv/bin/kvtier bench chaos --out docs/benchmarks/chaos.json --frames 3000 --kills 32
 
 # The optional vLLM tier: the connector against vLLM's real base class (downloads vLLM and torch, ~9 GB).
 test-vllm: setup

@@ -209,7 +209,7 @@ def test_garbage_on_the_socket_never_disturbs_other_clients(agent):
 
 
 def test_tenants_share_neither_blocks_nor_memory(agent):
-    a = agent(dram="16Mi", nvme=None)  # two 8 MiB segments, no NVMe
+    a = agent(dram="16Mi", nvme=None, tenancy={"dramShare": 1})  # two 8 MiB segments, no NVMe, no quota
     ca, cb = Client(a.tenant("team-a")), Client(a.tenant("team-b"))
     keys, data = chain(2), blobs(2)
     ca.put(FP, keys, data)

@@ -43,3 +43,14 @@ def test_two_ranks_restore_their_shards_at_once_on_a_gpu():
         assert r["shared_gpus"] and r["kv_bitwise_equal"], r
         assert r["logits_diff_vs_decode_from_original_kv"] == 0.0, r
         assert len(r["per_rank_restore_s"]) == 2
+
+
+def test_chaos_run_lost_and_corrupted_nothing():
+    """The committed `kvtier bench chaos` run: what docs/agent.md claims about it."""
+    run = json.loads((RESULTS / "chaos.json").read_text())
+    assert run["frames"] >= 9000 and all(n >= 3000 for n in run["frames_per_socket"].values())
+    assert run["agent_alive_after_fuzzing"] and run["frames_with_fds"] > 1000
+    assert run["leaks_after_fuzzing"]["fds"] <= 8 and run["leaks_after_fuzzing"]["rss_kib"] < 64 * 1024
+    assert run["kills"] >= 30 and run["blocks_acknowledged"] > 1000
+    assert run["blocks_verified"] == run["blocks_acknowledged"] and run["blocks_missing"] == 0
+    assert run["wrong_bytes"] == 0

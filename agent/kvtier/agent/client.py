@@ -79,6 +79,7 @@ class Client:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self.segments: dict[int, mmap.mmap] = {}
+        self.readonly: set[int] = set()  # segments mapped read-only (no client may write them)
         self.hello = self.call("hello")
         self.namespace: str = self.hello["namespace"]
         self.block_tokens: int = self.hello["blockTokens"]
@@ -96,9 +97,16 @@ class Client:
         return reply
 
     def _map_segments(self, described: list[dict[str, int]], fds: list[int]) -> None:
-        for info, fd in zip(described, fds, strict=False):
+        """Map the segments a reply carried; sealed ones (a shared pool's committed blocks) read-only."""
+        for i, fd in enumerate(fds):
             try:
-                self.segments[info["id"]] = mmap.mmap(fd, info["size"], mmap.MAP_SHARED)
+                if i < len(described):
+                    info = described[i]
+                    writable = info.get("writable", True)
+                    access = mmap.ACCESS_DEFAULT if writable else mmap.ACCESS_READ
+                    self.segments[info["id"]] = mmap.mmap(fd, info["size"], mmap.MAP_SHARED, access=access)
+                    if not writable:
+                        self.readonly.add(info["id"])
             finally:
                 os.close(fd)
 

@@ -14,17 +14,17 @@ import socket
 import threading
 from pathlib import Path
 
-from kvtier.agent.api.server import AgentAPI
+from kvtier.agent.api.server import AgentAPI, Gate, ServerLimits
 from kvtier.agent.devices import gpu_inventory, numa_for_gpus
 from kvtier.agent.metrics import Metrics
 from kvtier.agent.store.index import Store, load_secret
 from kvtier.agent.tiers.dram import DramTier
-from kvtier.agent.tiers.nvme import NvmeTier
+from kvtier.agent.tiers.nvme import NotOurs, NvmeTier
 from kvtier.agent.transports.tcp import TcpPeerServer
 from prometheus_client import start_http_server
 
 from kvtier.api.agentconfig import AgentConfig
-from kvtier.api.v1alpha1 import NvmeDevice
+from kvtier.api.v1alpha1 import NvmeDevice, parse_duration
 from kvtier.kubeapi import api_client_from_environment
 
 log = logging.getLogger("kvtier.agent")
@@ -48,7 +48,7 @@ class Agent:
             config.segmentBytes,
             hugepages=dram.hugepages,
             numa=numa,
-            quota_segments=config.namespaceQuotaSegments,
+            share=spec.tenancy.dramShare,
         )
         self.nvme = self._nvme_tier()
         state_dir = Path(config.stateDir)
@@ -62,8 +62,13 @@ class Agent:
             high_watermark=spec.eviction.highWatermark,
             low_watermark=spec.eviction.lowWatermark,
             metrics=self.metrics,
+            nvme_share=spec.tenancy.nvmeShare,
+            sync_timeout=parse_duration(spec.limits.syncTimeout),
         )
-        self.peer = TcpPeerServer(self.store, secret, config.peerHost, config.peerPort)
+        self.limits = ServerLimits.from_spec(spec.limits)
+        # tenant sockets and the peer port share one connection cap (threads follow connections)
+        gate = Gate(self.limits.connections, self.limits.connections_per_tenant)
+        self.peer = TcpPeerServer(self.store, secret, config.peerHost, config.peerPort, self.limits, gate)
         self.numa = numa
         self.api = AgentAPI(
             Path(config.socketDir),
@@ -71,6 +76,8 @@ class Agent:
             spec.blockTokens,
             extra_stats=lambda: {"node": self.node, "peer": self.peer.address, "numaNode": numa},
             node=NodeService(self),
+            limits=self.limits,
+            gate=gate,
         )
         # one API client (or None off-cluster) for the KVCacheNode reporter and the peer directory
         self.api_client = api_client_from_environment()
@@ -85,6 +92,7 @@ class Agent:
         nvme = self.config.spec.tiers.nvme
         if nvme is None:
             return None
+        adopt = nvme.allowInUse or nvme.mode != "file"  # devices: prepare() already judged them
         if nvme.mode == "file":
             path = Path(nvme.path)  # type: ignore[arg-type]
             self.nvme_devices = [NvmeDevice(path=str(path), sizeBytes=self.config.nvme_bytes, state="file")]
@@ -107,7 +115,18 @@ class Agent:
                 log.error(self.health_reason)
                 return None
             path, self.nvme_devices = Path(prepared.path), prepared.devices
-        return NvmeTier(path, self.config.nvme_bytes, io_threads=self.config.ioThreads)
+        try:
+            return NvmeTier(
+                path,
+                self.config.nvme_bytes,
+                io_threads=self.config.ioThreads,
+                pool=self.config.pool,
+                adopt=adopt,
+            )
+        except (NotOurs, OSError) as exc:
+            self.health_reason = f"NVMe tier unavailable: {exc}"
+            log.error(self.health_reason)
+            return None
 
     @property
     def peer_address(self) -> str:

@@ -2,7 +2,39 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class LogThrottle:
+    """At most one log line per kind of trouble per interval, with how many were held back: a
+    failing disk or a hostile client is counted in metrics, not written to the log a million times."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 30.0) -> None:
+        self.logger = logger
+        self.interval = interval
+        self._next: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _emit(self, log, kind: str, msg: str, args: tuple[object, ...]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next.get(kind, 0.0):
+                self._held[kind] = self._held.get(kind, 0) + 1
+                return
+            self._next[kind] = now + self.interval
+            held = self._held.pop(kind, 0)
+        log(msg + (f" (and {held} more like it)" if held else ""), *args)
+
+    def warning(self, kind: str, msg: str, *args: object) -> None:
+        self._emit(self.logger.warning, kind, msg, args)
+
+    def exception(self, kind: str, msg: str, *args: object) -> None:
+        self._emit(self.logger.exception, kind, msg, args)
 
 
 class Metrics:
@@ -34,6 +66,16 @@ class Metrics:
             "kvtier_persist_failures", "Blocks that found no room on NVMe", registry=r
         )
         self.protocol_errors = Counter("kvtier_protocol_errors", "Malformed requests", registry=r)
+        self.io_errors = Counter(
+            "kvtier_nvme_io_errors",
+            "NVMe reads and writes that failed (reads served as misses)",
+            ["op"],
+            registry=r,
+        )
+        self.refused_connections = Counter(
+            "kvtier_refused_connections", "Connections refused at a limit", ["socket"], registry=r
+        )
+        self.connections = Gauge("kvtier_connections", "Open connections", ["socket"], registry=r)
         self.peer_bytes = Counter(
             "kvtier_peer_bytes", "Bytes served to or fetched from peers", ["direction"], registry=r
         )

@@ -26,7 +26,7 @@ from typing import Any
 
 from kvtier.agent.client import Client
 from kvtier.agent.keys import KVLayout, block_keys
-from kvtier.agent.tiers.nvme import open_direct, parallel_io
+from kvtier.agent.tiers.nvme import DiskIO, open_direct, parallel_io
 from kvtier.bench.shapes import SHAPES
 
 from kvtier.dev.agents import AgentProcess, local_agent_config, spawn_agent
@@ -65,7 +65,7 @@ def raw_direct_read(path: Path, nbytes: int, threads: int = IO_THREADS) -> float
             done = 0
             while done < nbytes:
                 n = min(len(buf), nbytes - done)
-                parallel_io(pool, os.preadv, fd, memoryview(buf)[:n], done)
+                parallel_io(pool, DiskIO().read, fd, memoryview(buf)[:n], done)
                 done += n
             return nbytes / (time.perf_counter() - t0)
     finally:

@@ -30,9 +30,6 @@ class AgentConfig(Model):
     segmentBytes: int = Field(
         GiB, gt=0, description="DRAM arena segment size (a tenant owns whole segments)."
     )
-    namespaceQuotaSegments: int | None = Field(
-        None, gt=0, description="At most this many segments per tenant."
-    )
     peerPort: int = Field(
         7070, ge=0, lt=65536, description="TCP data port for peer agents (0: any free port)."
     )

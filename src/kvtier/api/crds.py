@@ -82,8 +82,10 @@ def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
     return _structural(_inline(raw, defs))
 
 
-def _resource_schema(spec: type[BaseModel], status: type[BaseModel], description: str) -> dict[str, Any]:
-    return {
+def _resource_schema(
+    spec: type[BaseModel], status: type[BaseModel], description: str, *rules: dict[str, str]
+) -> dict[str, Any]:
+    schema = {
         "type": "object",
         "description": description,
         "required": ["spec"],
@@ -95,6 +97,9 @@ def _resource_schema(spec: type[BaseModel], status: type[BaseModel], description
             "status": openapi_schema(status),
         },
     }
+    if rules:  # the only place CEL may read metadata (name and generateName)
+        schema["x-kubernetes-validations"] = list(rules)
+    return schema
 
 
 def _crd(
@@ -142,6 +147,10 @@ def kvcachepool_crd() -> dict[str, Any]:
         api.KVCachePoolSpec,
         api.KVCachePoolStatus,
         "A KV-cache pool: DRAM and NVMe tiers on a set of GPU nodes, served by one agent per node.",
+        api.cel(
+            f"self.metadata.name.matches('{api.POOL_NAME}')",
+            api.POOL_NAME_MESSAGE,
+        ),
     )
     columns = [
         _column("Ready", '.status.conditions[?(@.type=="Ready")].status'),

@@ -14,9 +14,9 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from kvtier.api.quantity import parse_quantity
+from kvtier.api.quantity import MAX_BYTES, MAX_QUANTITY, parse_quantity
 
 GROUP = "kvtier.io"
 VERSION = "v1alpha1"
@@ -30,6 +30,11 @@ def cel(rule: str, message: str, **extra: str) -> dict[str, str]:
     return {"rule": rule, "message": message, **extra}
 
 
+def _cel_string(text: str) -> str:
+    """The body of a single-quoted CEL string literal holding `text`."""
+    return text.replace("\\", "\\\\").replace("'", "\\'")
+
+
 def rules(*entries: dict[str, str], **schema: Any) -> dict[str, Any]:
     """json_schema_extra carrying CEL rules (and any other schema keys) for a model or field."""
     return {"x-kubernetes-validations": list(entries), **schema} if entries else dict(schema)
@@ -41,23 +46,60 @@ class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-# A quantity is an int or a string such as "64Gi"; the API server checks it with CEL's quantity library.
-_POSITIVE_QUANTITY = cel(
-    "type(self) == int ? self > 0 : (isQuantity(self) && quantity(self).isGreaterThan(quantity('0')))",
-    "must be a positive quantity such as 64Gi or 500G",
+# A quantity is an int or a string such as "64Gi"; the API server checks it with CEL's quantity library
+# and pydantic with parse_quantity: the same grammar (no spaces), positive, at most 1Ei.
+QUANTITY_MESSAGE = (
+    f"must be a positive quantity of at most {MAX_QUANTITY} such as 64Gi or 500G, without spaces"
 )
+_POSITIVE_QUANTITY = cel(
+    f"type(self) == int ? (self > 0 && self <= {MAX_BYTES}) : (isQuantity(self) && "
+    f"quantity(self).isGreaterThan(quantity('0')) && quantity(self).compareTo(quantity('{MAX_QUANTITY}')) <= 0)",
+    QUANTITY_MESSAGE,
+)
+
+
+def _positive_quantity(value: int | str) -> int | str:
+    try:
+        positive = parse_quantity(value) > 0
+    except ValueError as exc:
+        raise ValueError(f"{QUANTITY_MESSAGE} ({exc})") from None
+    if not positive:
+        raise ValueError(f"{QUANTITY_MESSAGE} (got {value!r})")
+    return value
+
+
 Quantity = Annotated[
     int | str,
     Field(
         json_schema_extra=rules(_POSITIVE_QUANTITY, **{"x-kubernetes-int-or-string": True, "maxLength": 64})
     ),
+    AfterValidator(_positive_quantity),
 ]
 
 
-def _positive_quantity(value: int | str) -> int | str:
-    if parse_quantity(value) <= 0:
-        raise ValueError(f"must be a positive quantity such as 64Gi, got {value!r}")
-    return value
+def sized(minimum: str, why: str) -> Any:
+    """A quantity of at least `minimum` (a tier that cannot hold one block is a mistake, not a pool)."""
+    floor = parse_quantity(minimum)
+    message = f"must be at least {minimum}: {why}"
+
+    def at_least(value: int | str) -> int | str:
+        if parse_quantity(value) < floor:
+            raise ValueError(f"{message} (got {value!r})")
+        return value
+
+    rule = cel(
+        f"type(self) == int ? self >= {floor} : "
+        f"(!isQuantity(self) || quantity(self).compareTo(quantity('{minimum}')) >= 0)",
+        message,
+    )
+    return Annotated[
+        Quantity, Field(json_schema_extra=rules(_POSITIVE_QUANTITY, rule)), AfterValidator(at_least)
+    ]
+
+
+MIN_TIER = "16Mi"
+DramSize = sized(MIN_TIER, "the DRAM arena must hold at least one KV block")
+NvmeSize = sized(MIN_TIER, "the NVMe tier must hold at least one KV block")
 
 
 _DURATION = re.compile(r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$")
@@ -82,7 +124,7 @@ def _defaults_of(model: type[BaseModel]) -> dict[str, Any]:
 class DramTier(Model):
     """Host DRAM per node: the arena engines map and DMA from."""
 
-    size: Quantity = Field(description="DRAM per node for this pool, e.g. 64Gi.")
+    size: DramSize = Field(description="DRAM per node for this pool, e.g. 64Gi (at least 16Mi).")
     hugepages: Literal["none", "2Mi", "1Gi"] = Field(
         "none", description="Back the arena with hugepages of this size (the agent requests them)."
     )
@@ -98,8 +140,6 @@ class DramTier(Model):
         ),
     )
 
-    _size = field_validator("size")(_positive_quantity)
-
 
 class DeviceSelector(Model):
     """Which NVMe devices a pool may use (shell-style patterns; all given must match)."""
@@ -107,6 +147,38 @@ class DeviceSelector(Model):
     model: list[Annotated[str, Field(max_length=128)]] | None = Field(None, max_length=16)
     serial: list[Annotated[str, Field(max_length=128)]] | None = Field(None, max_length=16)
     path: list[Annotated[str, Field(max_length=256)]] | None = Field(None, max_length=16)
+
+
+# Where a cache file may never go: each rule (an RE2/Python regex that must NOT match) and its fix-it message,
+# checked alike by the API server (CEL) and pydantic.
+SYSTEM_FOLDERS = (
+    "proc",
+    "sys",
+    "dev",
+    "etc",
+    "boot",
+    "bin",
+    "sbin",
+    "lib",
+    "lib32",
+    "lib64",
+    "usr",
+    "run",
+    "var/run",
+    "var/lib/kubelet",
+    "root",
+)
+_PATH_RULES = (
+    ("^[^/]|/$", "path must be an absolute path to a file, such as /mnt/nvme0/kvtier.img"),
+    ("(^|/)[.][.]?(/|$)", "path must not contain '.' or '..' segments: write the folder out"),
+    ("//", "path must not contain empty segments ('//')"),
+    ("[\\x00-\\x1f\\x7f]", "path must not contain control characters"),
+    (
+        f"^/({'|'.join(SYSTEM_FOLDERS)})(/|$)",
+        f"path must not be in a system folder (/{', /'.join(SYSTEM_FOLDERS)}): "
+        "use a folder on the NVMe filesystem, such as /mnt/nvme0/kvtier.img",
+    ),
+)
 
 
 class NvmeTier(Model):
@@ -137,7 +209,7 @@ class NvmeTier(Model):
         )
     )
 
-    size: Quantity = Field(description="NVMe capacity per node for this pool, e.g. 1Ti.")
+    size: NvmeSize = Field(description="NVMe capacity per node for this pool, e.g. 1Ti (at least 16Mi).")
     mode: Literal["namespace", "partition", "file"] = Field(
         description="namespace: NVMe namespaces created for the pool; partition: a partition; file: a file on a mounted filesystem."
     )
@@ -147,14 +219,24 @@ class NvmeTier(Model):
     path: str | None = Field(
         None,
         max_length=512,
-        pattern=r"^/.*",
-        description="Absolute path of the cache file on each node (mode file).",
+        description="Absolute path of the cache file on each node (mode file); the agent creates it.",
+        json_schema_extra=rules(
+            *(cel(f"!self.matches('{_cel_string(regex)}')", message) for regex, message in _PATH_RULES)
+        ),
     )
     allowInUse: bool = Field(
-        False, description="Use a device that holds a filesystem or is mounted (destroys its data)."
+        False,
+        description="Use a device that holds a filesystem or is mounted, or a file at path that kvtier "
+        "did not create (destroys their data).",
     )
 
-    _size = field_validator("size")(_positive_quantity)
+    @field_validator("path")
+    @classmethod
+    def _safe_path(cls, path: str | None) -> str | None:
+        for regex, message in _PATH_RULES:
+            if path is not None and re.search(regex, path):
+                raise ValueError(message)
+        return path
 
     @model_validator(mode="after")
     def _path_matches_mode(self) -> NvmeTier:
@@ -242,6 +324,62 @@ class Tenancy(Model):
         "namespace",
         description="namespace: each namespace has its own key space and memory; shared: one key space for all admitted namespaces.",
     )
+    dramShare: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="The largest fraction of a node's DRAM arena one tenant may hold (1: no limit). "
+        "A tenant at its share evicts its own blocks, never another tenant's.",
+    )
+    nvmeShare: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="The largest fraction of a node's NVMe tier one tenant's blocks may hold (1: no limit).",
+    )
+
+
+def _duration(default: str, description: str) -> Any:
+    return Field(default, pattern=_DURATION.pattern, max_length=32, description=description)
+
+
+class Limits(Model):
+    """What one client, tenant or peer can take from a node's agent. The defaults suit tens of engine
+    pods per node; every limit holds whatever a client sends."""
+
+    connectionsPerTenant: int = Field(
+        64, ge=1, le=4096, description="Open connections per tenant socket; more are refused."
+    )
+    connections: int = Field(
+        512, ge=1, le=65536, description="Open connections over all tenant sockets and the peer port."
+    )
+    descriptorsPerMessage: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="File descriptors accepted beside one request. Clients never need to send any: the "
+        "ones that fit are closed unread, the kernel drops the rest.",
+    )
+    frameBytes: int = Field(
+        4 << 20, ge=64 << 10, le=64 << 20, description="Largest request on a tenant socket after its hello."
+    )
+    preAuthFrameBytes: int = Field(
+        64 << 10,
+        ge=1 << 10,
+        le=1 << 20,
+        description="Largest request before a connection has said hello (tenant sockets).",
+    )
+    peerPreAuthFrameBytes: int = Field(
+        1 << 10,
+        ge=256,
+        le=64 << 10,
+        description="Largest frame on the peer port before the peer proved pool membership.",
+    )
+    readTimeout: str = _duration("10s", "A request must arrive whole within this once it has started.")
+    idleTimeout: str = _duration("1h", "A connection with no request for this long is closed.")
+    syncTimeout: str = _duration(
+        "10s", "A synchronous put fails after this long without its NVMe copy (below clients' own timeouts)."
+    )
 
 
 class Toleration(Model):
@@ -281,6 +419,7 @@ class KVCachePoolSpec(Model):
     eviction: Eviction = Field(default_factory=Eviction, json_schema_extra=_defaults_of(Eviction))
     prefetch: Prefetch = Field(default_factory=Prefetch, json_schema_extra=_defaults_of(Prefetch))
     tenancy: Tenancy = Field(default_factory=Tenancy, json_schema_extra=_defaults_of(Tenancy))
+    limits: Limits = Field(default_factory=Limits, json_schema_extra=_defaults_of(Limits))
     agent: AgentSpec = Field(default_factory=AgentSpec, json_schema_extra=_defaults_of(AgentSpec))
 
     @field_validator("blockTokens")
@@ -351,6 +490,22 @@ class ObjectMeta(Model):
     name: str
 
 
+# Children are named kvtier-agent-<pool> (DaemonSet, Service, ConfigMap): a DNS label of at most 63.
+MAX_POOL_NAME = 50
+POOL_NAME = f"^[a-z0-9]([-a-z0-9]{{0,{MAX_POOL_NAME - 2}}}[a-z0-9])?$"
+POOL_NAME_MESSAGE = (
+    f"a KVCachePool name must be at most {MAX_POOL_NAME} characters of a-z, 0-9 and '-' (no dots), "
+    "starting and ending with a letter or digit: its agents' DaemonSet and Service are named "
+    "kvtier-agent-<name>"
+)
+
+
+def check_pool_name(name: str) -> str:
+    if not re.match(POOL_NAME, name):
+        raise ValueError(POOL_NAME_MESSAGE)
+    return name
+
+
 class KVCachePool(Model):
     model_config = ConfigDict(extra="ignore")
 
@@ -359,6 +514,12 @@ class KVCachePool(Model):
     metadata: ObjectMeta
     spec: KVCachePoolSpec
     status: KVCachePoolStatus | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _name_fits_children(cls, metadata: ObjectMeta) -> ObjectMeta:
+        check_pool_name(metadata.name)
+        return metadata
 
 
 # ------------------------------------------------------------------------------- KVCacheNode

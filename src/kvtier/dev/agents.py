@@ -62,13 +62,18 @@ class AgentProcess:
 
 
 def spawn_agent(
-    config: AgentConfig, config_path: Path, env: dict[str, str] | None = None, log: Path | None = None
+    config: AgentConfig,
+    config_path: Path,
+    env: dict[str, str] | None = None,
+    log: Path | None = None,
+    wrapper: list[str] | None = None,
 ) -> AgentProcess:
-    """Write the configuration, start the agent, and wait for its ready line."""
+    """Write the configuration, start the agent (under `wrapper`, a command prefix, if given), and
+    wait for its ready line."""
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(config.to_yaml())
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvtier.cli", "agent", "--config", str(config_path)],
+        [*(wrapper or []), sys.executable, "-m", "kvtier.cli", "agent", "--config", str(config_path)],
         stdout=subprocess.PIPE,
         stderr=open(log, "ab") if log else subprocess.STDOUT,  # noqa: SIM115 - owned by the child
         text=True,

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import array
 import json
+import os
 import socket
 import struct
+import time
 from typing import Any
 
 MAX_FRAME = 16 << 20
-MAX_FDS = 64
+MAX_FDS = 256  # a client receives its tenant's segments in one reply
 _HEADER = struct.Struct(">I")
+_CHUNK = 256 << 10  # largest single read: a header cannot make the reader allocate more
 
 
 class ProtocolError(Exception):
@@ -48,10 +51,34 @@ def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = N
         sock.sendall(data)
 
 
-def _recv_exact(sock: socket.socket, n: int, fds: list[int]) -> bytes:
-    chunks, got = [], 0
-    while got < n:
-        data, ancdata, _flags, _addr = sock.recvmsg(n - got, socket.CMSG_SPACE(MAX_FDS * 4))
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
+
+
+def _recv_exact(
+    sock: socket.socket, n: int, fds: list[int], max_fds: int, deadline: float | None, first: bool = False
+) -> bytearray:
+    """n bytes, read in bounded chunks: memory grows with what actually arrived, never with what a
+    header promised. Descriptors beyond `max_fds` are discarded by the kernel (control data truncated)."""
+    buf = bytearray()
+    ancillary = socket.CMSG_SPACE(max_fds * 4) if max_fds else 0
+    while len(buf) < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ProtocolError("frame not completed in time")
+            sock.settimeout(left)
+        try:
+            data, ancdata, _flags, _addr = sock.recvmsg(min(n - len(buf), _CHUNK), ancillary)
+        except TimeoutError:
+            if deadline is None:
+                raise  # idle: no frame started
+            raise ProtocolError("frame not completed in time") from None
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 received = array.array("i")
@@ -60,25 +87,43 @@ def _recv_exact(sock: socket.socket, n: int, fds: list[int]) -> bytes:
         if not data:
             raise (
                 ConnectionError("peer closed the connection")
-                if got == 0 and not chunks
+                if first
                 else ProtocolError("connection closed inside a frame")
             )
-        chunks.append(data)
-        got += len(data)
-    return b"".join(chunks)
+        buf += data
+    return buf
 
 
-def recv(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
-    """One frame and any descriptors that came with it. Raises ConnectionError on a clean close."""
+def recv(
+    sock: socket.socket,
+    max_frame: int = MAX_FRAME,
+    max_fds: int = MAX_FDS,
+    idle_timeout: float | None = None,
+    frame_timeout: float | None = None,
+) -> tuple[dict[str, Any], list[int]]:
+    """One frame and any descriptors that came with it. Raises ConnectionError on a clean close
+    (and TimeoutError when no frame starts within `idle_timeout`). Once a frame's first byte is in,
+    the whole frame must arrive within `frame_timeout`. Whatever goes wrong, the descriptors that
+    arrived are closed before the exception leaves: nothing received is ever leaked."""
     fds: list[int] = []
-    (length,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size, fds))
-    if length > MAX_FRAME:
-        raise ProtocolError(f"frame of {length} bytes exceeds {MAX_FRAME}")
-    body = _recv_exact(sock, length, fds)
     try:
-        message = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadMessage(f"frame is not JSON: {exc}") from None
-    if not isinstance(message, dict):
-        raise BadMessage("frame is not a JSON object")
+        if idle_timeout is not None:
+            sock.settimeout(idle_timeout)
+        first = _recv_exact(sock, 1, fds, max_fds, None, first=True)
+        deadline = None if frame_timeout is None else time.monotonic() + frame_timeout
+        (length,) = _HEADER.unpack(first + _recv_exact(sock, _HEADER.size - 1, fds, max_fds, deadline))
+        if length > max_frame:
+            raise ProtocolError(f"frame of {length} bytes exceeds {max_frame}")
+        body = _recv_exact(sock, length, fds, max_fds, deadline)
+        try:
+            message = json.loads(body)
+        except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, absurd numbers or nesting
+            raise BadMessage(f"frame is not JSON: {exc}") from None
+        if not isinstance(message, dict):
+            raise BadMessage("frame is not a JSON object")
+    except BaseException:
+        _close_all(fds)
+        raise
+    if frame_timeout is not None:
+        sock.settimeout(frame_timeout)  # the reply too: a client that stops reading is dropped
     return message, fds

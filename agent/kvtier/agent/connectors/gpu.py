@@ -14,6 +14,8 @@ import torch
 from kvtier.agent.client import AgentConnection, Client
 from kvtier.agent.connectors.runs import GROUP_BYTES, HostRun, groups, runs, runs_in
 
+_REGISTER_READ_ONLY = 0x08  # cudaHostRegisterReadOnly
+
 
 class GpuArena:
     """The client's segments as CUDA-registered host tensors."""
@@ -30,7 +32,10 @@ class GpuArena:
                 continue
             tensor = torch.frombuffer(mm, dtype=torch.uint8)
             if self.pin:
-                err = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel(), 0)
+                readonly = seg_id in self.client.readonly  # a shared pool's sealed blocks
+                err = torch.cuda.cudart().cudaHostRegister(
+                    tensor.data_ptr(), tensor.numel(), _REGISTER_READ_ONLY if readonly else 0
+                )
                 if int(err) != 0:
                     raise RuntimeError(f"cudaHostRegister failed ({err}) for segment {seg_id}")
             self.host[seg_id] = tensor

@@ -5,6 +5,13 @@ tenant's secret salt (derived here, from the socket the request came in on, neve
 so two tenants' identical prompts never share an entry, and in `shared` pools every tenant uses
 one salt. Every operation takes one lock; data moves (NVMe I/O, checksums of large blocks) happen
 outside it with the block pinned.
+
+Memory a client can write is read only by its own namespace. In `namespace` pools a block stays
+in the tenant's own segment. In `shared` pools a namespace writes into segments of its own
+(staging) and the commit copies the block into a sealed segment nobody but the agent can write,
+taking the checksum of that copy: what another namespace reads is what was committed.
+A disk is untrusted like a client: a block whose NVMe read fails, comes back short or fails its
+checksum is dropped and answered as a miss.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -20,12 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import xxhash
-from kvtier.agent.metrics import Metrics
+from kvtier.agent.metrics import LogThrottle, Metrics
 from kvtier.agent.store.eviction import make_policy
 from kvtier.agent.store.extents import Extent, align_up
 from kvtier.agent.tiers.dram import DramFull, DramTier, Segment
 from kvtier.agent.tiers.manifest import Record
 from kvtier.agent.tiers.nvme import NvmeTier
+
+log = logging.getLogger("kvtier.agent.store")
 
 
 def checksum(data: memoryview | bytes) -> int:
@@ -55,7 +65,8 @@ class Block:
 class Lease:
     """What one client connection holds: pinned blocks and allocated-but-uncommitted extents."""
 
-    tenant: str
+    tenant: str  # key space (and owner of committed memory)
+    namespace: str = ""  # owner of the extents this connection allocates ("" = the tenant)
     pins: Counter[bytes] = field(default_factory=Counter)
     reserved: dict[tuple[int, int], tuple[Segment, Extent]] = field(default_factory=dict)
     segments_sent: set[int] = field(default_factory=set)
@@ -77,6 +88,8 @@ class Store:
         high_watermark: float = 0.9,
         low_watermark: float = 0.8,
         metrics: Metrics | None = None,
+        nvme_share: float = 1.0,
+        sync_timeout: float = 10.0,
     ) -> None:
         self.secret = secret
         self.dram = dram
@@ -91,8 +104,12 @@ class Store:
         self.persist_queue: list[bytes] = []
         self.work = threading.Condition(self.lock)
         self.persisted = threading.Condition(self.lock)
-        self.hits = 0
-        self.misses = 0
+        self.hits: Counter[str] = Counter()  # per tenant
+        self.misses: Counter[str] = Counter()
+        self.sync_timeout = sync_timeout
+        self.nvme_share = nvme_share
+        self.nvme_used: Counter[str] = Counter()  # bytes of NVMe extents per tenant
+        self._log = LogThrottle(log)
         self._closed = False
         self._persisting = 0
         self._salts: dict[str, bytes] = {}
@@ -104,6 +121,7 @@ class Store:
             for rec in nvme.recover().values():
                 self.blocks[rec.key] = Block(rec.key, rec.tenant, rec.size, rec.checksum, nvme=rec)
                 self.nvme_policy.insert(rec.key)
+                self.nvme_used[rec.tenant] += rec.length
         self._worker = threading.Thread(target=self._maintain, name="kvtier-maintain", daemon=True)
         self._worker.start()
         self._update_gauges()
@@ -113,6 +131,25 @@ class Store:
     def tenant_of(self, namespace: str) -> str:
         """The key space and memory owner of a namespace's connections."""
         return "shared" if self.isolation == "shared" else namespace
+
+    @property
+    def sealed(self) -> bool:
+        """Committed blocks live in sealed segments (shared pools: many namespaces read them)."""
+        return self.isolation == "shared"
+
+    def lease(self, namespace: str) -> Lease:
+        return Lease(tenant=self.tenant_of(namespace), namespace=namespace)
+
+    def segments_for(self, lease: Lease) -> list[Segment]:
+        """Every segment a connection may map: its namespace's own and, in shared pools, the sealed ones."""
+        with self.lock:
+            own = self.dram.segments_of(lease.namespace or lease.tenant, False)
+            return own + (self.dram.segments_of(lease.tenant, True) if self.sealed else [])
+
+    def _nvme_quota(self, tenant: str) -> float:
+        if self.sealed or self.nvme is None or self.nvme_share >= 1:
+            return math.inf  # a shared pool's blocks belong to every namespace
+        return self.nvme_share * self.nvme.capacity
 
     def salt(self, tenant: str) -> bytes:
         """Derived once per tenant (every key of every lookup, read and commit needs it)."""
@@ -137,18 +174,21 @@ class Store:
         out = []
         deadline = time.monotonic() + wait
         with self.lock:
+            owner = lease.namespace or lease.tenant
             for size in sizes:
-                got = self._allocate_dram(lease.tenant, size)
+                got = self._allocate_dram(owner, size)
                 while got is None and self.nvme and time.monotonic() < deadline:
                     self.work.notify_all()
                     self.persisted.wait(timeout=min(0.05, max(0.0, deadline - time.monotonic())))
-                    got = self._allocate_dram(lease.tenant, size)
+                    got = self._allocate_dram(owner, size)
                 if got is None:
                     for seg, ext in out:
                         self.dram.free(seg, ext)
                         del lease.reserved[(seg.id, ext.offset)]
                     self.metrics.alloc_failures.inc()
-                    raise StoreError("arena full: no evictable blocks for this tenant (save skipped)")
+                    raise StoreError(
+                        "arena full: no evictable blocks within this tenant's share (save skipped)"
+                    )
                 lease.reserved[(got[0].id, got[1].offset)] = got
                 out.append(got)
             self._update_gauges()
@@ -179,19 +219,21 @@ class Store:
                 if not 0 < size <= ext.length:
                     self.dram.free(seg, ext)
                     raise StoreError(f"size {size} does not fit the allocated extent of {ext.length}")
-                # The checksum is taken when the block first leaves DRAM (write-behind, a peer), off
-                # the commit path; a client that sends one gets it verified now.
-                sum_ = None
-                if given is not None:
-                    sum_ = checksum(seg.view(ext, size))
-                    if given != sum_:
-                        self.dram.free(seg, ext)
-                        self.metrics.checksum_failures.labels("commit").inc()
-                        raise StoreError("checksum does not match the bytes in the arena (torn write?)")
                 ikey = self.index_key(lease.tenant, fingerprint, key)
                 if ikey in self.blocks:
                     self.dram.free(seg, ext)  # already have it: keep the first copy
                     continue
+                if self.sealed:
+                    seg, ext = self._seal_copy(lease.tenant, seg, ext, size)
+                # The checksum is taken when the block first leaves DRAM (write-behind, a peer), off
+                # the commit path; a client that sends one, and a sealed copy, get it now.
+                sum_ = None
+                if given is not None or seg.sealed:
+                    sum_ = checksum(seg.view(ext, size))
+                    if given is not None and given != sum_:
+                        self.dram.free(seg, ext)
+                        self.metrics.checksum_failures.labels("commit").inc()
+                        raise StoreError("checksum does not match the bytes in the arena (torn write?)")
                 block = Block(ikey, lease.tenant, size, sum_, seg=seg, extent=ext, last_used=time.monotonic())
                 self.blocks[ikey] = block
                 self.dram_policy.insert(ikey)
@@ -203,11 +245,43 @@ class Store:
                 self.work.notify_all()
             self._update_gauges()
             if sync and self.nvme:
-                deadline = time.monotonic() + 60
-                while any(k in self.blocks and self.blocks[k].nvme is None for k in new_keys):
-                    if not self.persisted.wait(timeout=max(0.0, deadline - time.monotonic())):
-                        raise StoreError("timed out persisting to the NVMe tier")
+                self._wait_persisted(new_keys)
         return len(new_keys)
+
+    def _wait_persisted(self, ikeys: list[bytes]) -> None:
+        """Under the lock: until every block has its NVMe copy; a clear error once one cannot get
+        one (no room, an I/O error) or after sync_timeout (below the client's own timeout)."""
+        deadline = time.monotonic() + self.sync_timeout
+        while True:
+            pending = [self.blocks[k] for k in ikeys if k in self.blocks and self.blocks[k].nvme is None]
+            failed = sum(1 for b in pending if b.unpersistable)
+            if failed:
+                raise StoreError(
+                    f"{failed} block(s) could not be written to the NVMe tier (full or failing; see the "
+                    "agent's kvtier_persist_failures); they are held in DRAM only"
+                )
+            if not pending:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StoreError(
+                    f"{len(pending)} block(s) not on NVMe after {self.sync_timeout:g}s (the tier is "
+                    "slow or backed up); they are held in DRAM and still being written"
+                )
+            self.work.notify_all()
+            self.persisted.wait(timeout=min(left, 0.5))
+
+    def _seal_copy(self, tenant: str, seg: Segment, ext: Extent, size: int) -> tuple[Segment, Extent]:
+        """Under the lock: move a staged block into the shared pool's sealed memory."""
+        got = self._allocate_dram(tenant, size, sealed=True)
+        if got is None:
+            self.dram.free(seg, ext)
+            self.metrics.alloc_failures.inc()
+            raise StoreError("arena full: no evictable blocks for the shared pool (save skipped)")
+        sealed_seg, sealed_ext = got
+        sealed_seg.view(sealed_ext, size)[:] = seg.view(ext, size)
+        self.dram.free(seg, ext)
+        return sealed_seg, sealed_ext
 
     def lookup(self, tenant: str, fingerprint: str, keys: list[bytes]) -> list[str]:
         """Tiers of the leading keys that hit (a prefix query: stops at the first miss)."""
@@ -257,9 +331,9 @@ class Store:
                 self.metrics.lookups.labels(tier).inc()
                 block.last_used = now
                 self.dram_policy.touch(block.key)
-            self.hits += len(pinned)
+            self.hits[lease.tenant] += len(pinned)
             if len(pinned) < len(keys):
-                self.misses += 1
+                self.misses[lease.tenant] += 1
                 self.metrics.lookups.labels("miss").inc()
         self.metrics.latency.labels("read_blocks").observe(time.perf_counter() - t0)
         return [(b.seg, b.extent, b) for b in pinned]  # type: ignore[misc]
@@ -356,7 +430,7 @@ class Store:
         with self.lock:
             if ikey in self.blocks:
                 return False
-            got = self._allocate_dram(tenant, len(data))
+            got = self._allocate_dram(tenant, len(data), self.sealed)
             if got is None:
                 return False
             seg, ext = got
@@ -379,25 +453,39 @@ class Store:
             self._update_gauges()
             return True
 
-    def stats(self) -> dict[str, object]:
+    def stats(self, tenant: str | None = None) -> dict[str, object]:
+        """Pool-wide numbers (admin socket, metrics), or one tenant's own (its socket): its blocks,
+        its memory, its share, its hits; never another tenant's."""
         with self.lock:
-            dram_blocks = sum(1 for b in self.blocks.values() if b.seg)
+            blocks = [b for b in self.blocks.values() if tenant is None or b.tenant == tenant]
+            nvme_cap = self.nvme.capacity if self.nvme else 0
+            if tenant is None:
+                dram_cap, dram_used = self.dram.capacity, self.dram.used
+                nvme_used = self.nvme.used if self.nvme else 0
+                hits, misses = sum(self.hits.values()), sum(self.misses.values())
+            else:
+                quota = self.dram.quota_segments if not self.sealed else None
+                dram_cap = min(self.dram.capacity, (quota or len(self.dram.slots)) * self.dram.segment_bytes)
+                dram_used = sum(s.alloc.used for s in self.dram.segments_of(tenant))
+                nvme_cap = int(min(nvme_cap, self._nvme_quota(tenant)))
+                nvme_used = self.nvme_used[tenant]
+                hits, misses = self.hits[tenant], self.misses[tenant]
             return {
-                "blocks": len(self.blocks),
+                "blocks": len(blocks),
                 "dram": {
-                    "capacityBytes": self.dram.capacity,
-                    "usedBytes": self.dram.used,
-                    "blocks": dram_blocks,
+                    "capacityBytes": dram_cap,
+                    "usedBytes": dram_used,
+                    "blocks": sum(1 for b in blocks if b.seg),
                 },
                 "nvme": {
-                    "capacityBytes": self.nvme.capacity if self.nvme else 0,
-                    "usedBytes": self.nvme.used if self.nvme else 0,
-                    "blocks": sum(1 for b in self.blocks.values() if b.nvme),
+                    "capacityBytes": nvme_cap,
+                    "usedBytes": nvme_used,
+                    "blocks": sum(1 for b in blocks if b.nvme),
                     "direct": bool(self.nvme and self.nvme.direct),
                 },
-                "hits": self.hits,
-                "misses": self.misses,
-                "pinned": sum(1 for b in self.blocks.values() if b.pins),
+                "hits": hits,
+                "misses": misses,
+                "pinned": sum(1 for b in blocks if b.pins),
             }
 
     def flush(self, timeout: float = 60.0) -> None:
@@ -434,21 +522,21 @@ class Store:
             if block:
                 block.pins = max(0, block.pins - 1)
 
-    def _allocate_dram(self, tenant: str, size: int) -> tuple[Segment, Extent] | None:
+    def _allocate_dram(self, owner: str, size: int, sealed: bool = False) -> tuple[Segment, Extent] | None:
         try:
-            got = self.dram.allocate(tenant, size)
+            got = self.dram.allocate(owner, size, sealed)
         except DramFull as exc:
             raise StoreError(str(exc)) from None
         # Full: drop blocks that are safe to drop right now (already on NVMe, or no NVMe tier)
-        # from this tenant's segments, then reclaim segments that other tenants left empty.
+        # from this owner's segments, then (below its share only) reclaim what others left empty.
         while got is None:
-            victim = self.dram_policy.victim(lambda k: self._cheap_dram_victim(k, tenant))
-            if victim is None:
+            victim = self.dram_policy.victim(lambda k: self._cheap_dram_victim(k, owner))
+            if victim is None and not self.dram.at_quota(owner, sealed):
                 victim = self.dram_policy.victim(lambda k: self._cheap_dram_victim(k, None))
-                if victim is None:
-                    return None
+            if victim is None:
+                return None
             self._drop_dram_copy(self.blocks[victim])
-            got = self.dram.allocate(tenant, size)
+            got = self.dram.allocate(owner, size, sealed)
         return got
 
     def _cheap_dram_victim(self, ikey: bytes, tenant: str | None) -> bool:
@@ -475,7 +563,12 @@ class Store:
 
     def _drop_nvme_copy(self, block: Block) -> None:
         assert self.nvme and block.nvme
-        self.nvme.delete(block.nvme)
+        self.nvme_used[block.tenant] -= block.nvme.length
+        try:
+            self.nvme.delete(block.nvme)
+        except OSError as exc:  # no DEL record: the extent stays out of use (crash order), the block goes
+            self.metrics.io_errors.labels("manifest").inc()
+            self._log.warning("manifest", "could not log an NVMe deletion: %s", str(exc))
         block.nvme = None
         self.nvme_policy.remove(block.key)
         if block.seg is None:
@@ -493,14 +586,21 @@ class Store:
             rec = block.nvme
             if rec is None:
                 return False
-            got = self._allocate_dram(block.tenant, rec.length)
+            got = self._allocate_dram(block.tenant, rec.length, self.sealed)
             if got is None:
                 return False
             seg, ext = got
         t0 = time.perf_counter()
         view = seg.view(ext)
-        self.nvme.read_into(rec, view)
-        good = checksum(view[: rec.size]) == rec.checksum
+        try:
+            self.nvme.read_into(rec, view)
+            good = checksum(view[: rec.size]) == rec.checksum
+            failure = "nvme"
+        except OSError as exc:  # EIO, a short read of a truncated file: the same as bad bytes
+            good, failure = False, "nvme_read_error"
+            self.metrics.io_errors.labels("read").inc()
+            self._log.warning("read", "NVMe read failed (served as a miss): %s", str(exc))
+        del view
         self.metrics.latency.labels("promote").observe(time.perf_counter() - t0)
         with self.lock:
             if block.seg:  # lost a race with another promoter: keep theirs
@@ -508,7 +608,7 @@ class Store:
                 return True
             if not good:
                 self.dram.free(seg, ext)
-                self.metrics.checksum_failures.labels("nvme").inc()
+                self.metrics.checksum_failures.labels(failure).inc()
                 if block.nvme is rec:
                     self._drop_nvme_copy(block)
                 self.blocks.pop(block.key, None)
@@ -546,8 +646,8 @@ class Store:
             block, seg, ext = job
             try:
                 self._persist(block, seg, ext)
-            except Exception:  # an I/O error on one block must not stop write-behind for good
-                logging.getLogger("kvtier.agent.store").exception("writing a block to NVMe failed")
+            except Exception as exc:  # a bug on one block must not stop write-behind for good
+                self._log.exception("persist", "writing a block to NVMe failed: %s", exc)
                 with self.lock:
                     block.pins -= 1
                     self._persisting -= 1
@@ -575,39 +675,77 @@ class Store:
         return None
 
     def _persist(self, block: Block, seg: Segment, ext: Extent) -> None:
-        """Write one pinned block behind to NVMe: room under the lock, data outside it, then log."""
+        """Write one pinned block behind to NVMe: room under the lock (within the tenant's share),
+        data outside it, then log. Whatever fails, the reserved extent goes back: no room or an
+        I/O error leaves the block in DRAM only (`unpersistable`), counted, never a leak."""
         assert self.nvme
         t0 = time.perf_counter()
         with self.lock:
-            target = self.nvme.allocate(ext.length)
-            while target is None:
-                victim = self.nvme_policy.victim(
-                    lambda k: k in self.blocks and self.blocks[k].nvme is not None and not self.blocks[k].pins
-                )
-                if victim is None:
-                    break
-                self._drop_nvme_copy(self.blocks[victim])
-                target = self.nvme.allocate(ext.length)
+            target = self._allocate_nvme(block.tenant, ext.length)
+        error: OSError | None = None
         if target is not None:
             if block.checksum is None:
                 block.checksum = checksum(seg.view(ext, block.size))
-            self.nvme.write_at(target, seg.view(ext))
+            try:
+                self.nvme.write_at(target, seg.view(ext))
+            except OSError as exc:  # ENOSPC on a sparse file, EIO
+                error = OSError(exc.errno, str(exc))  # without the traceback's views of the arena
         with self.lock:
             block.pins -= 1
             self._persisting -= 1
-            if target is None:
+            if target is not None and error is None and self.blocks.get(block.key) is block:
+                try:
+                    block.nvme = self.nvme.log(
+                        block.key, block.tenant, target, block.size, block.checksum or 0
+                    )
+                except OSError as exc:
+                    error = exc
+                else:
+                    self.nvme_policy.insert(block.key)
+                    self.metrics.bytes_moved.labels("dram_to_nvme").inc(block.size)
+                    try:
+                        self.nvme.maybe_compact([b.nvme for b in self.blocks.values() if b.nvme])
+                    except OSError as exc:  # the old log stays valid; compaction is tried again later
+                        self._log.warning("compact", "manifest compaction failed: %s", str(exc))
+            if target is not None and block.nvme is None:
+                self.nvme.abandon(target)
+                self.nvme_used[block.tenant] -= target.length
+            if block.nvme is None and self.blocks.get(block.key) is block:
                 block.unpersistable = True
                 self.metrics.persist_failures.inc()
-            elif self.blocks.get(block.key) is not block:
-                self.nvme.abandon(target)
-            else:
-                block.nvme = self.nvme.log(block.key, block.tenant, target, block.size, block.checksum or 0)
-                self.nvme_policy.insert(block.key)
-                self.metrics.bytes_moved.labels("dram_to_nvme").inc(block.size)
-                self.nvme.maybe_compact([b.nvme for b in self.blocks.values() if b.nvme])
+            if error is not None:
+                self.metrics.io_errors.labels("write").inc()
+                self._log.warning("write", "NVMe write failed (block kept in DRAM only): %s", str(error))
             self.metrics.latency.labels("persist").observe(time.perf_counter() - t0)
             self._update_gauges()
             self.persisted.notify_all()
+
+    def _allocate_nvme(self, tenant: str, length: int) -> Extent | None:
+        """Under the lock: an NVMe extent within the tenant's share, evicting its own blocks (then,
+        below its share, anyone's) that are not pinned."""
+        assert self.nvme
+
+        def evictable(k: bytes, own: bool) -> bool:
+            b = self.blocks.get(k)
+            return b is not None and b.nvme is not None and not b.pins and (not own or b.tenant == tenant)
+
+        quota = self._nvme_quota(tenant)
+        while self.nvme_used[tenant] + length > quota:
+            victim = self.nvme_policy.victim(lambda k: evictable(k, True))
+            if victim is None:
+                return None
+            self._drop_nvme_copy(self.blocks[victim])
+        target = self.nvme.allocate(length)
+        while target is None:
+            victim = self.nvme_policy.victim(lambda k: evictable(k, True)) or self.nvme_policy.victim(
+                lambda k: evictable(k, False)
+            )
+            if victim is None:
+                return None
+            self._drop_nvme_copy(self.blocks[victim])
+            target = self.nvme.allocate(length)
+        self.nvme_used[tenant] += target.length
+        return target
 
     def _update_gauges(self) -> None:
         m = self.metrics

@@ -1,15 +1,24 @@
 """DRAM tier: the pool's host memory on this node as memfd segments that engines map and DMA from.
 
-A segment belongs to one tenant at a time. It changes hands only when empty, and then as a new
-memfd: the old file is hole-punched (a stale mapping in the old tenant's process reads zeros) and
-the new tenant gets fresh zero pages it alone has ever seen. Tenancy therefore holds in memory,
+A segment belongs to one owner at a time. It changes hands only when empty, and then as a new
+memfd: the old file is hole-punched (a stale mapping in the old owner's process reads zeros) and
+the new owner gets fresh zero pages it alone has ever seen. Tenancy therefore holds in memory,
 not only in keys.
+
+Clients hold the same memory the agent reads, so every segment is sealed before it is handed out:
+its size can never change (a client's ftruncate would otherwise SIGBUS the agent on its next
+access). A `sealed` segment is also closed to writers (F_SEAL_FUTURE_WRITE): only the agent's own
+mapping, made before the seal, can change it; clients map it read-only. Shared pools keep their
+committed blocks there, so no namespace can alter what another one reads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import errno
+import fcntl
 import itertools
 import mmap
 import os
@@ -20,6 +29,8 @@ from kvtier.agent.store.extents import Extent, ExtentAllocator
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 _MPOL_BIND = 2
+_F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)  # Linux 5.1
+_SIZE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 _SYS_MBIND = 237  # x86_64
 
 _HUGEPAGE_FLAGS = {
@@ -55,6 +66,7 @@ class Segment:
     size: int
     owner: str
     mm: mmap.mmap
+    sealed: bool = False  # read-only for every client (the agent writes through its own mapping)
     alloc: ExtentAllocator = field(init=False)
 
     def __post_init__(self) -> None:
@@ -63,8 +75,8 @@ class Segment:
     def view(self, extent: Extent, length: int | None = None) -> memoryview:
         return memoryview(self.mm)[extent.offset : extent.offset + (length or extent.length)]
 
-    def describe(self) -> dict[str, int]:
-        return {"id": self.id, "size": self.size}
+    def describe(self) -> dict[str, int | bool]:
+        return {"id": self.id, "size": self.size, "writable": not self.sealed}
 
 
 class DramFull(Exception):
@@ -79,7 +91,7 @@ class DramTier:
         segment_bytes: int,
         hugepages: str = "none",
         numa: int | None = None,
-        quota_segments: int | None = None,
+        share: float = 1.0,
     ) -> None:
         self.pool = pool
         self.segment_bytes = segment_bytes
@@ -88,7 +100,8 @@ class DramTier:
         self.hugepages = hugepages
         self.numa = numa
         self.numa_bound: bool | None = None
-        self.quota_segments = quota_segments
+        # a tenant's share of the arena, in whole segments (at least one, so every tenant can save)
+        self.quota_segments = max(1, int(share * len(self.slots))) if share < 1 else None
         self._ids = itertools.count(1)
 
     # --------------------------------------------------------------------------- geometry
@@ -97,64 +110,88 @@ class DramTier:
     def used(self) -> int:
         return sum(s.alloc.used for s in self.slots if s)
 
-    def segments_of(self, tenant: str) -> list[Segment]:
-        return [s for s in self.slots if s and s.owner == tenant]
+    def segments_of(self, owner: str, sealed: bool | None = None) -> list[Segment]:
+        return [s for s in self.slots if s and s.owner == owner and (sealed is None or s.sealed == sealed)]
 
     def segment(self, segment_id: int) -> Segment | None:
         return next((s for s in self.slots if s and s.id == segment_id), None)
 
     # ------------------------------------------------------------------------- allocation
 
-    def allocate(self, tenant: str, length: int) -> tuple[Segment, Extent] | None:
-        """An extent in one of the tenant's segments, taking a free slot when needed; None when full.
+    def allocate(self, owner: str, length: int, sealed: bool = False) -> tuple[Segment, Extent] | None:
+        """An extent in one of the owner's segments, taking a free slot when needed; None when full.
 
-        The caller evicts and retries; new segments are reported to the tenant's clients by the store.
+        Writable segments count against the owner's quota; sealed ones hold a shared pool's
+        blocks, which belong to no namespace. The caller evicts and retries; new segments are
+        reported to the owner's clients by the store.
         """
-        for seg in self.segments_of(tenant):
+        for seg in self.segments_of(owner, sealed):
             extent = seg.alloc.allocate(length)
             if extent:
                 return seg, extent
         if length > self.segment_bytes:
             raise DramFull(f"a block of {length} bytes exceeds the segment size {self.segment_bytes}")
-        if self.quota_segments and len(self.segments_of(tenant)) >= self.quota_segments:
+        if self.at_quota(owner, sealed):
             return None
-        seg = self._take_slot(tenant)
+        seg = self._take_slot(owner, sealed)
         if not seg:
             return None
         extent = seg.alloc.allocate(length)
         assert extent is not None
         return seg, extent
 
+    def at_quota(self, owner: str, sealed: bool) -> bool:
+        """The owner holds its whole share: it may only reuse its own memory."""
+        return (
+            not sealed
+            and self.quota_segments is not None
+            and len(self.segments_of(owner, False)) >= self.quota_segments
+        )
+
     def free(self, seg: Segment, extent: Extent) -> None:
         seg.alloc.release(extent)
 
-    def reclaimable(self, tenant: str) -> list[Segment]:
-        """Other tenants' empty segments, which can change hands right away."""
-        return [s for s in self.slots if s and s.owner != tenant and s.alloc.used == 0]
+    def reclaimable(self, owner: str, sealed: bool) -> list[Segment]:
+        """Other owners' empty segments, which can change hands right away."""
+        return [s for s in self.slots if s and (s.owner, s.sealed) != (owner, sealed) and s.alloc.used == 0]
 
-    def _take_slot(self, tenant: str) -> Segment | None:
+    def _take_slot(self, owner: str, sealed: bool) -> Segment | None:
         for i, seg in enumerate(self.slots):
             if seg is None:
-                return self._new_segment(i, tenant)
-        for seg in self.reclaimable(tenant):
+                return self._new_segment(i, owner, sealed)
+        for seg in self.reclaimable(owner, sealed):
             self.retire(seg)
-            return self._new_segment(seg.slot, tenant)
+            return self._new_segment(seg.slot, owner, sealed)
         return None
 
-    def _new_segment(self, slot: int, tenant: str) -> Segment:
+    def _new_segment(self, slot: int, owner: str, sealed: bool) -> Segment:
         seg_id = next(self._ids)
-        fd = os.memfd_create(f"kvtier-{self.pool}-{seg_id}", os.MFD_CLOEXEC | _HUGEPAGE_FLAGS[self.hugepages])
-        os.ftruncate(fd, self.segment_bytes)
-        mm = mmap.mmap(fd, self.segment_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        fd = os.memfd_create(
+            f"kvtier-{self.pool}-{seg_id}",
+            os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | _HUGEPAGE_FLAGS[self.hugepages],
+        )
+        try:
+            os.ftruncate(fd, self.segment_bytes)
+            mm = mmap.mmap(fd, self.segment_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            # sealed before any client can hold it; the agent's mapping above keeps its write access
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SIZE_SEALS | (_F_SEAL_FUTURE_WRITE if sealed else 0))
+        except BaseException:
+            os.close(fd)
+            raise
         if self.numa is not None:
             self.numa_bound = bind_to_numa(mm, self.segment_bytes, self.numa)
-        seg = Segment(id=seg_id, slot=slot, fd=fd, size=self.segment_bytes, owner=tenant, mm=mm)
+        seg = Segment(id=seg_id, slot=slot, fd=fd, size=self.segment_bytes, owner=owner, mm=mm, sealed=sealed)
         self.slots[slot] = seg
         return seg
 
     def retire(self, seg: Segment) -> None:
-        """Drop a segment's memory for good: stale mappings elsewhere now read zeros."""
-        punch_hole(seg.fd, seg.size)
+        """Drop a segment's memory for good: stale mappings elsewhere now read zeros. (A sealed
+        segment refuses the hole punch; its stale readers keep what every namespace could read.)"""
+        try:
+            punch_hole(seg.fd, seg.size)
+        except OSError as exc:
+            if exc.errno != errno.EPERM or not seg.sealed:
+                raise
         seg.mm.close()
         os.close(seg.fd)
         self.slots[seg.slot] = None
@@ -162,6 +199,7 @@ class DramTier:
     def close(self) -> None:
         for seg in list(self.slots):
             if seg:
-                seg.mm.close()
+                with contextlib.suppress(BufferError):  # a view still held elsewhere: the process ends anyway
+                    seg.mm.close()
                 os.close(seg.fd)
         self.slots = [None] * len(self.slots)

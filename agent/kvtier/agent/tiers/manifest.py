@@ -9,6 +9,8 @@ set to a new file, fsyncs it and renames it over the old one (atomic).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import struct
 import zlib
@@ -69,10 +71,29 @@ def replay(data: bytes) -> tuple[dict[bytes, Record], int]:
     return live, pos
 
 
+def _starts_with_magic(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(MAGIC)) == MAGIC
+
+
+class NotOurs(Exception):
+    """The tier's file or device holds data kvtier did not write there (and the pool did not say adopt)."""
+
+
 class Manifest:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, adopt: bool = False) -> None:
         self.path = path
         self.records_written = 0
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            raise NotOurs(f"{path} is not a regular file; the manifest must be one kvtier creates")
+        if not adopt and path.exists() and path.stat().st_size and not _starts_with_magic(path):
+            raise NotOurs(
+                f"{path} holds data kvtier did not write; move it away, or set allowInUse: true on the pool"
+            )
+
+    def reset(self) -> None:
+        """An empty log (the tier's data file was just created or adopted)."""
+        self._rewrite([])
 
     def open(self) -> dict[bytes, Record]:
         """Replay the log (truncating a torn tail) and keep it open for appends."""
@@ -84,16 +105,29 @@ class Manifest:
             if valid < len(data):
                 with open(self.path, "r+b") as f:
                     f.truncate(valid)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+            self._size = valid
             self.records_written = len(live)
         return live
 
     def add(self, rec: Record) -> None:
-        os.write(self._fd, _encode(_ADD, rec))
-        self.records_written += 1
+        self._append(_encode(_ADD, rec))
 
     def delete(self, rec: Record) -> None:
-        os.write(self._fd, _encode(_DEL, rec))
+        self._append(_encode(_DEL, rec))
+
+    def _append(self, record: bytes) -> None:
+        """A whole record or none: a short write (a full disk) is cut off again and raised, so no
+        torn record can sit in front of later ones (replay would stop there and lose them)."""
+        try:
+            written = os.write(self._fd, record)
+            if written != len(record):
+                raise OSError(errno.ENOSPC, f"manifest record cut short ({written} of {len(record)} bytes)")
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
+            raise
+        self._size += len(record)
         self.records_written += 1
 
     def sync(self) -> None:
@@ -104,10 +138,16 @@ class Manifest:
 
     def _rewrite(self, live: list[Record]) -> None:
         tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(MAGIC + b"".join(_encode(_ADD, r) for r in live))
-            f.flush()
-            os.fsync(f.fileno())
+        data = MAGIC + b"".join(_encode(_ADD, r) for r in live)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:  # a full disk: the old log stays as it was
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
         os.replace(tmp, self.path)
         dir_fd = os.open(self.path.parent, os.O_RDONLY)
         try:
@@ -117,6 +157,7 @@ class Manifest:
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self._size = len(data)
         self.records_written = len(live)
 
     def close(self) -> None:

@@ -4,24 +4,43 @@ Reads and writes bypass the page cache (O_DIRECT) from page-aligned buffers (the
 mapping), split into chunks that a thread pool issues in parallel so the device sees a deep queue.
 Where the filesystem refuses O_DIRECT (tmpfs), the tier still works through the page cache and says
 so in `direct`.
+
+The first 4 KiB of the tier are a header naming the pool: the agent writes only where it finds its
+own header (or nothing at all), so a mistyped path never overwrites someone's file unless the pool
+says `allowInUse`. Every byte read back is untrusted: a failed or short read is reported as an
+OSError and the store treats it like a bad checksum (a miss).
 """
 
 from __future__ import annotations
 
+import json
+import mmap
 import os
 import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kvtier.agent.store.extents import ALIGN, Extent, ExtentAllocator
-from kvtier.agent.tiers.manifest import Manifest, Record
+from kvtier.agent.tiers.manifest import Manifest, NotOurs, Record
 
 CHUNK = 4 << 20  # one direct-I/O request; several run at once
+HEADER_MAGIC = b"KVTIER-NVME-1\n"
+
+
+class DiskIO:
+    """The tier's only contact with the disk: one seam, where tests put a failing disk."""
+
+    def read(self, fd: int, buf: memoryview, offset: int) -> int:
+        return os.preadv(fd, [buf], offset)
+
+    def write(self, fd: int, buf: memoryview, offset: int) -> int:
+        return os.pwritev(fd, [buf], offset)
 
 
 def open_direct(path: Path, size: int | None = None) -> tuple[int, bool]:
-    """(fd, direct) for a file (created and sized when `size` is given) or a block device."""
-    flags = os.O_RDWR | getattr(os, "O_DIRECT", 0)
+    """(fd, direct) for a file (created and sized when `size` is given) or a block device.
+    Never follows a symlink at `path`: the file is the one the pool names."""
+    flags = os.O_RDWR | getattr(os, "O_DIRECT", 0) | os.O_NOFOLLOW
     if size is not None and not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         flags |= os.O_CREAT
@@ -54,23 +73,77 @@ def parallel_io(pool: ThreadPoolExecutor, fn, fd: int, buf: memoryview, offset: 
 def _full(fn, fd: int, buf: memoryview, offset: int) -> None:
     done = 0
     while done < len(buf):
-        n = fn(fd, [buf[done:]], offset + done)
+        n = fn(fd, buf[done:], offset + done)
         if n <= 0:
-            raise OSError(f"short direct I/O at offset {offset + done}")
+            raise OSError(f"short I/O at offset {offset + done} (the file or device ends early)")
         done += n
 
 
 class NvmeTier:
     def __init__(
-        self, path: Path, capacity: int, io_threads: int = 8, manifest_path: Path | None = None
+        self,
+        path: Path,
+        capacity: int,
+        io_threads: int = 8,
+        manifest_path: Path | None = None,
+        pool: str = "",
+        adopt: bool = False,
+        io: DiskIO | None = None,
     ) -> None:
         self.path = path
-        self.capacity = capacity // ALIGN * ALIGN
-        self.fd, self.direct = open_direct(path, self.capacity)
-        self.alloc = ExtentAllocator(self.capacity)
-        self.manifest = Manifest(manifest_path or path.with_name(path.name + ".manifest"))
+        self.pool_name = pool
+        self.io = io or DiskIO()
+        device = False
+        if path.exists() or path.is_symlink():
+            mode = os.lstat(path).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                raise NotOurs(f"{path} is not a regular file or a block device; choose a file path")
+            device = stat.S_ISBLK(mode)
+        # the first 4 KiB hold the header: a file grows by them, a device gives them up
+        self.capacity = (capacity - ALIGN if device else capacity) // ALIGN * ALIGN
+        existing = path.exists()
+        # an existing file is only read until it proves to be ours: sized after the header check
+        self.fd, self.direct = open_direct(path, None if device or existing else self.capacity + ALIGN)
+        try:
+            fresh = self._claim(adopt)
+            if existing and not device and os.fstat(self.fd).st_size < self.capacity + ALIGN:
+                os.ftruncate(self.fd, self.capacity + ALIGN)
+            self.alloc = ExtentAllocator(self.capacity)
+            self.manifest = Manifest(manifest_path or path.with_name(path.name + ".manifest"), adopt=adopt)
+            if fresh:
+                self.manifest.reset()  # a new or adopted tier: nothing an old log says is on it
+        except BaseException:
+            os.close(self.fd)
+            raise
         self.io_threads = io_threads
         self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="nvme-io")
+
+    def _claim(self, adopt: bool) -> bool:
+        """Check the header: ours (False), or blank/adopted and now written (True); else NotOurs."""
+        buf = mmap.mmap(-1, ALIGN)  # page-aligned, as direct I/O wants
+        try:
+            n = os.preadv(self.fd, [buf], 0)
+            head = bytes(buf[:n])
+            if head.startswith(HEADER_MAGIC):
+                owner = json.loads(head[len(HEADER_MAGIC) :].split(b"\0", 1)[0] or b"{}").get("pool")
+                if owner == self.pool_name or adopt:
+                    return owner != self.pool_name
+                raise NotOurs(
+                    f"{self.path} belongs to the kvtier pool {owner!r}; give this pool its own path"
+                )
+            if head.strip(b"\0") and not adopt:
+                raise NotOurs(
+                    f"{self.path} holds data kvtier did not write; choose another path, or set "
+                    "allowInUse: true on the pool to overwrite it"
+                )
+            buf[:] = bytes(ALIGN)
+            text = HEADER_MAGIC + json.dumps({"pool": self.pool_name}).encode()
+            buf[: len(text)] = text
+            _full(DiskIO().write, self.fd, memoryview(buf), 0)
+            os.fsync(self.fd)
+            return True
+        finally:
+            buf.close()
 
     def recover(self) -> dict[bytes, Record]:
         """Blocks committed before the last stop, from the manifest alone (no data is read)."""
@@ -91,7 +164,7 @@ class NvmeTier:
 
     def write_at(self, extent: Extent, src: memoryview) -> None:
         """The data of a block (no lock needed: the extent is this caller's until logged)."""
-        parallel_io(self.pool, os.pwritev, self.fd, src[: extent.length], extent.offset)
+        parallel_io(self.pool, self.io.write, self.fd, src[: extent.length], ALIGN + extent.offset)
 
     def log(self, key: bytes, tenant: str, extent: Extent, size: int, checksum: int) -> Record:
         """After write_at completed: the block now survives a restart."""
@@ -103,7 +176,7 @@ class NvmeTier:
         self.alloc.release(extent)
 
     def read_into(self, rec: Record, dst: memoryview) -> None:
-        parallel_io(self.pool, os.preadv, self.fd, dst[: rec.length], rec.offset)
+        parallel_io(self.pool, self.io.read, self.fd, dst[: rec.length], ALIGN + rec.offset)
 
     def delete(self, rec: Record) -> None:
         """Log the deletion before the extent can be reused (crash order matters)."""

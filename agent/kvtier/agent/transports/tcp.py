@@ -11,17 +11,20 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import socket
 import socketserver
 import threading
 from collections.abc import Iterator
 
 from kvtier.agent.api import protocol
+from kvtier.agent.api.server import Gate, LimitedServer, ServerLimits
 from kvtier.agent.store.index import Store, checksum
 from kvtier.agent.transports.base import FetchedBlock
 
 log = logging.getLogger("kvtier.agent.peer")
 MAX_FETCH = 4096
+MAX_BLOCK_BYTES = 1 << 30  # no KV block is larger; a peer claiming more is refused before allocating
 
 
 def _mac(secret: bytes, nonce: bytes) -> str:
@@ -32,17 +35,18 @@ class _PeerHandler(socketserver.BaseRequestHandler):
     server: TcpPeerServer
 
     def handle(self) -> None:
-        sock, store = self.request, self.server.store
+        sock, store, limits = self.request, self.server.store, self.server.limits
         nonce = os.urandom(16)
         try:
             protocol.send(sock, {"nonce": nonce.hex()})
-            auth, _ = protocol.recv(sock)
+            # before the MAC is checked: a tiny frame, and it must come promptly
+            auth, _ = limits.recv(sock, limits.peer_pre_auth_frame_bytes, idle=limits.read_timeout)
             if not hmac.compare_digest(str(auth.get("mac", "")), _mac(self.server.secret, nonce)):
                 protocol.send(sock, {"ok": False, "error": "not a member of this pool"})
                 return
             protocol.send(sock, {"ok": True})
             while True:
-                msg, _ = protocol.recv(sock)
+                msg, _ = limits.recv(sock, limits.frame_bytes)
                 keys = msg.get("keys")
                 if msg.get("op") != "fetch" or not isinstance(keys, list) or len(keys) > MAX_FETCH:
                     protocol.send(
@@ -50,7 +54,7 @@ class _PeerHandler(socketserver.BaseRequestHandler):
                     )
                     continue
                 self._serve(sock, store, [bytes.fromhex(k) for k in keys])
-        except (ConnectionError, OSError, protocol.ProtocolError, ValueError):
+        except (ConnectionError, OSError, protocol.ProtocolError, ValueError, TypeError):
             pass
 
     def _serve(self, sock: socket.socket, store: Store, keys: list[bytes]) -> None:
@@ -68,13 +72,37 @@ class _PeerHandler(socketserver.BaseRequestHandler):
             store.unpin_for_peer([b for b, _ in pinned])
 
 
-class TcpPeerServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+def _plausible(info: object) -> bool:
+    """A block header from a peer we can act on without trusting it (no absurd allocation)."""
+    return (
+        isinstance(info, dict)
+        and isinstance(info.get("size"), int)
+        and 0 < info["size"] <= MAX_BLOCK_BYTES
+        and isinstance(info.get("checksum"), int)
+        and isinstance(info.get("key"), str)
+        and re.fullmatch(r"(?:[0-9a-f]{2}){1,64}", info["key"]) is not None
+        and isinstance(info.get("tenant"), str)
+    )
 
-    def __init__(self, store: Store, secret: bytes, host: str, port: int) -> None:
+
+class TcpPeerServer(LimitedServer, socketserver.TCPServer):
+    allow_reuse_address = True
+    gate_key = "peer"
+
+    def __init__(
+        self,
+        store: Store,
+        secret: bytes,
+        host: str,
+        port: int,
+        limits: ServerLimits | None = None,
+        gate: Gate | None = None,
+    ) -> None:
         self.store = store
+        self.metrics = store.metrics
         self.secret = secret
+        self.limits = limits or ServerLimits()
+        self.gate = gate or Gate(self.limits.connections, self.limits.connections_per_tenant)
         super().__init__((host, port), _PeerHandler)
         threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
 
@@ -110,7 +138,9 @@ class TcpTransport:
                 )
                 reply, _ = protocol.recv(sock)
                 blocks = reply.get("blocks", [])
-                for info in blocks:
+                for info in blocks if isinstance(blocks, list) else []:
+                    if not _plausible(info):
+                        return  # a peer is untrusted: a header it cannot mean ends the prefix
                     data = memoryview(bytearray(info["size"]))
                     got = 0
                     while got < info["size"]:
