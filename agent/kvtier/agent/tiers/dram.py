@@ -13,6 +13,7 @@ import ctypes.util
 import itertools
 import mmap
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvtier.agent.store.extents import Extent, ExtentAllocator
@@ -39,7 +40,7 @@ def punch_hole(fd: int, length: int) -> None:
 
 def bind_to_numa(mm: mmap.mmap, length: int, node: int) -> bool:
     """Shared memory policy for the whole segment (applies to every process that maps it)."""
-    addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    addr = _address(mm)
     mask = ctypes.c_ulong(1 << node)
     rc = _libc.syscall(
         _SYS_MBIND, ctypes.c_void_p(addr), ctypes.c_ulong(length), _MPOL_BIND, ctypes.byref(mask), 64, 0
@@ -66,6 +67,19 @@ class Segment:
     def describe(self) -> dict[str, int]:
         return {"id": self.id, "size": self.size}
 
+    @property
+    def address(self) -> int:
+        """Where the segment is mapped in this process (what a transport registers)."""
+        return _address(self.mm)
+
+
+def _address(mm: mmap.mmap) -> int:
+    pointer = ctypes.c_char.from_buffer(mm)
+    try:
+        return ctypes.addressof(pointer)
+    finally:
+        del pointer  # a live export would keep the mapping from ever being closed
+
 
 class DramFull(Exception):
     """No room for the tenant in the arena even after reclaiming empty segments."""
@@ -90,6 +104,8 @@ class DramTier:
         self.numa_bound: bool | None = None
         self.quota_segments = quota_segments
         self._ids = itertools.count(1)
+        # called with a segment before its memory goes away (a transport drops its registration)
+        self.retire_hooks: list[Callable[[Segment], None]] = []
 
     # --------------------------------------------------------------------------- geometry
 
@@ -154,6 +170,8 @@ class DramTier:
 
     def retire(self, seg: Segment) -> None:
         """Drop a segment's memory for good: stale mappings elsewhere now read zeros."""
+        for hook in self.retire_hooks:
+            hook(seg)
         punch_hole(seg.fd, seg.size)
         seg.mm.close()
         os.close(seg.fd)
@@ -162,6 +180,8 @@ class DramTier:
     def close(self) -> None:
         for seg in list(self.slots):
             if seg:
+                for hook in self.retire_hooks:
+                    hook(seg)
                 seg.mm.close()
                 os.close(seg.fd)
         self.slots = [None] * len(self.slots)

@@ -1,0 +1,199 @@
+"""Agents on separate "nodes" (network namespaces made by the test, one private bridge between them)
+move blocks by NIXL READs over UCX's TCP transport: exact bytes, pool membership, tenancy, a killed
+peer costing a miss instead of a hang, and the prefetch sidecar's hints driving it all."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from kvtier.agent.client import Client
+
+from kvtier.dev.agents import AgentProcess, spawn_agent
+from kvtier.dev.netns import NetnsUnavailable, make_nodes
+from tests.conftest import agent_config, eventually
+from tests.integration.test_agent import FP, blobs, chain
+from tests.integration.test_prefetch import _post
+
+pytestmark = pytest.mark.integration
+MiB = 1 << 20
+
+
+@pytest.fixture
+def nodes():
+    made = []
+
+    def make(count: int):
+        try:
+            made.append(make_nodes(count))
+        except NetnsUnavailable as exc:
+            pytest.skip(f"cannot make network namespaces here: {exc}")
+        return made[-1]
+
+    yield make
+    for n in made:
+        n.close()
+
+
+@pytest.fixture
+def node_agent(tmp_path: Path):
+    """Start `kvtier agent` inside node `index` of `nodes`, listening on that node's address."""
+    started: list[AgentProcess] = []
+
+    def start(nodes, index: int, secret: Path, peers=(), dram: str = "64Mi", **spec) -> AgentProcess:
+        folder = tmp_path / f"node{index}"
+        cfg = agent_config(folder, dram=dram, nvme=None, **spec).model_copy(
+            update={
+                "secretFile": str(secret),
+                "peerHost": nodes.addresses[index],
+                "peers": [p.peer for p in peers],
+                "nodeName": f"node{index}",
+            }
+        )
+        proc = spawn_agent(cfg, folder / "agent.yaml", argv_prefix=nodes.argv(index))
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill(signal.SIGTERM)
+
+
+def _secret(tmp_path: Path, name: str = "pool-secret") -> Path:
+    path = tmp_path / name
+    path.write_bytes(os.urandom(32))
+    return path
+
+
+def _prefetch(agent: AgentProcess, namespace: str, keys: list[bytes], deadline: float = 20) -> dict:
+    with Client(agent.tenant(namespace)) as c:
+        return c.call("prefetch", fingerprint=FP, keys=[k.hex() for k in keys], deadline=deadline)["result"]
+
+
+def test_two_nodes_fetch_exact_bytes_over_nixl_and_strangers_get_nothing(nodes, node_agent, tmp_path):
+    net = nodes(3)
+    secret = _secret(tmp_path)
+    a = node_agent(net, 0, secret)
+    b = node_agent(net, 1, secret, peers=[a])
+    stranger = node_agent(net, 2, _secret(tmp_path, "another-secret"), peers=[a])
+    keys, data = chain(8), blobs(8)
+    with Client(a.tenant("team-a")) as on_a:
+        assert on_a.put(FP, keys, data) == 8
+
+    transport = b.stats()["transport"]
+    assert transport["library"].startswith("nixl ") and transport["ucxTransports"] == "tcp"
+    assert transport["rdma"] is False and "no RDMA" in transport["reason"] + transport.get("rdmaReason", "")
+
+    result = _prefetch(b, "team-a", keys)
+    assert result["fetched"] == 8 and result["missing"] == 0 and result["fetchedBytes"] == 8 * MiB
+    with Client(b.tenant("team-a")) as on_b:
+        tiers = on_b.call("lookup", fingerprint=FP, keys=[k.hex() for k in keys])["tiers"]
+        assert tiers == ["dram"] * 8, "the blocks now live in node 1's own arena"
+        assert on_b.get(FP, keys) == data, "byte for byte what node 0 holds"
+    assert a.stats()["pinned"] == 0, "the owner released its pins once the reader was done"
+
+    # another tenant on node 1 asks for the same chain: its keys are salted differently, nothing moves
+    assert _prefetch(b, "team-b", keys)["fetched"] == 0
+    # an agent without the pool secret is refused before anything is pinned or read
+    refused = _prefetch(stranger, "team-a", keys)
+    assert refused["fetched"] == 0 and refused["missing"] == 8
+    with Client(stranger.tenant("team-a")) as c:
+        assert c.lookup(FP, keys) == 0
+
+
+def test_three_nodes_assemble_one_chain_from_two_owners(nodes, node_agent, tmp_path):
+    net = nodes(3)
+    secret = _secret(tmp_path)
+    a, c = node_agent(net, 0, secret), node_agent(net, 2, secret)
+    b = node_agent(net, 1, secret, peers=[a, c])
+    keys, data = chain(12), blobs(12, size=2 * MiB)
+    with Client(a.tenant("team-a")) as on_a:
+        on_a.put(FP, keys[:5], data[:5])  # node 0 has the first five blocks
+    with Client(c.tenant("team-a")) as on_c:
+        on_c.put(FP, keys, data)  # node 2 has all twelve
+    result = _prefetch(b, "team-a", keys)
+    assert result["fetched"] == 12 and result["missing"] == 0
+    with Client(b.tenant("team-a")) as on_b:
+        assert on_b.get(FP, keys) == data
+
+
+def test_owner_killed_mid_transfer_is_a_miss_not_a_hang(nodes, node_agent, tmp_path):
+    net = nodes(2)
+    secret = _secret(tmp_path)
+    a = node_agent(net, 0, secret, dram="256Mi")
+    b = node_agent(net, 1, secret, peers=[a], dram="256Mi")
+    keys, data = chain(96), blobs(96)
+    with Client(a.tenant("team-a")) as on_a:
+        for i in range(0, 96, 16):
+            on_a.put(FP, keys[i : i + 16], data[i : i + 16])
+    net.limit_rate(0, "200mbit")  # 96 MiB now take ~4 s to leave node 0
+
+    outcome: dict = {}
+
+    def fetch() -> None:
+        t0 = time.monotonic()
+        outcome["result"] = _prefetch(b, "team-a", keys, deadline=30)
+        outcome["seconds"] = time.monotonic() - t0
+
+    worker = threading.Thread(target=fetch)
+    worker.start()
+    eventually(lambda: a.stats()["pinned"] > 0, timeout=10, message="node 0 answering the READ")
+    time.sleep(0.5)
+    a.kill(signal.SIGKILL)
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "the fetch hung on a dead peer"
+    result = outcome["result"]
+    assert result["fetched"] < 96 and result["missing"] == 96 - result["fetched"]
+    assert outcome["seconds"] < 25, "a dead peer is noticed long before the deadline"
+    with Client(b.tenant("team-a")) as on_b:
+        hits = on_b.lookup(FP, keys)
+        assert hits == result["fetched"], "only whole, verified blocks were indexed"
+        if hits:
+            assert on_b.get(FP, keys[:hits]) == data[:hits]
+
+
+def test_reader_killed_mid_transfer_releases_the_owners_pins(nodes, node_agent, tmp_path):
+    net = nodes(2)
+    secret = _secret(tmp_path)
+    a = node_agent(net, 0, secret, dram="256Mi")
+    b = node_agent(net, 1, secret, peers=[a], dram="256Mi")
+    keys, data = chain(64), blobs(64)
+    with Client(a.tenant("team-a")) as on_a:
+        on_a.put(FP, keys, data)
+    net.limit_rate(0, "100mbit")
+    worker = threading.Thread(target=lambda: _safe_prefetch(b, keys), daemon=True)
+    worker.start()
+    eventually(lambda: a.stats()["pinned"] == 64, timeout=10, message="node 0 pinning the answer")
+    b.kill(signal.SIGKILL)
+    eventually(lambda: a.stats()["pinned"] == 0, timeout=15, message="pins released after the reader died")
+    with Client(a.tenant("team-a")) as on_a:
+        assert on_a.get(FP, keys[:2]) == data[:2], "the owner serves on"
+
+
+def _safe_prefetch(agent: AgentProcess, keys: list[bytes]) -> None:
+    try:
+        _prefetch(agent, "team-a", keys)
+    except Exception:
+        pass  # the agent is killed under it
+
+
+def test_sidecar_hints_trigger_fetches_from_another_node(nodes, node_agent, sidecar, tmp_path):
+    net = nodes(2)
+    secret = _secret(tmp_path)
+    a = node_agent(net, 0, secret)
+    b = node_agent(net, 1, secret, peers=[a])
+    from kvtier.agent.keys import block_keys
+
+    tokens = list(range(256 * 6))
+    keys, data = block_keys(tokens, 256), blobs(6)
+    with Client(a.tenant("team-a")) as on_a:
+        on_a.put(FP, keys, data)
+    url = sidecar(b.tenant("team-a"))  # the engine pod's sidecar on node 1 (its agent's socket)
+    result = _post(url, {"fingerprint": FP, "token_ids": tokens, "deadline_ms": 20000})
+    assert result["fetched"] == 6 and result["missing"] == 0 and not result["late"]
+    with Client(b.tenant("team-a")) as on_b:
+        assert on_b.get(FP, keys) == data
