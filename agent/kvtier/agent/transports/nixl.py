@@ -16,12 +16,14 @@ transfer is a miss: nothing it touched is ever indexed.
 from __future__ import annotations
 
 import base64
+import contextlib
 import importlib
 import importlib.metadata
 import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +35,58 @@ log = logging.getLogger("kvtier.agent.nixl")
 MAX_FETCH = 4096
 NIXL_MODULES = ("nixl_cu12._api", "nixl_cu13._api", "nixl._api")
 NIXL_DISTRIBUTIONS = ("nixl-cu12", "nixl-cu13", "nixl")
+
+
+# Over TCP, UCX emulates a READ in software: a request, then the owner's replies in TX segments.
+# 8 KiB segments and default socket buffers keep a single stream far below the link; these are
+# defaults only (a pod's own UCX_* environment wins). Measured in docs/benchmarks/transport-*.json.
+UCX_TCP_DEFAULTS = {
+    "UCX_TCP_TX_SEG_SIZE": "1m",
+    "UCX_TCP_RX_SEG_SIZE": "1m",
+    "UCX_TCP_SNDBUF": "4m",
+    "UCX_TCP_RCVBUF": "4m",
+}
+
+
+@contextlib.contextmanager
+def _ucx_environment(ucx_tls: str) -> Iterator[None]:
+    """UCX reads its configuration from the environment once, when NIXL creates the backend."""
+    wanted = {**{k: v for k, v in UCX_TCP_DEFAULTS.items() if k not in os.environ}, "UCX_TLS": ucx_tls}
+    saved = {k: os.environ.get(k) for k in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# NIXL's progress thread sleeps in poll() on UCX's event descriptors and also sweeps every worker
+# when poll times out. The Python API fixes that timeout at its minimum (1 ms): an idle agent then
+# burned ~40% of a core here. Events still wake the thread at once; the sweep is only a backstop.
+PROGRESS_SWEEP_US = 100_000
+
+
+@contextlib.contextmanager
+def _progress_sweep(module: Any, delay_us: int) -> Iterator[None]:
+    bind = getattr(module, "nixlBind", None)
+    make = getattr(bind, "nixlAgent", None)
+    if make is None:
+        yield
+        return
+
+    def with_sweep(name: str, config: Any) -> Any:
+        config.pthrDelay = delay_us
+        return make(name, config)
+
+    bind.nixlAgent = with_sweep
+    try:
+        yield
+    finally:
+        bind.nixlAgent = make
 
 
 class PeerError(OSError):
@@ -73,15 +127,8 @@ class NixlTransport:
         config = module.nixl_agent_config(
             backends=["UCX"], sync_mode=module.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT
         )
-        saved = os.environ.get("UCX_TLS")
-        os.environ["UCX_TLS"] = ucx_tls  # UCX reads it once, when the backend's context is created
-        try:
+        with _ucx_environment(ucx_tls), _progress_sweep(module, PROGRESS_SWEEP_US):
             self.nixl = module.nixl_agent(agent_name, config)
-        finally:
-            if saved is None:
-                del os.environ["UCX_TLS"]
-            else:
-                os.environ["UCX_TLS"] = saved
         if "UCX" not in self.nixl.backends:
             raise ImportError(f"NIXL {self.version} has no UCX backend plugin")
         self._lock = threading.RLock()
