@@ -177,7 +177,11 @@ def main(args: argparse.Namespace) -> int:
             print(json.dumps(row), flush=True)
         report = {
             "command": "kvtier bench transport " + " ".join(getattr(args, "argv_echo", [])),
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "load_average_1_5_15_min_at_end": [round(x, 2) for x in os.getloadavg()],
+            },
             "between": "two network namespaces on one veth bridge (one machine)",
             "transport": transport,
             "ceiling": "one TCP stream between the same namespaces (4 MiB sendall/recv_into), measured in "
