@@ -121,16 +121,22 @@ def test_three_nodes_assemble_one_chain_from_two_owners(nodes, node_agent, tmp_p
         assert on_b.get(FP, keys) == data
 
 
-def test_owner_killed_mid_transfer_is_a_miss_not_a_hang(nodes, node_agent, tmp_path):
+def _slow_pair(nodes, node_agent, tmp_path: Path, blocks: int, rate: str):
+    """Owner (node 0) holding `blocks` MiB blocks behind a link slowed to `rate`, and a reader."""
     net = nodes(2)
     secret = _secret(tmp_path)
     a = node_agent(net, 0, secret, dram="256Mi")
     b = node_agent(net, 1, secret, peers=[a], dram="256Mi")
-    keys, data = chain(96), blobs(96)
+    keys, data = chain(blocks), blobs(blocks)
     with Client(a.tenant("team-a")) as on_a:
-        for i in range(0, 96, 16):
+        for i in range(0, blocks, 16):
             on_a.put(FP, keys[i : i + 16], data[i : i + 16])
-    net.limit_rate(0, "200mbit")  # 96 MiB now take ~4 s to leave node 0
+    net.limit_rate(0, rate)
+    return a, b, keys, data
+
+
+def test_owner_killed_mid_transfer_is_a_miss_not_a_hang(nodes, node_agent, tmp_path):
+    a, b, keys, data = _slow_pair(nodes, node_agent, tmp_path, 96, "200mbit")  # ~4 s to leave node 0
 
     outcome: dict = {}
 
@@ -157,14 +163,7 @@ def test_owner_killed_mid_transfer_is_a_miss_not_a_hang(nodes, node_agent, tmp_p
 
 
 def test_reader_killed_mid_transfer_releases_the_owners_pins(nodes, node_agent, tmp_path):
-    net = nodes(2)
-    secret = _secret(tmp_path)
-    a = node_agent(net, 0, secret, dram="256Mi")
-    b = node_agent(net, 1, secret, peers=[a], dram="256Mi")
-    keys, data = chain(64), blobs(64)
-    with Client(a.tenant("team-a")) as on_a:
-        on_a.put(FP, keys, data)
-    net.limit_rate(0, "100mbit")
+    a, b, keys, data = _slow_pair(nodes, node_agent, tmp_path, 64, "100mbit")
     worker = threading.Thread(target=lambda: _safe_prefetch(b, keys), daemon=True)
     worker.start()
     eventually(lambda: a.stats()["pinned"] == 64, timeout=10, message="node 0 pinning the answer")
