@@ -196,3 +196,45 @@ def test_sidecar_hints_trigger_fetches_from_another_node(nodes, node_agent, side
     assert result["fetched"] == 6 and result["missing"] == 0 and not result["late"]
     with Client(b.tenant("team-a")) as on_b:
         assert on_b.get(FP, keys) == data
+
+
+def test_a_block_corrupted_at_the_owner_is_a_miss_on_arrival():
+    """In one process over loopback: the owner's copy of block 2 flips a byte after its checksum was
+    taken; the reader READs all four, verifies them in place and keeps only the two before it."""
+    from kvtier.agent.store.index import Lease, Store, checksum
+    from kvtier.agent.tiers.dram import DramTier
+    from kvtier.agent.transports import open_transport
+    from kvtier.agent.transports.control import ControlServer
+
+    secret = os.urandom(32)
+    stores, servers = [], []
+    for name in ("owner", "reader"):
+        store = Store(secret, DramTier("p", 32 * MiB, 8 * MiB), None)
+        transport, status = open_transport(store, secret, f"test-{name}-{os.getpid()}", "tcp", [], None)
+        assert status.library and status.ucxTransports == "tcp"
+        stores.append((store, transport))
+        servers.append(ControlServer(secret, "127.0.0.1", 0, transport.new_session))
+    (owner, _), (reader, reader_transport) = stores
+    try:
+        lease = Lease(tenant="team-a")
+        data = blobs(4)
+        extents = owner.allocate(lease, [MiB] * 4)
+        for (seg, ext), blob in zip(extents, data, strict=True):
+            seg.view(ext, MiB)[:] = blob
+        keys = chain(4)
+        sums = [checksum(b) for b in data]
+        owner.commit(lease, FP, keys, [(s.id, e.offset) for s, e in extents], [MiB] * 4, sums, False)
+        seg, ext = extents[2]
+        seg.view(ext, MiB)[100] ^= 0xFF  # memory went bad after the checksum was taken
+        ikeys = [owner.index_key("team-a", FP, k) for k in keys]
+        landed = reader_transport.fetch(servers[0].address, "team-a", ikeys, time.monotonic() + 20)
+        assert [b.key for b in landed] == ikeys[:2]
+        assert [reader.lookup("team-a", FP, keys[:i]) for i in (2, 3)] == [["dram"] * 2, ["dram"] * 2]
+        failures = reader.metrics.checksum_failures.labels("peer")._value.get()
+        assert failures == 1
+        assert reader.stats()["dram"]["usedBytes"] == 2 * MiB, "the bad block's extent went back"
+    finally:
+        for server in servers:
+            server.close()
+        for store, _ in stores:
+            store.close()

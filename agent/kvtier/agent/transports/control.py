@@ -5,7 +5,8 @@ same secret tenant salts come from, so only pool members can name keys at all). 
 request is one JSON frame and one reply; the data itself moves over NIXL (see `nixl.py`).
 
 A connection is one reader's session with this agent: whatever the handler holds for it (pinned
-blocks) is released when the reader says so, when it goes quiet for `idle_s`, or when it goes away.
+blocks) is released when the reader says so, when it goes quiet for `idle_s` (longer than the
+longest prefetch deadline), or when it goes away.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     allow_reuse_address = True
 
     def __init__(
-        self, secret: bytes, host: str, port: int, new_session: Callable[[], Session], idle_s: float = 30.0
+        self, secret: bytes, host: str, port: int, new_session: Callable[[], Session], idle_s: float = 65.0
     ) -> None:
         self.secret = secret
         self.new_session = new_session
@@ -95,7 +96,9 @@ class ControlClient:
     """One authenticated session with a peer agent. PermissionError when the peer refuses us."""
 
     def __init__(self, peer: str, secret: bytes, timeout: float) -> None:
-        host, port = peer.rsplit(":", 1)
+        host, _, port = peer.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConnectionError(f"{peer!r} is not host:port")
         self.sock = socket.create_connection((host, int(port)), timeout=timeout)
         try:
             hello, _ = protocol.recv(self.sock)

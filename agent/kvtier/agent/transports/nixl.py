@@ -292,7 +292,13 @@ class NixlTransport:
         with self._lock:
             if self._remote.get(peer) not in (None, claimed):
                 self._drop_remote(peer)  # the peer restarted under a new NIXL name
-            loaded = self.nixl.add_remote_agent(base64.b64decode(str(reply.get("metadata", ""))))
+            metadata = base64.b64decode(str(reply.get("metadata", "")))
+            try:
+                loaded = self.nixl.add_remote_agent(metadata)
+            except Exception:  # stale sections of a peer we knew: start over with this answer
+                self._remote[peer] = claimed
+                self._drop_remote(peer)
+                loaded = self.nixl.add_remote_agent(metadata)
             loaded = loaded.decode() if isinstance(loaded, bytes) else str(loaded)
             if loaded != claimed:
                 raise PeerError(f"metadata names agent {loaded!r}, the answer {claimed!r}")
