@@ -116,3 +116,12 @@ def test_transport_and_rdma_ports_show_in_metrics():
         in text
     )
     assert 'kvtier_rdma_port_gids{device="rxe0",port="1"} 3.0' in text
+
+
+def test_a_fetch_is_cut_into_windows_of_consecutive_blocks():
+    from kvtier.agent.transports.nixl import _windows
+
+    MiB = 1 << 20
+    assert _windows([MiB] * 10, 4 * MiB) == [(0, 4), (4, 8), (8, 10)]
+    assert _windows([16 * MiB, MiB, MiB], 4 * MiB) == [(0, 1), (1, 3)]
+    assert _windows([], 4 * MiB) == []

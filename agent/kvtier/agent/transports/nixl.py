@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,12 @@ from kvtier.agent.transports.control import ControlClient
 
 log = logging.getLogger("kvtier.agent.nixl")
 MAX_FETCH = 4096
+# A fetch is a pipeline of READs, one per window of consecutive blocks, a couple on the wire at
+# once: each window is verified and indexed while the next one moves, and a peer lost mid-fetch
+# still leaves the windows that arrived. (Window sizes from 1 MiB to one READ for everything
+# measured the same here, within the noise of a shared 2-core machine.)
+READ_WINDOW_BYTES = 4 << 20
+READS_IN_FLIGHT = 2
 NIXL_MODULES = ("nixl_cu12._api", "nixl_cu13._api", "nixl._api")
 NIXL_DISTRIBUTIONS = ("nixl-cu12", "nixl-cu13", "nixl")
 
@@ -239,32 +246,77 @@ class NixlTransport:
         try:
             self._register({seg for seg, _ in reserved})
             remote_agent = self._load_remote(peer, reply)
-            local = self.nixl.get_xfer_descs(
-                [
-                    (seg.address + ext.offset, size, 0)
-                    for (seg, ext), (_, size, _, _) in zip(reserved, offered, strict=True)
-                ],
-                "DRAM",
-            )
-            remote = self.nixl.get_xfer_descs([(addr, size, 0) for _, size, _, addr in offered], "DRAM")
-            handle = self.nixl.initialize_xfer("READ", local, remote, remote_agent)
         except Exception as exc:
             self._unreserve(reserved)
             self._drop_remote(peer)
             raise PeerError(f"cannot set up the READ: {exc}") from exc
-        state = self._wait(handle, deadline)
-        if state != "DONE":
-            self._give_up(handle, reserved)
-            self._drop_remote(peer)
-            raise PeerError("transfer failed" if state == "ERR" else "transfer missed its deadline")
-        self.nixl.release_xfer_handle(handle)
-        return self._verify_and_adopt(offered, reserved, tenant)
+        windows = _windows([size for _, size, _, _ in offered], READ_WINDOW_BYTES)
+        in_flight: deque[tuple[int, int, Any]] = deque()
+        landed: list[Landed] = []
+        posted = 0
+        failure = None
+        started = time.perf_counter()
+        while failure is None and (in_flight or posted < len(windows)):
+            while posted < len(windows) and len(in_flight) < READS_IN_FLIGHT:
+                start, end = windows[posted]
+                try:
+                    handle = self._post(remote_agent, reserved[start:end], offered[start:end])
+                except Exception as exc:
+                    failure = f"cannot post the READ: {exc}"
+                    break
+                in_flight.append((start, end, handle))
+                posted += 1
+            if failure is not None or not in_flight:
+                break
+            start, end, handle = in_flight[0]
+            state = self._wait(handle, deadline)
+            if state != "DONE":
+                failure = "transfer failed" if state == "ERR" else "transfer missed its deadline"
+                break
+            in_flight.popleft()
+            self.nixl.release_xfer_handle(handle)
+            got = self._verify_and_adopt(offered[start:end], reserved[start:end], tenant)
+            landed += got
+            if len(got) < end - start:
+                failure = "a block failed its checksum"
+        log.debug(
+            "READ of %d of %d blocks from %s in %.4f s%s",
+            len(landed),
+            len(offered),
+            peer,
+            time.perf_counter() - started,
+            f": {failure}" if failure else "",
+        )
+        if failure is None:
+            return landed
+        for start, end, handle in in_flight:  # windows still on the wire
+            self._give_up(handle, reserved[start:end])
+        if posted < len(windows):  # windows never posted
+            self._unreserve(reserved[windows[posted][0] :])
+        if failure == "a block failed its checksum":
+            return landed  # the bytes were there and wrong: a miss, the peer itself is fine
+        self._drop_remote(peer)
+        if landed:
+            return landed  # the verified prefix counts; the peer's state is reset for next time
+        raise PeerError(failure)
+
+    def _post(self, remote_agent: str, reserved: list[tuple[Segment, Any]], offered: list[Any]) -> Any:
+        local = self.nixl.get_xfer_descs(
+            [(seg.address + ext.offset, o[1], 0) for (seg, ext), o in zip(reserved, offered, strict=True)],
+            "DRAM",
+        )
+        remote = self.nixl.get_xfer_descs([(addr, size, 0) for _, size, _, addr in offered], "DRAM")
+        handle = self.nixl.initialize_xfer("READ", local, remote, remote_agent)
+        if self.nixl.transfer(handle) == "ERR":
+            self._give_up(handle, [])
+            raise PeerError("the READ was refused")
+        return handle
 
     def _wait(self, handle: Any, deadline: float) -> str:
         """DONE, ERR, or PROC when the deadline came first. NIXL raises for some failures (the
         remote disconnected): those are ERR like the rest."""
         try:
-            state = self.nixl.transfer(handle)
+            state = self.nixl.check_xfer_state(handle)
             pause = 2e-5
             while state == "PROC" and time.monotonic() < deadline:
                 time.sleep(pause)
@@ -379,6 +431,19 @@ def _offered(reply: dict[str, Any], want: list[bytes], max_size: int) -> list[tu
         if got[0] != key or not 0 < got[1] <= max_size or got[3] <= 0:
             break
         out.append(got)
+    return out
+
+
+def _windows(sizes: list[int], window: int) -> list[tuple[int, int]]:
+    """[start, end) runs of consecutive blocks of about `window` bytes (at least one block each)."""
+    out, start, total = [], 0, 0
+    for i, size in enumerate(sizes):
+        total += size
+        if total >= window:
+            out.append((start, i + 1))
+            start, total = i + 1, 0
+    if start < len(sizes):
+        out.append((start, len(sizes)))
     return out
 
 
