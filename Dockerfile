@@ -19,8 +19,10 @@ RUN python -m pip install --no-cache-dir "grpcio-tools>=1.60" \
     && python -m pip install --no-cache-dir --prefix=/install --no-deps $(python hack/extra.py nixl)
 
 FROM python:3.12-slim
-# ibverbs-utils: ibv_devinfo for RDMA discovery (the NIXL wheel brings its own UCX and verbs providers)
+# ibverbs-utils: ibv_devinfo for RDMA discovery; ibverbs-providers: the verbs drivers (mlx5, ...) that
+# the UCX inside the NIXL wheel loads for its RDMA transports
 RUN apt-get update && apt-get install -y --no-install-recommends nvme-cli util-linux ibverbs-utils \
+    ibverbs-providers \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /install /usr/local
 COPY charts/kvtier/files/crds /opt/kvtier/crds
