@@ -238,3 +238,30 @@ def test_a_block_corrupted_at_the_owner_is_a_miss_on_arrival():
             server.close()
         for store, _ in stores:
             store.close()
+
+
+def test_the_kvcachenode_says_which_transport_and_why(control_plane, kube, crds_installed, tmp_path):
+    from kubernetes import client
+
+    from kvtier.api import v1alpha1 as api
+
+    node = f"node-{os.urandom(3).hex()}"
+    cfg = agent_config(tmp_path, nvme=None, prefetch={"transport": "rdma"}).model_copy(
+        update={"nodeName": node, "heartbeatSeconds": 0.5}
+    )
+    proc = spawn_agent(cfg, tmp_path / "agent.yaml", env=control_plane.env())
+    try:
+        objects = client.CustomObjectsApi(kube)
+        name = api.kvcachenode_name(cfg.pool, node)
+        status = eventually(
+            lambda: objects.get_cluster_custom_object(api.GROUP, api.VERSION, "kvcachenodes", name).get(
+                "status"
+            ),
+            message="the agent's KVCacheNode status",
+        )
+        transport = status["transport"]
+        assert transport["requested"] == "rdma" and transport["rdma"] is False
+        assert transport["ucxTransports"] == "tcp" and transport["library"].startswith("nixl ")
+        assert "rdma asked for but" in transport["reason"] and transport["rdmaReason"]
+    finally:
+        proc.kill(signal.SIGTERM)
