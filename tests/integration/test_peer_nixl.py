@@ -265,3 +265,18 @@ def test_the_kvcachenode_says_which_transport_and_why(control_plane, kube, crds_
         assert "rdma asked for but" in transport["reason"] and transport["rdmaReason"]
     finally:
         proc.kill(signal.SIGTERM)
+
+
+def test_bench_transport_runs_and_reports_against_its_ceiling(nodes, tmp_path):
+    import json
+
+    from kvtier.cli import main
+
+    nodes(1)  # skips here, with the reason, where namespaces cannot be made
+    out = tmp_path / "transport.json"
+    argv = ["bench", "transport", "--out", str(out), "--block-mib", "1", "--total-mib", "8", "--repeats", "1"]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    (row,) = report["rows"]
+    assert row["blocks"] == 8 and row["gbps"] > 0 and row["socket_ceiling_gbps"] > 0
+    assert report["transport"]["ucxTransports"] == "tcp"

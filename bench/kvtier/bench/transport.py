@@ -25,7 +25,7 @@ from kvtier.agent.client import Client
 from kvtier.agent.transports.nixl import UCX_TCP_DEFAULTS
 
 from kvtier.dev.agents import AgentProcess, local_agent_config, spawn_agent
-from kvtier.dev.netns import Nodes, make_nodes
+from kvtier.dev.netns import NetnsUnavailable, Nodes, make_nodes
 
 MiB = 1 << 20
 FP = "bench;transport"
@@ -141,7 +141,11 @@ def measure(nodes: Nodes, owner: AgentProcess, reader: AgentProcess, block: int,
 def main(args: argparse.Namespace) -> int:
     blocks = [int(float(b) * MiB) for b in args.block_mib.split(",")]
     total = args.total_mib * MiB
-    nodes = make_nodes(2)
+    try:
+        nodes = make_nodes(2)
+    except NetnsUnavailable as exc:
+        print(f"kvtier bench transport: {exc}", file=sys.stderr)
+        return 2
     folder = Path(tempfile.mkdtemp(prefix="kvtier-bench-transport-"))
     started: list[AgentProcess] = []
     try:
