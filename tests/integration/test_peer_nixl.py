@@ -280,3 +280,31 @@ def test_bench_transport_runs_and_reports_against_its_ceiling(nodes, tmp_path):
     (row,) = report["rows"]
     assert row["blocks"] == 8 and row["gbps"] > 0 and row["socket_ceiling_gbps"] > 0
     assert report["transport"]["ucxTransports"] == "tcp"
+
+
+def test_an_agent_without_nixl_serves_its_own_tiers_and_says_why(agent, tmp_path):
+    """A platform without the wheel, simulated by a `nixl_cu12` that fails to import."""
+    fake = tmp_path / "no-nixl" / "nixl_cu12"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('no NIXL wheel for this platform')\n")
+    secret = _secret(tmp_path)
+    cfg = agent_config(tmp_path / "a", nvme=None).model_copy(update={"secretFile": str(secret)})
+    path = f"{fake.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    without = spawn_agent(cfg, tmp_path / "a.yaml", env={"PYTHONPATH": path})
+    try:
+        transport = without.stats()["transport"]
+        assert "library" not in transport and "no NIXL wheel for this platform" in transport["reason"]
+        keys, data = chain(2), blobs(2)
+        with Client(without.tenant("team-a")) as c:
+            c.put(FP, keys, data)
+            assert c.get(FP, keys) == data, "its own tiers serve as usual"
+        reader = agent(
+            agent_config(tmp_path / "b", nvme=None).model_copy(
+                update={"secretFile": str(secret), "peers": [without.peer]}
+            ),
+            name="b",
+        )
+        result = _prefetch(reader, "team-a", keys)
+        assert result["fetched"] == 0 and result["missing"] == 2, "its peers are refused, with the reason"
+    finally:
+        without.kill(signal.SIGTERM)

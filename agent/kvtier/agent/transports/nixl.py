@@ -1,4 +1,4 @@
-"""Blocks between agents over NIXL: a peer fetch is one NIXL READ from the owner's arena into ours.
+"""Blocks between agents over NIXL: a peer fetch is NIXL READs from the owner's arena into ours.
 
 Each agent registers its DRAM segments with one NIXL agent (UCX backend: RDMA where the node has
 it, TCP here). A reader asks the owner over the authenticated control channel for a chain of index
@@ -10,7 +10,7 @@ segment that goes back to the pool is deregistered before its memory is released
 never outlives the tenant it was handed out for). The reader reserves local extents in its own
 tenant segments, READs the remote extents straight into them (no staging copy on either side),
 verifies each checksum in place, and only then indexes the blocks. A failed, corrupt or late
-transfer is a miss: nothing it touched is ever indexed.
+block is a miss: only blocks that arrived whole and verified, in chain order, are indexed.
 """
 
 from __future__ import annotations
