@@ -11,14 +11,18 @@ COPY src ./src
 COPY operator ./operator
 COPY agent ./agent
 COPY bench ./bench
-COPY hack/gen-csi.sh ./hack/gen-csi.sh
+COPY hack/gen-csi.sh hack/extra.py ./hack/
 COPY --from=proto /csi.proto /proto/csi.proto
 RUN python -m pip install --no-cache-dir "grpcio-tools>=1.60" \
     && CSI_PROTO_DIR=/proto PYTHON=python bash hack/gen-csi.sh \
-    && python -m pip install --no-cache-dir --prefix=/install ".[gpu]"
+    && python -m pip install --no-cache-dir --prefix=/install ".[gpu]" \
+    && python -m pip install --no-cache-dir --prefix=/install --no-deps $(python hack/extra.py nixl)
 
 FROM python:3.12-slim
-RUN apt-get update && apt-get install -y --no-install-recommends nvme-cli util-linux \
+# ibverbs-utils: ibv_devinfo for RDMA discovery; ibverbs-providers: the verbs drivers (mlx5, ...) that
+# the UCX inside the NIXL wheel loads for its RDMA transports
+RUN apt-get update && apt-get install -y --no-install-recommends nvme-cli util-linux ibverbs-utils \
+    ibverbs-providers \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /install /usr/local
 COPY charts/kvtier/files/crds /opt/kvtier/crds

@@ -19,6 +19,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   say "generating the CSI gRPC stubs from the CSI spec's proto"
   bash hack/gen-csi.sh
   .venv/bin/python -m pip install -q -e '.[test,helm,kind,gpu]'
+  say "installing NIXL, the agents' peer data path (without the torch its wheel declares)"
+  .venv/bin/python -m pip install -q --no-deps $(.venv/bin/python hack/extra.py nixl)
   touch "$stamp"
 fi
 say "control-plane binaries (etcd, kube-apiserver, kubectl, helm)"

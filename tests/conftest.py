@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -138,6 +139,40 @@ def agent(tmp_path: Path) -> Iterator[callable]:
     yield start
     for proc in started:
         proc.kill(signal.SIGTERM)
+
+
+@pytest.fixture
+def sidecar():
+    """Factory: start real `kvtier sidecar` processes on an agent's tenant socket; returns its URL."""
+    procs = []
+
+    def start(socket_path: str) -> str:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kvtier.cli",
+                "sidecar",
+                "--pool",
+                "p",
+                "--socket",
+                socket_path,
+                "--port",
+                "0",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        procs.append(proc)
+        line = proc.stdout.readline()
+        assert line.startswith("kvtier sidecar ready"), line
+        return "http://" + line.split("http=")[1].strip()
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def dump_yaml(obj: object) -> str:

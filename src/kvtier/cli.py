@@ -213,6 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--nodes", type=int, default=50)
     b.add_argument("--status-interval", type=float, default=2.0, help="the operator's status timer (s)")
     b.set_defaults(func=_lazy("kvtier.bench.controlplane"))
+    b = bench_sub.add_parser(
+        "transport", help="peer fetches over NIXL between two network namespaces vs raw TCP (needs root)"
+    )
+    b.add_argument("--out", default="bench-transport.json")
+    b.add_argument("--block-mib", default="0.25,1,4,16", help="block sizes in MiB, comma-separated")
+    b.add_argument("--total-mib", type=int, default=256, help="bytes fetched per block size")
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--transport", default="auto", choices=["auto", "rdma", "tcp"])
+    b.set_defaults(func=_lazy("kvtier.bench.transport"))
     b = bench_sub.add_parser("ttft", help="restore TTFT vs recompute (GPU, or a small model on CPU)")
     b.add_argument("--out", default="bench-ttft.json")
     b.add_argument("--plot", default=None)

@@ -3,6 +3,8 @@ runs the long one). Each test is an attack someone could make, and what the othe
 
 from __future__ import annotations
 
+import contextlib
+
 import errno
 import mmap
 import os
@@ -325,7 +327,7 @@ def test_full_disk_fails_a_sync_put_clearly_and_frees_what_it_reserved(tmp_path)
     )
     cfg.spec.tiers.nvme.path = str(disk / "nvme.img")
     wrapper = ["unshare", "-rm", "sh", "-c", f'mount -t tmpfs -o size=8m tmpfs {disk} && exec "$@"', "sh"]
-    a = spawn_agent(cfg, tmp_path / "agent.yaml", log=tmp_path / "agent.log", wrapper=wrapper)
+    a = spawn_agent(cfg, tmp_path / "agent.yaml", log=tmp_path / "agent.log", argv_prefix=wrapper)
     try:
         refused = 0
         with Client(a.tenant("team-a"), timeout=30) as c:
@@ -363,16 +365,22 @@ def test_sigkill_loop_under_concurrent_writers_never_returns_wrong_bytes(agent, 
 
 
 def test_a_rogue_peer_cannot_make_the_fetching_agent_allocate_or_crash(tmp_path):
-    """The peer port's client side: a server that passes for a peer and lies in its headers."""
+    """The peer path's reader side: a server that passes for a peer and lies in its answers gets a
+    miss (or a refused fetch), and the reader's arena stays empty."""
     import threading
 
-    from kvtier.agent.transports.tcp import TcpTransport
+    from kvtier.agent.store.index import Store
+    from kvtier.agent.tiers.dram import DramTier
+    from kvtier.agent.transports import open_transport
+    from kvtier.agent.transports.nixl import PeerError
 
+    key = os.urandom(24)
     lies = [
-        {"ok": True, "blocks": [{"key": "00", "tenant": "t", "size": 1 << 50, "checksum": 1}]},
-        {"ok": True, "blocks": [{"key": "zz", "tenant": "t", "size": 10, "checksum": 1}]},
-        {"ok": True, "blocks": "nope"},
-        {"ok": True, "blocks": [{"key": "00", "tenant": "t", "size": 4, "checksum": 1}]},  # bad checksum
+        {"ok": True, "agent": "x", "metadata": "", "blocks": [{"key": key.hex(), "size": 1 << 50, "checksum": 1, "addr": 4096}]},
+        {"ok": True, "agent": "x", "metadata": "", "blocks": [{"key": "zz", "size": 10, "checksum": 1, "addr": 4096}]},
+        {"ok": True, "agent": "x", "metadata": "", "blocks": "nope"},
+        {"ok": True, "agent": "x", "metadata": "!!", "blocks": [{"key": key.hex(), "size": 4, "checksum": 1, "addr": 4096}]},
+        {"ok": True, "agent": "x", "metadata": "", "blocks": [{"key": key.hex(), "size": 4, "checksum": 1, "addr": -1}]},
     ]
     server = socket.create_server(("127.0.0.1", 0))
 
@@ -385,14 +393,25 @@ def test_a_rogue_peer_cannot_make_the_fetching_agent_allocate_or_crash(tmp_path)
                 protocol.send(conn, {"ok": True})
                 protocol.recv(conn)
                 protocol.send(conn, lie)
-                conn.sendall(b"abcd")
+                with contextlib.suppress(OSError, protocol.ProtocolError):
+                    protocol.recv(conn)  # "done"
+                    protocol.send(conn, {"ok": True})
 
     threading.Thread(target=serve, daemon=True).start()
     peer = f"127.0.0.1:{server.getsockname()[1]}"
-    transport = TcpTransport(os.urandom(32), timeout=5)
-    for _ in lies:
-        assert list(transport.fetch(peer, [b"\0"])) == [], "a lie is a miss"
-    server.close()
+    secret = os.urandom(32)
+    store = Store(secret, DramTier("p", 32 << 20, 8 << 20), None)
+    transport, _ = open_transport(store, secret, f"rogue-test-{os.getpid()}", "tcp", [], None)
+    try:
+        for _ in lies:
+            try:
+                assert transport.fetch(peer, "t", [key], time.monotonic() + 5) == [], "a lie is a miss"
+            except PeerError:
+                pass  # refused: also a miss for the caller
+        assert store.stats()["dram"]["usedBytes"] == 0, "nothing stays reserved for a liar"
+    finally:
+        server.close()
+        store.close()
 
 
 def test_a_tenant_with_more_segments_than_one_message_can_carry_is_still_served(agent, tmp_path):

@@ -251,30 +251,6 @@ def test_shared_pools_hit_across_namespaces(agent):
         assert cb.get(FP, keys) == data
 
 
-def test_peer_agent_serves_blocks_over_tcp(agent, tmp_path):
-    from kvtier.agent.transports.tcp import TcpTransport
-
-    secret_file = tmp_path / "pool-secret"
-    secret_file.write_bytes(os.urandom(32))
-    cfg_a = agent_config(tmp_path / "a", nvme=None).model_copy(update={"secretFile": str(secret_file)})
-    a = agent(cfg_a, name="a")
-    keys, data = chain(3), blobs(3)
-    with Client(a.tenant("team-a")) as c:
-        c.put(FP, keys, data)
-    from kvtier.agent.store.index import Store
-    from kvtier.agent.tiers.dram import DramTier
-
-    # the index keys a pool member derives for team-a's chain
-    probe = Store(secret_file.read_bytes(), DramTier("p", 8 * MiB, 8 * MiB), None)
-    ikeys = [probe.index_key("team-a", FP, k) for k in keys]
-    probe.close()
-    got = list(TcpTransport(secret_file.read_bytes()).fetch(a.peer, ikeys))
-    assert [bytes(b.data) for b in got] == data
-    assert all(b.tenant == "team-a" for b in got)
-    with pytest.raises(PermissionError):
-        list(TcpTransport(b"not the pool secret").fetch(a.peer, ikeys))
-
-
 def test_csi_style_node_calls_are_read_only_and_repeatable(agent):
     a = agent()
     first = {op: a.admin(op) for op in ("identity", "probe", "node_info", "capacity")}

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import urllib.request
 
 import pytest
@@ -16,39 +14,6 @@ from tests.conftest import agent_config
 from tests.integration.test_agent import FP, blobs, chain
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def sidecar():
-    procs = []
-
-    def start(socket_path: str) -> str:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kvtier.cli",
-                "sidecar",
-                "--pool",
-                "p",
-                "--socket",
-                socket_path,
-                "--port",
-                "0",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        procs.append(proc)
-        line = proc.stdout.readline()
-        assert line.startswith("kvtier sidecar ready"), line
-        return "http://" + line.split("http=")[1].strip()
-
-    yield start
-    for proc in procs:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def _post(url: str, body: dict) -> dict:

@@ -15,12 +15,13 @@ import threading
 from pathlib import Path
 
 from kvtier.agent.api.server import AgentAPI, Gate, ServerLimits
-from kvtier.agent.devices import gpu_inventory, numa_for_gpus
+from kvtier.agent.devices import gpu_inventory, numa_for_gpus, rdma
 from kvtier.agent.metrics import Metrics
 from kvtier.agent.store.index import Store, load_secret
 from kvtier.agent.tiers.dram import DramTier
 from kvtier.agent.tiers.nvme import NotOurs, NvmeTier
-from kvtier.agent.transports.tcp import TcpPeerServer
+from kvtier.agent.transports import open_transport
+from kvtier.agent.transports.control import ControlServer
 from prometheus_client import start_http_server
 
 from kvtier.api.agentconfig import AgentConfig
@@ -68,20 +69,37 @@ class Agent:
         self.limits = ServerLimits.from_spec(spec.limits)
         # tenant sockets and the peer port share one connection cap (threads follow connections)
         gate = Gate(self.limits.connections, self.limits.connections_per_tenant)
-        self.peer = TcpPeerServer(self.store, secret, config.peerHost, config.peerPort, self.limits, gate)
+        rdma_ports, rdma_reason = rdma.discover()
+        self.transport, self.transport_status = open_transport(
+            self.store,
+            secret,
+            f"kvtier-{config.pool}-{self.node}-{os.urandom(4).hex()}",  # a restart is a new NIXL agent
+            spec.prefetch.transport,
+            rdma_ports,
+            rdma_reason,
+        )
+        self.metrics.report_transport(self.transport_status)
+        self.peer = ControlServer(
+            secret, config.peerHost, config.peerPort, self.transport.new_session, self.limits, gate, self.metrics
+        )
         self.numa = numa
         self.api = AgentAPI(
             Path(config.socketDir),
             self.store,
             spec.blockTokens,
-            extra_stats=lambda: {"node": self.node, "peer": self.peer.address, "numaNode": numa},
+            extra_stats=lambda: {
+                "node": self.node,
+                "peer": self.peer.address,
+                "numaNode": numa,
+                "transport": self.transport_status.model_dump(exclude_none=True),
+            },
             node=NodeService(self),
             limits=self.limits,
             gate=gate,
         )
         # one API client (or None off-cluster) for the KVCacheNode reporter and the peer directory
         self.api_client = api_client_from_environment()
-        self.api.prefetcher = self._prefetcher(secret)
+        self.api.prefetcher = self._prefetcher()
         self.metrics_port = self._serve_metrics()
         self.reporter = None
         self._stop = threading.Event()
@@ -137,13 +155,11 @@ class Agent:
         )
         return f"{host}:{port}"
 
-    def _prefetcher(self, secret: bytes):
+    def _prefetcher(self):
         from kvtier.agent.prefetch import PeerDirectory, Prefetcher
-        from kvtier.agent.transports import choose_transport
 
         directory = PeerDirectory(self.config.pool, self.peer_address, self.config.peers, self.api_client)
-        transport = choose_transport(self.config.spec.prefetch.transport, secret)
-        return Prefetcher(self.store, transport, directory)
+        return Prefetcher(self.store, self.transport, directory)
 
     def _serve_metrics(self) -> int:
         port = self.config.metricsPort
@@ -235,7 +251,8 @@ def main(args: argparse.Namespace) -> int:
     print(
         f"kvtier agent ready pool={config.pool} node={agent.node} sockets={config.socketDir} "
         f"peer={agent.peer.address} metrics=:{agent.metrics_port} numa={agent.numa} "
-        f"nvme={'direct' if agent.nvme and agent.nvme.direct else 'buffered' if agent.nvme else 'none'}",
+        f"nvme={'direct' if agent.nvme and agent.nvme.direct else 'buffered' if agent.nvme else 'none'} "
+        f"transport={agent.transport_status.ucxTransports or 'none'}",
         flush=True,
     )
     done.wait()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -95,3 +96,27 @@ class Metrics:
             buckets=(1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1, 3),
             registry=r,
         )
+        self.transport = Gauge(
+            "kvtier_peer_transport_info",
+            "The peer data path in use (1): library, UCX transports, whether RDMA was selected",
+            ["library", "ucx_tls", "rdma"],
+            registry=r,
+        )
+        self.rdma_port_mtu = Gauge(
+            "kvtier_rdma_port_active_mtu_bytes",
+            "Active MTU of each RDMA port found on the node",
+            ["device", "port", "link_layer", "state"],
+            registry=r,
+        )
+        self.rdma_port_gids = Gauge(
+            "kvtier_rdma_port_gids", "Populated GID entries per RDMA port", ["device", "port"], registry=r
+        )
+
+    def report_transport(self, status: Any) -> None:
+        """The agent's NodeTransport (see kvtier.api.v1alpha1) as info gauges."""
+        self.transport.labels(
+            status.library or "none", status.ucxTransports or "", str(status.rdma).lower()
+        ).set(1)
+        for p in status.rdmaPorts:
+            self.rdma_port_mtu.labels(p.device, str(p.port), p.linkLayer, p.state).set(p.activeMtu or 0)
+            self.rdma_port_gids.labels(p.device, str(p.port)).set(len(p.gids))

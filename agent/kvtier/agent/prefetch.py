@@ -2,17 +2,17 @@
 NVMe, fetch what peer agents hold — and give up at the deadline (counted late, never waited on).
 
 Peers are found through Kubernetes (the pool's KVCacheNodes carry each agent's peer address) or a
-static list; blocks move agent to agent over a Transport, so the pool secret never leaves the agents.
+static list; blocks move agent to agent by NIXL READs (`transports.nixl`), asked for over the
+authenticated control channel, so the pool secret never leaves the agents.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from kvtier.agent.store.index import Store
-from kvtier.agent.transports.base import Transport
 
 log = logging.getLogger("kvtier.agent.prefetch")
 
@@ -54,6 +54,12 @@ class PeerDirectory:
         ]
 
 
+class Transport(Protocol):
+    def fetch(self, peer: str, tenant: str, ikeys: list[bytes], deadline: float) -> list[Any]:
+        """The leading blocks of `ikeys` that `peer` holds for `tenant`, now indexed here (`Landed`)."""
+        ...
+
+
 class Prefetcher:
     def __init__(self, store: Store, transport: Transport, directory: PeerDirectory) -> None:
         self.store, self.transport, self.directory = store, transport, directory
@@ -69,19 +75,15 @@ class Prefetcher:
                 late = True
                 break
             try:
-                for block in self.transport.fetch(peer, missing):
-                    if block.tenant != tenant or block.key != missing[0]:
-                        break  # never store another tenant's bytes, nor out of order
-                    if self.store.ingest(block.key, tenant, block.data, block.checksum):
-                        fetched += 1
-                        fetched_bytes += len(block.data)
-                    missing.pop(0)
-                    if not missing or time.monotonic() > deadline:
-                        late = bool(missing)
-                        break
-            except (OSError, PermissionError) as exc:
+                landed = self.transport.fetch(peer, tenant, missing, deadline)
+            except OSError as exc:  # refused, unreachable, killed mid-transfer, late: a miss
                 log.info("peer %s: %s", peer, exc)
-            if not missing or late:
+                late = time.monotonic() > deadline
+                continue
+            fetched += sum(1 for b in landed if b.new)
+            fetched_bytes += sum(b.size for b in landed if b.new)
+            del missing[: len(landed)]
+            if not missing:
                 break
         if late:
             self.store.metrics.prefetch_late.inc()

@@ -42,6 +42,7 @@ def node_status(agent: Agent) -> dict[str, Any]:
         agentVersion=agent_version(),
         numaNode=agent.numa,
         peerAddress=agent.peer_address,
+        transport=agent.transport_status,
         heartbeat=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     )
     return status.model_dump(mode="json", exclude_none=True)

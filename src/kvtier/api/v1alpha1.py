@@ -550,6 +550,27 @@ class NodeDevices(Model):
     gpuReason: str | None = Field(None, description="Why the GPU list is empty (no driver, no NVML).")
 
 
+class RdmaPort(Model):
+    device: str = Field(description="RDMA device (HCA) name, e.g. mlx5_0.")
+    port: int
+    state: str = Field(description="Port state: ACTIVE, DOWN, INIT, ARMED, ...")
+    linkLayer: str = Field(description="InfiniBand or Ethernet (RoCE).")
+    activeMtu: int | None = Field(None, description="Active MTU in bytes.")
+    gids: list[str] = Field(default_factory=list, description="Non-zero GID table entries.")
+
+
+class NodeTransport(Model):
+    """How this agent moves blocks to and from peer agents, and why."""
+
+    requested: Literal["auto", "rdma", "tcp"] = "auto"
+    library: str | None = Field(None, description="The data path library, e.g. 'nixl 1.5.1 (UCX)'.")
+    ucxTransports: str | None = Field(None, description="UCX_TLS the agent runs with.")
+    rdma: bool = Field(False, description="Whether RDMA transports were selected.")
+    reason: str | None = Field(None, description="Why this choice (or why peers cannot be reached).")
+    rdmaPorts: list[RdmaPort] = Field(default_factory=list, description="RDMA ports found on the node.")
+    rdmaReason: str | None = Field(None, description="Why no RDMA port is listed.")
+
+
 class KVCacheNodeSpec(Model):
     pool: str = Field(max_length=253)
     node: str = Field(max_length=253)
@@ -566,7 +587,8 @@ class KVCacheNodeStatus(Model):
     reason: str | None = None
     agentVersion: str | None = None
     numaNode: int | None = Field(None, description="NUMA node the DRAM arena was placed on.")
-    peerAddress: str | None = Field(None, description="host:port of the agent's peer data port.")
+    peerAddress: str | None = Field(None, description="host:port of the agent's peer control port.")
+    transport: NodeTransport | None = None
     heartbeat: str | None = Field(None, json_schema_extra={"format": "date-time"})
 
 

@@ -33,7 +33,8 @@ class AgentProcess:
 
     @property
     def peer(self) -> str:
-        return "127.0.0.1:" + self._field("peer").rsplit(":", 1)[1]
+        host = self.config.peerHost if self.config.peerHost not in ("", "0.0.0.0") else "127.0.0.1"
+        return f"{host}:" + self._field("peer").rsplit(":", 1)[1]
 
     @property
     def metrics_url(self) -> str:
@@ -66,14 +67,14 @@ def spawn_agent(
     config_path: Path,
     env: dict[str, str] | None = None,
     log: Path | None = None,
-    wrapper: list[str] | None = None,
+    argv_prefix: list[str] | None = None,
 ) -> AgentProcess:
-    """Write the configuration, start the agent (under `wrapper`, a command prefix, if given), and
-    wait for its ready line."""
+    """Write the configuration, start the agent (under `argv_prefix`, e.g. in a network namespace),
+    and wait for its ready line."""
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(config.to_yaml())
     proc = subprocess.Popen(
-        [*(wrapper or []), sys.executable, "-m", "kvtier.cli", "agent", "--config", str(config_path)],
+        [*(argv_prefix or []), sys.executable, "-m", "kvtier.cli", "agent", "--config", str(config_path)],
         stdout=subprocess.PIPE,
         stderr=open(log, "ab") if log else subprocess.STDOUT,  # noqa: SIM115 - owned by the child
         text=True,

@@ -425,31 +425,34 @@ class Store:
             for block in blocks:
                 block.pins = max(0, block.pins - 1)
 
-    def ingest(self, ikey: bytes, tenant: str, data: memoryview, sum_: int) -> bool:
-        """A block fetched from a peer (already verified) becomes a local DRAM block."""
+    def reserve_for_peer(self, tenant: str, size: int) -> tuple[Segment, Extent] | None:
+        """Room in the tenant's segments for a block a peer is about to write (not indexed yet)."""
+        with self.lock:
+            try:
+                # shared pools: straight into sealed memory, the agent's own mapping writes it
+                return self._allocate_dram(tenant, size, self.sealed)
+            except StoreError:
+                return None
+
+    def unreserve(self, seg: Segment, ext: Extent) -> None:
+        with self.lock:
+            self.dram.free(seg, ext)
+
+    def adopt(self, ikey: bytes, tenant: str, seg: Segment, ext: Extent, size: int, sum_: int) -> bool:
+        """A peer's block, already landed in `ext` and verified there, becomes a local DRAM block.
+        False (and the extent freed) when the key arrived meanwhile by another path."""
         with self.lock:
             if ikey in self.blocks:
+                self.dram.free(seg, ext)
                 return False
-            got = self._allocate_dram(tenant, len(data), self.sealed)
-            if got is None:
-                return False
-            seg, ext = got
-            seg.view(ext, len(data))[:] = data
             self.blocks[ikey] = Block(
-                ikey,
-                tenant,
-                len(data),
-                sum_,
-                seg=seg,
-                extent=ext,
-                last_used=time.monotonic(),
-                prefetched=True,
+                ikey, tenant, size, sum_, seg=seg, extent=ext, last_used=time.monotonic(), prefetched=True
             )
             self.dram_policy.insert(ikey)
             if self.nvme:
                 self.persist_queue.append(ikey)
                 self.work.notify_all()
-            self.metrics.peer_bytes.labels("fetched").inc(len(data))
+            self.metrics.peer_bytes.labels("fetched").inc(size)
             self._update_gauges()
             return True
 

@@ -22,6 +22,7 @@ import fcntl
 import itertools
 import mmap
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvtier.agent.store.extents import Extent, ExtentAllocator
@@ -50,7 +51,7 @@ def punch_hole(fd: int, length: int) -> None:
 
 def bind_to_numa(mm: mmap.mmap, length: int, node: int) -> bool:
     """Shared memory policy for the whole segment (applies to every process that maps it)."""
-    addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    addr = _address(mm)
     mask = ctypes.c_ulong(1 << node)
     rc = _libc.syscall(
         _SYS_MBIND, ctypes.c_void_p(addr), ctypes.c_ulong(length), _MPOL_BIND, ctypes.byref(mask), 64, 0
@@ -78,6 +79,19 @@ class Segment:
     def describe(self) -> dict[str, int | bool]:
         return {"id": self.id, "size": self.size, "writable": not self.sealed}
 
+    @property
+    def address(self) -> int:
+        """Where the segment is mapped in this process (what a transport registers)."""
+        return _address(self.mm)
+
+
+def _address(mm: mmap.mmap) -> int:
+    pointer = ctypes.c_char.from_buffer(mm)
+    try:
+        return ctypes.addressof(pointer)
+    finally:
+        del pointer  # a live export would keep the mapping from ever being closed
+
 
 class DramFull(Exception):
     """No room for the tenant in the arena even after reclaiming empty segments."""
@@ -103,6 +117,8 @@ class DramTier:
         # a tenant's share of the arena, in whole segments (at least one, so every tenant can save)
         self.quota_segments = max(1, int(share * len(self.slots))) if share < 1 else None
         self._ids = itertools.count(1)
+        # called with a segment before its memory goes away (a transport drops its registration)
+        self.retire_hooks: list[Callable[[Segment], None]] = []
 
     # --------------------------------------------------------------------------- geometry
 
@@ -187,6 +203,8 @@ class DramTier:
     def retire(self, seg: Segment) -> None:
         """Drop a segment's memory for good: stale mappings elsewhere now read zeros. (A sealed
         segment refuses the hole punch; its stale readers keep what every namespace could read.)"""
+        for hook in self.retire_hooks:  # a transport drops its registration first
+            hook(seg)
         try:
             punch_hole(seg.fd, seg.size)
         except OSError as exc:
@@ -199,6 +217,8 @@ class DramTier:
     def close(self) -> None:
         for seg in list(self.slots):
             if seg:
+                for hook in self.retire_hooks:
+                    hook(seg)
                 with contextlib.suppress(BufferError):  # a view still held elsewhere: the process ends anyway
                     seg.mm.close()
                 os.close(seg.fd)
