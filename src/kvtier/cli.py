@@ -221,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="also time torch.save and safetensors of the DynamicCache from tmpfs and disk (HF path)",
     )
+    b.add_argument("--peers-upto", type=int, default=1 << 30, help="time the file peers up to this length")
     b.add_argument("--nvme-tokens", default=None, help="context lengths that get NVMe rows (default: all)")
     b.add_argument(
         "--io-lock",

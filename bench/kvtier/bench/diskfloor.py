@@ -44,35 +44,37 @@ def tier_keys(manifest: Path) -> set[bytes]:
     return set(live)
 
 
-def read_extents(path: Path, extents: list[tuple[int, int]], threads: int = 32) -> float:
-    """Bytes/s reading `extents` of a file with O_DIRECT, 4 MiB requests, `threads` in flight."""
+def read_extents(path: Path, extents: list[tuple[int, int]], threads: int = 64) -> float:
+    """Bytes/s reading `extents` of a file with O_DIRECT: 4 MiB requests kept `threads` deep without
+    pause (a ring of buffers; a slot is reused once its read is done). Twice the agent's queue depth
+    by default, so the floor is the disk's best, not the agent's."""
     total = sum(n for _, n in extents)
     if total == 0:
         return 0.0
     fd, _ = open_direct(path)
-    window = min(1 << 30, total + CHUNK)
-    buf = mmap.mmap(-1, window)
+    slots = 2 * threads
+    buf = mmap.mmap(-1, slots * CHUNK)
     view = memoryview(buf)
     try:
         with ThreadPoolExecutor(threads) as pool:
+            ring: list = [None] * slots
+            i = 0
             t0 = time.perf_counter()
-            pending, used = [], 0
             for off, n in extents:
                 for pos in range(0, n, CHUNK):
+                    slot = i % slots
+                    if ring[slot] is not None:
+                        ring[slot].result()
                     size = min(CHUNK, n - pos)
-                    if used + size > window:
-                        for f in pending:
-                            f.result()
-                        pending, used = [], 0
-                    pending.append(pool.submit(_pread_full, fd, view[used : used + size], off + pos))
-                    used += size
-            for f in pending:
-                f.result()
+                    dst = view[slot * CHUNK : slot * CHUNK + size]
+                    ring[slot] = pool.submit(_pread_full, fd, dst, off + pos)
+                    i += 1
+            for f in ring:
+                if f is not None:
+                    f.result()
             return total / (time.perf_counter() - t0)
     finally:
-        view.release()
-        buf.close()
-        os.close(fd)
+        os.close(fd)  # the buffer goes with its last view (slices may still be referenced here)
 
 
 def _pread_full(fd: int, buf: memoryview, offset: int) -> None:

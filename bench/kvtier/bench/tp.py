@@ -24,7 +24,7 @@ from typing import Any
 
 from kvtier.agent.keys import KVLayout
 from kvtier.bench.diskfloor import cold, io_lock, read_extents, tier_extents, tier_keys
-from kvtier.bench.ttft import IO_THREADS, GiB, print_table, row, start_pool_agent
+from kvtier.bench.ttft import GiB, print_table, row, start_pool_agent, write_partial
 
 from kvtier.dev.ports import free_port
 
@@ -70,6 +70,7 @@ def run_tp(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
             "prefill": args.prefill,
             "nvme_tokens": [int(x) for x in args.nvme_tokens.split(",")] if args.nvme_tokens else lengths,
             "io_lock": args.io_lock,
+            "out": args.out,
             "small": args.small,
             "share_gpus": bool(args.share_gpus),
             "tenant": agent.tenant("bench"),
@@ -254,13 +255,13 @@ def rank_main(index: int, plan: dict[str, Any], queue) -> None:
                     extents = tier_extents(manifest, before)
                     nvme_file = Path(plan["nvme_file"])
                     checks = [cold(nvme_file, extents)]
-                    raw_before = read_extents(nvme_file, extents, IO_THREADS)
+                    raw_before = read_extents(nvme_file, extents)
                     checks.append(cold(nvme_file, extents))
                 dist.barrier()
                 nvme = gather(restore())
                 if index == 0:
                     checks.append(cold(nvme_file, extents))
-                    raw_after = read_extents(nvme_file, extents, IO_THREADS)
+                    raw_after = read_extents(nvme_file, extents)
                     disk = {
                         "raw": (raw_before, raw_after),
                         "bytes": sum(n for _, n in extents),
@@ -277,6 +278,9 @@ def rank_main(index: int, plan: dict[str, Any], queue) -> None:
                 if disk:
                     ceilings["raw_read_gbps"] = results[-1]["raw_read_gbps"]
                 print_table(results[-len(rows) :], f"{L:,} tokens, TP={tp}, ranks {ranks}")
+                write_partial(
+                    plan["out"], {"model": shape.name, "tp": tp, "ranks": ranks, "results": results}
+                )
             dist.barrier()
             lock.__exit__(None, None, None)
     if index == 0:

@@ -30,7 +30,7 @@ from kvtier.bench.shapes import SHAPES
 from kvtier.dev.agents import AgentProcess, local_agent_config, spawn_agent
 
 GiB = 1 << 30
-IO_THREADS = 32  # the agent's NVMe queue depth, and the raw reader's
+IO_THREADS = 32  # the agent's NVMe queue depth
 
 
 # --------------------------------------------------------------------------------- shared parts
@@ -78,6 +78,12 @@ def row(tokens, tier, kv_bytes, recompute_s, restore_s, floor_s, diff, **extra) 
         "logits_max_abs_diff": diff,
         **extra,
     }
+
+
+def write_partial(out: str, report: dict[str, Any]) -> None:
+    """What a run has measured so far, next to its output (a run cut short keeps its finished lengths)."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out + ".partial").write_text(json.dumps({**report, "partial": True}, indent=2, default=str))
 
 
 def print_table(results: list[dict[str, Any]], title: str) -> None:
@@ -238,7 +244,11 @@ def run_hf(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
                     )
                     ref_decode = ref_decode.logits[0, -1].float()
                     cache.crop(L)  # the decode appended one position; back to the L context tokens
-                    stored = peers.save_all(cache, work, nvme_dir, L) if args.peers else []
+                    stored = (
+                        peers.save_all(cache, work, nvme_dir, L)
+                        if args.peers and args.peers_upto >= L
+                        else []
+                    )
                     del cache  # the engine evicted this context from HBM; its memory stays in torch's pool
                     h2d = measure_h2d(kv.arena, min(GiB, kv_bytes), device) if on_gpu else None
 
@@ -338,6 +348,10 @@ def run_hf(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
                         "raw_read_gbps": round(nvme_row["raw"] / 1e9, 2),
                     }
                     print_table([r for r in results if r["tokens"] == L], f"{L:,} tokens")
+                    write_partial(
+                        args.out,
+                        {"model": config._name_or_path, "prefill": prefill_report, "results": results},
+                    )
                     kv.conn.close()  # unregisters the arena, then unmaps it
                 finally:
                     agent.kill()
@@ -376,11 +390,11 @@ def nvme_restore(agent, nvme_file: Path, before: set[bytes], kv_bytes: int, rest
     extents = tier_extents(manifest, before)
     assert sum(n for _, n in extents) >= kv_bytes, "the NVMe tier holds fewer bytes than the context"
     cold_before = cold(nvme_file, extents)
-    raw_before = read_extents(nvme_file, extents, IO_THREADS)
+    raw_before = read_extents(nvme_file, extents)
     cold_restore = cold(nvme_file, extents)
     got = restore()
     cold_after = cold(nvme_file, extents)
-    raw_after = read_extents(nvme_file, extents, IO_THREADS)
+    raw_after = read_extents(nvme_file, extents)
     raw = max(raw_before, raw_after)
     got["raw"] = raw
     got["report"] = {
@@ -442,7 +456,7 @@ def run_numpy(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
                 nvme_file = work / "nvme" / "kvtier-bench.cache"
                 extents = tier_extents(nvme_file.with_name(nvme_file.name + ".manifest"))
                 cold(nvme_file, extents)
-                raw = read_extents(nvme_file, extents, IO_THREADS)
+                raw = read_extents(nvme_file, extents)
                 results.append(row(L, "nvme", kv_bytes, recompute_s, nvme_s, kv_bytes / raw + decode_s, diff))
         finally:
             agent.kill()
