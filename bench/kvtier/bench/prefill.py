@@ -160,6 +160,33 @@ def pick_chunked_attention(
     return report
 
 
+def chunk_shapes(P: int, chunk: int | None) -> list[tuple[int, int]]:
+    """(queries, keys) of each attention call a prefill of P tokens makes, in order."""
+    step = chunk or P
+    return [(min(step, P - s), min(P, s + step)) for s in range(0, P, step)]
+
+
+def warm_attention(hq: int, hk: int, d: int, P: int, chunk: int | None, device, dtype) -> None:
+    """Run one attention call of every shape a prefill will make: cuDNN builds an execution plan the
+    first time it sees a shape (up to about a second), which is set-up, not prefill."""
+    if device.type != "cuda":
+        return
+    for q_len, kv_len in chunk_shapes(P, chunk):
+        q = torch.randn(1, hq, q_len, d, device=device, dtype=dtype)
+        k = torch.randn(1, hk, kv_len, d, device=device, dtype=dtype)
+        causal_attention(q, k, k)
+        del q, k
+    torch.cuda.synchronize(device)
+
+
+def probe_kernels(hq: int, hk: int, d: int, P: int, chunk: int | None, device, dtype) -> list[str]:
+    """The attention kernels of the prefill's last (largest) attention call, from the profiler."""
+    q_len, kv_len = chunk_shapes(P, chunk)[-1]
+    q = torch.randn(1, hq, q_len, d, device=device, dtype=dtype)
+    k = torch.randn(1, hk, kv_len, d, device=device, dtype=dtype)
+    return attention_kernels(lambda: causal_attention(q, k, k))
+
+
 def _time(fn, repeats: int = 5) -> float:
     fn()
     torch.cuda.synchronize()

@@ -100,32 +100,59 @@ def print_table(results: list[dict[str, Any]], title: str) -> None:
 
 
 def plot(results: list[dict[str, Any]], path: str, title: str) -> None:
+    """TTFT against context, log-log: the fastest recompute, kvtier's DRAM and NVMe restores with
+    their same-run floors, and every file peer measured."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for tier, style in (("dram", "o-"), ("nvme", "s-")):
-        rows = [r for r in results if r["tier"] == tier]
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    by_tokens: dict[int, dict[str, Any]] = {}
+    for r in results:
+        by_tokens.setdefault(r["tokens"], r)
+    xs = sorted(by_tokens)
+    ax.plot(
+        [x / 1000 for x in xs],
+        [by_tokens[x]["recompute_s"] for x in xs],
+        "k^-",
+        lw=2,
+        label="recompute (fastest prefill)",
+    )
+    for tier, style, label in (
+        ("dram", "o-", "kvtier, from DRAM"),
+        ("nvme", "s-", "kvtier, from NVMe (virtual disk)"),
+    ):
+        rows = sorted((r for r in results if r["tier"] == tier), key=lambda r: r["tokens"])
         if not rows:
             continue
-        xs = [r["tokens"] / 1000 for r in rows]
-        ax.plot(xs, [r["restore_s"] for r in rows], style, label=f"restore from {tier.upper()} (kvtier)")
-        ax.plot(xs, [r["floor_s"] for r in rows], ":", label=f"{tier.upper()} floor (same run)")
-    base = [r for r in results if r["tier"] == results[0]["tier"]]
-    ax.plot(
-        [r["tokens"] / 1000 for r in base],
-        [r["recompute_s"] for r in base],
-        "k^-",
-        label="recompute (prefill)",
-    )
-    for r in base:
-        ax.annotate(
-            f"{r['speedup']:.0f}x",
-            (r["tokens"] / 1000, r["restore_s"]),
-            textcoords="offset points",
-            xytext=(4, -12),
+        line = ax.plot(
+            [r["tokens"] / 1000 for r in rows], [r["restore_s"] for r in rows], style, lw=2, label=label
+        )
+        ax.plot(
+            [r["tokens"] / 1000 for r in rows],
+            [r["floor_s"] for r in rows],
+            ":",
+            color=line[0].get_color(),
+            label=f"{tier.upper()} floor (same run)",
+        )
+        if tier == "dram":
+            for r in rows:
+                ax.annotate(
+                    f"{r['speedup']:.0f}x",
+                    (r["tokens"] / 1000, r["restore_s"]),
+                    textcoords="offset points",
+                    xytext=(4, -12),
+                )
+    peers = sorted({r["tier"] for r in results if ":" in r["tier"]})
+    for tier, marker in zip(peers, "vDPX<>", strict=False):
+        rows = sorted((r for r in results if r["tier"] == tier), key=lambda r: r["tokens"])
+        ax.plot(
+            [r["tokens"] / 1000 for r in rows],
+            [r["restore_s"] for r in rows],
+            marker + "--",
+            alpha=0.7,
+            label=tier.replace(":", " from "),
         )
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -133,7 +160,7 @@ def plot(results: list[dict[str, Any]], path: str, title: str) -> None:
     ax.set_ylabel("time to first token (s)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -197,19 +224,19 @@ def run_hf(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
             planned = pf.plan_prefill(shape, P, P * shape.kv_bytes_per_token(), free)
             times: dict[str, float] = {}
             cache = ref_logits = None
+            kernels: dict[str, list[str]] = {}
             for chunk in prefill_chunks(args, L, planned):
                 cache = ref_logits = None  # free the previous mode's KV first
+                pf.warm_attention(shape.heads, shape.kv_heads, shape.head_dim, P, chunk, device, dtype)
                 t0 = time.perf_counter()
                 ref_logits, cache = pf.hf_prefill(model, ids, chunk)
                 times[pf.mode_name(chunk)] = round(time.perf_counter() - t0, 4)
+                if on_gpu:
+                    kernels[pf.mode_name(chunk)] = pf.probe_kernels(
+                        shape.heads, shape.kv_heads, shape.head_dim, P, chunk, device, dtype
+                    )
             fastest = min(times, key=times.get)
             recompute_s = times[fastest]
-            last_chunk = chunk
-            kernels = (
-                pf.attention_kernels(lambda: _attention_probe(pf, shape, P, last_chunk, device, dtype))
-                if on_gpu
-                else []
-            )
             prefill_report[L] = {"modes_s": times, "fastest": fastest, "attention_kernels": kernels}
             print(f"{L:,} tokens: prefill {times} -> {fastest}", flush=True)
             # reference samples of the KV (256 token positions per layer) to check restores bit for bit
@@ -372,16 +399,6 @@ def run_hf(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
     }
 
 
-def _attention_probe(pf, shape, P: int, chunk: int | None, device, dtype) -> None:
-    """One layer's attention at the prompt's real shape (the last chunk's, when chunked)."""
-    import torch
-
-    q_len = P if chunk is None else P - (P - 1) // chunk * chunk
-    q = torch.randn(1, shape.heads, q_len, shape.head_dim, device=device, dtype=dtype)
-    k = torch.randn(1, shape.kv_heads, P, shape.head_dim, device=device, dtype=dtype)
-    pf.causal_attention(q, k, k)
-
-
 def nvme_restore(agent, nvme_file: Path, before: set[bytes], kv_bytes: int, restore) -> dict[str, Any]:
     """Evict the context from DRAM (blocks live on the NVMe tier only) and restore it cold, between
     two cold raw reads of exactly its blocks' extents; the faster raw read sets the floor."""
@@ -505,10 +522,11 @@ def report(args: argparse.Namespace) -> int:
 
         report_tp(parts, args.out, args.plot)
         return 0
-    merged = {k: v for k, v in parts[0].items() if k not in ("results", "command", "date")}
+    merged = {k: v for k, v in parts[0].items() if k not in ("results", "command", "date", "prefill")}
     merged["runs"] = [
         {"command": p.get("command"), "date": p.get("date"), "ceilings": p.get("ceilings")} for p in parts
     ]
+    merged["prefill"] = {k: v for p in parts for k, v in (p.get("prefill") or {}).items()}
     merged["results"] = sorted(
         (r for p in parts for r in p["results"]), key=lambda r: (r["tier"], r["tokens"])
     )
