@@ -87,15 +87,19 @@ def write_partial(out: str, report: dict[str, Any]) -> None:
 
 
 def print_table(results: list[dict[str, Any]], title: str) -> None:
+    """The rows as a table; `KV equal` and `vs decode` are the checks (restored KV bit for bit, and
+    next-token logits against the same decode step from the original KV)."""
     print(f"\n{title}")
     print(
-        f"{'context':>9} {'tier':>5} {'KV GB':>7} {'recompute':>10} {'cached':>9} {'speedup':>8} {'floor':>8} {'x floor':>8} {'logit diff':>10}"
+        f"{'context':>9} {'tier':>17} {'KV GB':>6} {'recompute':>10} {'cached':>9} {'speedup':>8} "
+        f"{'floor':>8} {'x floor':>8} {'KV equal':>8} {'vs decode':>9}"
     )
     for r in results:
+        equal = r.get("kv_bitwise_equal_sampled", r.get("kv_bitwise_equal"))
         print(
-            f"{r['tokens']:>9,} {r['tier']:>5} {r['kv_bytes'] / 1e9:>7.2f} {r['recompute_s']:>9.2f}s "
+            f"{r['tokens']:>9,} {r['tier']:>17} {r['kv_bytes'] / 1e9:>6.2f} {r['recompute_s']:>9.2f}s "
             f"{r['restore_s'] * 1e3:>7.0f}ms {r['speedup']:>7.1f}x {r['floor_s'] * 1e3:>6.0f}ms "
-            f"{r['vs_floor']:>7.3f}x {r['logits_max_abs_diff']:>10.3g}"
+            f"{r['vs_floor']:>7.3f}x {equal!s:>8} {r.get('logits_diff_vs_decode_from_original_kv', float('nan')):>9.3g}"
         )
 
 
