@@ -330,6 +330,10 @@ def run_hf(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
                             h2d_gbps=round(h2d / 1e9, 2) if h2d else None,
                         )
                     )
+                    write_partial(
+                        args.out,
+                        {"model": config._name_or_path, "prefill": prefill_report, "results": results},
+                    )
                     nvme_row = nvme_restore(agent, nvme_file, set(), kv_bytes, restore)
                     results.append(
                         row(
