@@ -229,7 +229,32 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--small", action="store_true", help="a small model shape on the CPU")
     b.add_argument("--nvme-path", default=None, help="folder for the NVMe tier's file (default: a temp dir)")
     b.add_argument("--block-tokens", type=int, default=256)
-    b.add_argument("--chunk", type=int, default=16384, help="prefill chunk (tokens) for the recompute")
+    b.add_argument(
+        "--prefill",
+        choices=["auto", "one-shot", "chunked", "both"],
+        default="auto",
+        help="recompute modes to time (auto: one-shot where it fits, chunked too up to --chunked-upto "
+        "or where one-shot does not fit); the fastest measured is the baseline",
+    )
+    b.add_argument(
+        "--chunk", type=int, default=None, help="prefill chunk (tokens); default: the largest that fits"
+    )
+    b.add_argument(
+        "--chunked-upto", type=int, default=131072, help="with --prefill auto: also time chunked up to here"
+    )
+    b.add_argument(
+        "--peers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time torch.save and safetensors of the DynamicCache from tmpfs and disk (HF path)",
+    )
+    b.add_argument("--peers-upto", type=int, default=1 << 30, help="time the file peers up to this length")
+    b.add_argument("--nvme-tokens", default=None, help="context lengths that get NVMe rows (default: all)")
+    b.add_argument(
+        "--io-lock",
+        default=None,
+        help="a lock file serialising restores and disk reads with another benchmark on the same machine",
+    )
     b.add_argument(
         "--engine", choices=["hf", "numpy"], default=None, help="with --small: numpy (default) or hf"
     )

@@ -4,7 +4,6 @@ runs the long one). Each test is an attack someone could make, and what the othe
 from __future__ import annotations
 
 import contextlib
-
 import errno
 import mmap
 import os
@@ -376,11 +375,31 @@ def test_a_rogue_peer_cannot_make_the_fetching_agent_allocate_or_crash(tmp_path)
 
     key = os.urandom(24)
     lies = [
-        {"ok": True, "agent": "x", "metadata": "", "blocks": [{"key": key.hex(), "size": 1 << 50, "checksum": 1, "addr": 4096}]},
-        {"ok": True, "agent": "x", "metadata": "", "blocks": [{"key": "zz", "size": 10, "checksum": 1, "addr": 4096}]},
+        {
+            "ok": True,
+            "agent": "x",
+            "metadata": "",
+            "blocks": [{"key": key.hex(), "size": 1 << 50, "checksum": 1, "addr": 4096}],
+        },
+        {
+            "ok": True,
+            "agent": "x",
+            "metadata": "",
+            "blocks": [{"key": "zz", "size": 10, "checksum": 1, "addr": 4096}],
+        },
         {"ok": True, "agent": "x", "metadata": "", "blocks": "nope"},
-        {"ok": True, "agent": "x", "metadata": "!!", "blocks": [{"key": key.hex(), "size": 4, "checksum": 1, "addr": 4096}]},
-        {"ok": True, "agent": "x", "metadata": "", "blocks": [{"key": key.hex(), "size": 4, "checksum": 1, "addr": -1}]},
+        {
+            "ok": True,
+            "agent": "x",
+            "metadata": "!!",
+            "blocks": [{"key": key.hex(), "size": 4, "checksum": 1, "addr": 4096}],
+        },
+        {
+            "ok": True,
+            "agent": "x",
+            "metadata": "",
+            "blocks": [{"key": key.hex(), "size": 4, "checksum": 1, "addr": -1}],
+        },
     ]
     server = socket.create_server(("127.0.0.1", 0))
 

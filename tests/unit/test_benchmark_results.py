@@ -54,3 +54,39 @@ def test_chaos_run_lost_and_corrupted_nothing():
     assert run["kills"] >= 30 and run["blocks_acknowledged"] > 1000
     assert run["blocks_verified"] == run["blocks_acknowledged"] and run["blocks_missing"] == 0
     assert run["wrong_bytes"] == 0
+
+
+FASTEST = RESULTS / "ttft-h200-fastest-16k-256k.json"
+
+
+def test_single_gpu_rows_divide_by_the_fastest_recompute_measured(tmp_path):
+    """The README's table: `kvtier bench report` over the committed run reproduces the merged file;
+    each length's recompute is the fastest prefill mode timed, and every DRAM restore sits within
+    1.15x of its same-run floor; every file peer is slower than kvtier's restore from the same place."""
+    out = tmp_path / "ttft.json"
+    assert main(["bench", "report", str(FASTEST), "--out", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    committed = json.loads((RESULTS / "ttft-h200.json").read_text())
+    assert merged["results"] == committed["results"] and merged["prefill"] == committed["prefill"]
+    run = json.loads(FASTEST.read_text())
+    assert "H200" in run["device"] and run["source"] and run["known_defects"]
+    for r in run["results"]:
+        modes = run["prefill"][str(r["tokens"])]["modes_s"]
+        assert r["recompute_s"] == pytest.approx(min(modes.values()), abs=0.01), r
+        assert r["prefill_mode"] == min(modes, key=modes.get), r
+    dram = [r for r in run["results"] if r["tier"] == "dram"]
+    assert [r["tokens"] for r in dram] == [16384, 65536, 131072, 262144]
+    for r in dram:
+        assert r["vs_floor"] <= 1.15, r
+    kvtier = {(r["tokens"], r["tier"]): r["restore_s"] for r in run["results"]}
+    peers = [r for r in run["results"] if ":" in r["tier"]]
+    assert {r["tier"] for r in peers} == {
+        f"{p}:{w}" for p in ("torch.save", "safetensors") for w in ("tmpfs", "disk")
+    }
+    for r in peers:
+        same_place = "dram" if r["where"] == "tmpfs" else "nvme"
+        assert r["restore_s"] > kvtier[(r["tokens"], same_place)], r
+    # one-shot where it fits; a chunked mode was timed beside it up to 128k
+    for tokens in ("16384", "65536", "131072"):
+        assert any(m.startswith("chunked") for m in run["prefill"][tokens]["modes_s"])
+    assert run["prefill"]["1015808"]["fastest"].startswith("chunked")

@@ -80,7 +80,13 @@ class Agent:
         )
         self.metrics.report_transport(self.transport_status)
         self.peer = ControlServer(
-            secret, config.peerHost, config.peerPort, self.transport.new_session, self.limits, gate, self.metrics
+            secret,
+            config.peerHost,
+            config.peerPort,
+            self.transport.new_session,
+            self.limits,
+            gate,
+            self.metrics,
         )
         self.numa = numa
         self.api = AgentAPI(

@@ -101,10 +101,12 @@ def bench_arena(agent, block: int, total: int, memcpy: float, batch: int = 1024)
         t0 = time.perf_counter()
         get()
         t_nvme = time.perf_counter() - t0
-        from kvtier.bench.ttft import drop_page_cache, raw_direct_read
+        from kvtier.bench.diskfloor import cold, read_extents, tier_extents
 
-        drop_page_cache()
-        raw = raw_direct_read(Path(agent.config.spec.tiers.nvme.path), total, threads=agent.config.ioThreads)
+        nvme_file = Path(agent.config.spec.tiers.nvme.path)
+        extents = tier_extents(nvme_file.with_name(nvme_file.name + ".manifest"))
+        cold(nvme_file, extents)
+        raw = read_extents(nvme_file, extents, threads=agent.config.ioThreads)
         rows.append(
             _row("nvme", "get", block, total / t_nvme / 1e9, raw / 1e9, ceiling_kind="raw O_DIRECT read")
         )

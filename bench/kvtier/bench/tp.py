@@ -23,14 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from kvtier.agent.keys import KVLayout
-from kvtier.bench.ttft import (
-    GiB,
-    drop_page_cache,
-    print_table,
-    raw_direct_read,
-    row,
-    start_pool_agent,
-)
+from kvtier.bench.diskfloor import cold, io_lock, read_extents, tier_extents, tier_keys
+from kvtier.bench.ttft import GiB, print_table, row, start_pool_agent, write_partial
 
 from kvtier.dev.ports import free_port
 
@@ -73,6 +67,10 @@ def run_tp(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
             "lengths": lengths,
             "block_tokens": args.block_tokens,
             "chunk": args.chunk,
+            "prefill": args.prefill,
+            "nvme_tokens": [int(x) for x in args.nvme_tokens.split(",")] if args.nvme_tokens else lengths,
+            "io_lock": args.io_lock,
+            "out": args.out,
             "small": args.small,
             "share_gpus": bool(args.share_gpus),
             "tenant": agent.tenant("bench"),
@@ -99,7 +97,8 @@ def rank_main(index: int, plan: dict[str, Any], queue) -> None:
     from kvtier.agent.client import Client, admin_call
     from kvtier.agent.connectors.gpu import measure_h2d
     from kvtier.agent.connectors.hf import HFKVCache, Timings
-    from kvtier.bench.tpmodel import ATTENTION, ShardedLlama, as_cache, kv_digest, past_of, random_weights
+    from kvtier.bench import prefill as pf
+    from kvtier.bench.tpmodel import ShardedLlama, as_cache, kv_digest, past_of, random_weights
 
     shape, tp, ranks = plan["shape"], plan["tp"], plan["ranks"]
     world, rank = len(ranks), ranks[index]  # rank: this process's shard; index: its place in the group
@@ -136,19 +135,54 @@ def rank_main(index: int, plan: dict[str, Any], queue) -> None:
     results: list[dict[str, Any]] = []
     ceilings: dict[str, Any] = {}
 
+    chunked_attention = pf.pick_chunked_attention(model.hq, model.hk, shape.head_dim, device, dtype)
+    prefill_report: dict[int, Any] = {}
+    manifest = Path(plan["nvme_file"] + ".manifest")
+
     with torch.inference_mode():
-        model.prefill(torch.randint(0, shape.vocab, (1, 2048), device=device), plan["chunk"])  # warm-up
+        warm = torch.randint(0, shape.vocab, (1, 2048), device=device)
+        model.prefill(warm, None)  # warm-up
+        model.prefill(warm, 512)
         for L in plan["lengths"]:
             P = L + 1
             gen = torch.Generator(device).manual_seed(L)  # every rank sees the same prompt
             ids = torch.randint(0, shape.vocab, (1, P), device=device, generator=gen)
             tokens = ids[0].tolist()
             shard_bytes = (L // B) * layout.block_bytes
+            # one-shot if every rank's activations fit, else the largest chunk that fits everywhere
+            free = pf.free_gpu_bytes(device) if on_gpu else 1 << 40
+            kv_rank = P * shape.kv_bytes_per_token(tp, 2 if on_gpu else 4)
+            plans = gather(pf.plan_prefill(shape, P, kv_rank, free, tp))
+            chunked = [c for c in plans if c is not None]
+            planned = min(chunked) if chunked else None
+            if plan["prefill"] == "one-shot":
+                chunks = [None]
+            elif plan["prefill"] in ("chunked", "both") or planned is not None:
+                chunks = [plan["chunk"] or planned or 65536] + ([None] if plan["prefill"] == "both" else [])
+            else:
+                chunks = [None]
+            times: dict[str, float] = {}
+            buf = ref_logits = None
+            before = tier_keys(manifest) if index == 0 else set()  # blocks of earlier contexts
+            kernels: dict[str, list[str]] = {}
+            for chunk in chunks:
+                buf = ref_logits = None
+                pf.warm_attention(model.hq, model.hk, shape.head_dim, P, chunk, device, dtype)
+                dist.barrier()
+                t0 = time.perf_counter()
+                ref_logits, buf = model.prefill(ids, chunk)
+                sync()
+                times[pf.mode_name(chunk)] = round(time.perf_counter() - t0, 4)
+                if on_gpu and index == 0:
+                    kernels[pf.mode_name(chunk)] = pf.probe_kernels(
+                        model.hq, model.hk, shape.head_dim, P, chunk, device, dtype
+                    )
+            fastest = min(times, key=times.get)
+            recompute_s = times[fastest]
+            prefill_report[L] = {"modes_s": times, "fastest": fastest, "attention_kernels": kernels}
+            lock = io_lock(plan["io_lock"] if index == 0 else None)
+            lock.__enter__()  # rank 0 holds the lock for the group; the others wait at the barrier
             dist.barrier()
-            t0 = time.perf_counter()
-            ref_logits, buf = model.prefill(ids, plan["chunk"])
-            sync()
-            recompute_s = time.perf_counter() - t0
             save_t = Timings()
             t0 = time.perf_counter()
             saved = kv.save(tokens, as_cache(buf, P), wait=30, timings=save_t)
@@ -200,33 +234,53 @@ def rank_main(index: int, plan: dict[str, Any], queue) -> None:
                     "rank": rank,
                     "device": torch.cuda.get_device_name(device) if on_gpu else "cpu",
                     "recompute_s": recompute_s,
+                    "prefill_s": times,
                     "save_s": save_s,
                     "saved": saved,
                     "h2d_alone": h2d_alone,
                     "h2d_together": h2d_together,
                     "first": {k: first[k] for k in ("restore_s", "kv_equal", "phases")},
                     "steady_restore_s": [round(r["restore_s"], 4) for r in steady],
+                    "steady_phases": [r["phases"] for r in steady],
                     "decode_repeat_diff": decode_repeat_diff,
                     "dram": dram,
                 }
             )
+            nvme = disk = None
+            if L in plan["nvme_tokens"]:
+                if index == 0:
+                    admin_call(Path(plan["admin_dir"]), "evict_dram", timeout=None)  # NVMe only now
+                    extents = tier_extents(manifest, before)
+                    nvme_file = Path(plan["nvme_file"])
+                    checks = [cold(nvme_file, extents)]
+                    raw_before = read_extents(nvme_file, extents)
+                    checks.append(cold(nvme_file, extents))
+                dist.barrier()
+                nvme = gather(restore())
+                if index == 0:
+                    checks.append(cold(nvme_file, extents))
+                    raw_after = read_extents(nvme_file, extents)
+                    disk = {
+                        "raw": (raw_before, raw_after),
+                        "bytes": sum(n for _, n in extents),
+                        "extents": len(extents),
+                        "page_cache_dropped": all(c["page_cache_dropped"] for c in checks),
+                        "resident": [c["resident_bytes"] for c in checks],
+                    }
             if index == 0:
-                admin_call(Path(plan["admin_dir"]), "evict_dram", timeout=None)  # blocks live on NVMe only
-                cold = drop_page_cache()
-                raw_before = raw_direct_read(Path(plan["nvme_file"]), shard_bytes * world)
-                drop_page_cache()
-            dist.barrier()
-            nvme = gather(restore())
-            if index == 0:
-                drop_page_cache()
-                raw_after = raw_direct_read(Path(plan["nvme_file"]), shard_bytes * world)
-                results += summarize(
-                    L, shard_bytes, world, tp, per_rank, nvme, (raw_before, raw_after), cold, shared
+                rows = summarize(L, shard_bytes, world, tp, per_rank, nvme, disk, shared)
+                for r in rows:
+                    r.update(prefill_s=times, prefill_mode=fastest, attention_kernels=kernels)
+                results += rows
+                ceilings = {k: results[-len(rows)][k] for k in ("h2d_alone_gbps", "h2d_together_gbps")}
+                if disk:
+                    ceilings["raw_read_gbps"] = results[-1]["raw_read_gbps"]
+                print_table(results[-len(rows) :], f"{L:,} tokens, TP={tp}, ranks {ranks}")
+                write_partial(
+                    plan["out"], {"model": shape.name, "tp": tp, "ranks": ranks, "results": results}
                 )
-                ceilings = {k: results[-2][k] for k in ("h2d_alone_gbps", "h2d_together_gbps")}
-                ceilings["raw_read_gbps"] = results[-1]["raw_read_gbps"]
-                print_table(results[-2:], f"{L:,} tokens, TP={tp}, ranks {ranks}")
             dist.barrier()
+            lock.__exit__(None, None, None)
     if index == 0:
         only = f", rank {ranks[0]} of TP={tp} alone (all-reduces skipped)" if world < tp else ""
         only += ", ranks sharing GPUs (gloo; a correctness run, not a timing)" if plan["share_gpus"] else ""
@@ -238,8 +292,8 @@ def rank_main(index: int, plan: dict[str, Any], queue) -> None:
                 "device": f"{world} x {per_rank[0]['device'] if on_gpu else platform.processor() or 'CPU'}",
                 "torch": torch.__version__,
                 "block_tokens": B,
-                "prefill_chunk": plan["chunk"],
-                "prefill_attention": ATTENTION["kernel"],
+                "prefill": prefill_report,
+                "chunked_attention": chunked_attention,
                 "ceilings": ceilings,
                 "results": results,
             }
@@ -248,21 +302,25 @@ def rank_main(index: int, plan: dict[str, Any], queue) -> None:
     dist.destroy_process_group()
 
 
-def summarize(L, shard_bytes, world, tp, per_rank, nvme, raw, cold, shared=False) -> list[dict[str, Any]]:
-    """Two rows (DRAM, NVMe) for one context length from every rank's measurements.
+def summarize(L, shard_bytes, world, tp, per_rank, nvme, disk, shared=False) -> list[dict[str, Any]]:
+    """Rows (DRAM, and NVMe when measured) for one context length from every rank's measurements.
 
     TTFT is the slowest rank's (the next token needs every rank). DRAM floor: the slowest rank's shard
-    over its own host->GPU link plus the decode step. Aggregate restore bandwidth: all shards over the
-    slowest rank's copy time, against N x the mean per-GPU bandwidth alone."""
+    over its own host->GPU link alone plus the decode step (`floor_together_s`: over the bandwidth
+    each link gave with all copying at once). Aggregate restore bandwidth: all shards over the
+    slowest rank's copy time, against N x the per-GPU bandwidth alone."""
     total = shard_bytes * world
     recompute = max(r["recompute_s"] for r in per_rank)
     dram = [r["dram"] for r in per_rank]
     ttft = max(d["restore_s"] for d in dram)
     on_gpu = all(r["h2d_alone"] for r in per_rank) and not shared  # shared GPUs: no per-GPU link to judge
-    floor = max(
-        shard_bytes / r["h2d_alone"] + r["dram"]["decode_s"] if on_gpu else r["dram"]["decode_s"]
-        for r in per_rank
-    )
+
+    def floor(key: str) -> float:
+        return max(
+            shard_bytes / r[key] + r["dram"]["decode_s"] if on_gpu else r["dram"]["decode_s"]
+            for r in per_rank
+        )
+
     copy = max(d["copy_s"] for d in dram)
     aggregate = total / copy
     n_h2d = sum(r["h2d_alone"] for r in per_rank)
@@ -273,9 +331,10 @@ def summarize(L, shard_bytes, world, tp, per_rank, nvme, raw, cold, shared=False
         total,
         recompute,
         ttft,
-        floor,
+        floor("h2d_alone"),
         max(d["diff"] for d in dram),
         **common,
+        floor_together_s=round(floor("h2d_together"), 4) if on_gpu else None,
         save_s=round(max(r["save_s"] for r in per_rank), 3),
         blocks=sum(r["saved"] for r in per_rank),
         decode_s=round(max(d["decode_s"] for d in dram), 4),
@@ -285,16 +344,20 @@ def summarize(L, shard_bytes, world, tp, per_rank, nvme, raw, cold, shared=False
         logits_diff_vs_decode_from_original_kv=max(d["decode_diff"] for d in dram),
         decode_repeat_diff=max(r["decode_repeat_diff"] for r in per_rank),
         steady_restore_s=[r["steady_restore_s"] for r in per_rank],
+        steady_phases=[r["steady_phases"] for r in per_rank],
         first_restore_s=round(max(r["first"]["restore_s"] for r in per_rank), 4),
         first_restore_phases=[r["first"]["phases"] for r in per_rank],
         per_rank_restore_s=[round(d["restore_s"], 4) for d in dram],
         per_rank_phases=[d["phases"] for d in dram],
+        per_rank_prefill_s=[r["prefill_s"] for r in per_rank],
         h2d_alone_gbps=[round(r["h2d_alone"] / 1e9, 2) for r in per_rank],
         h2d_together_gbps=[round(r["h2d_together"] / 1e9, 2) for r in per_rank],
         aggregate_restore_gbps=round(aggregate / 1e9, 2),
         n_x_h2d_over_aggregate=round(n_h2d / aggregate, 3) if on_gpu else None,
     )
-    raw_read = max(raw)
+    if not nvme:
+        return [dram_row]
+    raw_read = max(disk["raw"])
     nvme_row = row(
         L,
         "nvme",
@@ -305,9 +368,13 @@ def summarize(L, shard_bytes, world, tp, per_rank, nvme, raw, cold, shared=False
         max(d["diff"] for d in nvme),
         **common,
         raw_read_gbps=round(raw_read / 1e9, 2),
-        raw_read_before_after_gbps=[round(x / 1e9, 2) for x in raw],
-        page_cache_dropped=cold,
+        raw_read_before_after_gbps=[round(x / 1e9, 2) for x in disk["raw"]],
+        raw_read_bytes=disk["bytes"],
+        raw_read_extents=disk["extents"],
+        page_cache_dropped=disk["page_cache_dropped"],
+        page_cache_resident_bytes_before_reads=disk["resident"],
         per_rank_restore_s=[round(d["restore_s"], 4) for d in nvme],
+        per_rank_phases=[d["phases"] for d in nvme],
         kv_bitwise_equal=all(d["kv_equal"] for d in nvme),
         logits_diff_vs_decode_from_original_kv=max(d["decode_diff"] for d in nvme),
     )

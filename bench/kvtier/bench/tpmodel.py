@@ -6,8 +6,9 @@ join the ranks. Each rank's KV cache therefore holds only its own KV heads: the 
 restores from kvtier. Embedding and LM head are replicated (one token's worth of compute at decode;
 engines shard them to save memory, which does not change what is measured here).
 
-Prefill writes K/V in place into one preallocated buffer [layer, k/v, 1, kv heads, tokens, dim] (no
-per-chunk concatenation, as paged engines do).
+Prefill (one forward, or chunks with lower-right causal attention: kvtier.bench.prefill) writes K/V
+in place into one preallocated buffer [layer, k/v, 1, kv heads, tokens, dim] (no per-chunk
+concatenation, as paged engines do).
 Prefill cost does not depend on weight values, so random weights give the real recompute time.
 """
 
@@ -17,6 +18,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from kvtier.bench.prefill import causal_attention
 from kvtier.bench.shapes import Shape
 
 # ------------------------------------------------------------------------------------ weights
@@ -95,29 +97,6 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-b, a), dim=-1)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The last q.shape[2] positions attend causally over k/v (lower-right aligned: a prefill chunk
-    over everything before it), grouped-query."""
-    from torch.nn.attention.bias import causal_lower_right
-
-    sq, sk = q.shape[2], k.shape[2]
-    if sq == sk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    mask = causal_lower_right(sq, sk)
-    if ATTENTION["kernel"] == "gqa":
-        try:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        except RuntimeError:  # a kernel without grouped-query support for this mask: expand K/V once
-            ATTENTION["kernel"] = "expanded-kv"
-    g = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(
-        q, k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1), attn_mask=mask
-    )
-
-
-ATTENTION = {"kernel": "gqa"}  # which path chunked prefill took (reported with the results)
-
-
 class ShardedLlama:
     def __init__(
         self,
@@ -183,9 +162,11 @@ class ShardedLlama:
             device=self.device,
         )
 
-    def prefill(self, ids: torch.Tensor, chunk: int, kv: torch.Tensor | None = None):
-        """Chunked prefill of ids [1, P]: next-token logits after the last one, and the KV buffer."""
+    def prefill(self, ids: torch.Tensor, chunk: int | None, kv: torch.Tensor | None = None):
+        """Prefill of ids [1, P] in one forward (chunk None) or chunk by chunk: next-token logits
+        after the last one, and the KV buffer."""
         P = ids.shape[1]
+        chunk = chunk or P
         kv = self.new_kv(P) if kv is None else kv
         x = None
         for start in range(0, P, chunk):
