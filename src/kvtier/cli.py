@@ -248,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("block-tokens", int, "tokens per KV block (256)"),
     ):
         b.add_argument(f"--{knob}", type=kind, default=None, help=say + "; --small has its own defaults")
-    b.add_argument("--nvme-gib", type=int, default=None, help="NVMe tier (default: every context at its longest)")
+    b.add_argument(
+        "--nvme-gib", type=int, default=None, help="NVMe tier (default: every context at its longest)"
+    )
     b.add_argument("--nvme-path", default=None, help="folder for the NVMe tier's file (default: a temp dir)")
     b.add_argument("--no-returns", action="store_true", help="histories not cached before: nobody returns")
     b.add_argument("--one-shot-max", type=int, default=262144, help="longest one-shot (is_causal) prefill")

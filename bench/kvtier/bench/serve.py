@@ -57,7 +57,10 @@ DEFAULTS: dict[str, tuple[Any, Any]] = {
 
 
 def workload_of(args: argparse.Namespace, vocab: int) -> Workload:
-    pick = {k: getattr(args, k) if getattr(args, k) is not None else v[1 if args.small else 0] for k, v in DEFAULTS.items()}
+    pick = {
+        k: getattr(args, k) if getattr(args, k) is not None else v[1 if args.small else 0]
+        for k, v in DEFAULTS.items()
+    }
     for k, v in pick.items():
         setattr(args, k, v)
     return Workload(
@@ -151,7 +154,9 @@ class TorchEngine:
         ids = torch.tensor(tokens[start:], device=self.device)[None]
         one_shot = start == 0 and ids.shape[1] <= self.one_shot_max
         with torch.inference_mode():
-            logits = extend(self.model, self.buffers[slot], ids, start, ids.shape[1] if one_shot else self.chunk)
+            logits = extend(
+                self.model, self.buffers[slot], ids, start, ids.shape[1] if one_shot else self.chunk
+            )
             return int(logits.argmax())  # waits for the GPU
 
     def restore(self, slot: int, tokens: list[int]) -> int:
@@ -188,16 +193,30 @@ class TorchEngine:
         with torch.inference_mode():
             slots = torch.tensor([b[0] for b in batch], device=self.device)
             pos = torch.tensor([b[1] for b in batch], device=self.device)
-            x = F.embedding(torch.tensor([[b[2] for b in batch]], device=self.device), w["embed"])  # [1, B, h]
+            x = F.embedding(
+                torch.tensor([[b[2] for b in batch]], device=self.device), w["embed"]
+            )  # [1, B, h]
             freqs = pos.float()[:, None] * m.inv_freq[None]
             emb = torch.cat((freqs, freqs), dim=-1)
             cos, sin = emb.cos().to(m.dtype), emb.sin().to(m.dtype)  # [B, d]: broadcast over heads
             bias = sh.qkv_bias
             for n in range(sh.layers):
                 a = _rms_norm(x, w[f"{n}.in_norm"])
-                q = F.linear(a, w[f"{n}.wq"], w[f"{n}.bq"] if bias else None).view(1, B, m.hq, d).transpose(1, 2)
-                k = F.linear(a, w[f"{n}.wk"], w[f"{n}.bk"] if bias else None).view(1, B, m.hk, d).transpose(1, 2)
-                v = F.linear(a, w[f"{n}.wv"], w[f"{n}.bv"] if bias else None).view(1, B, m.hk, d).transpose(1, 2)
+                q = (
+                    F.linear(a, w[f"{n}.wq"], w[f"{n}.bq"] if bias else None)
+                    .view(1, B, m.hq, d)
+                    .transpose(1, 2)
+                )
+                k = (
+                    F.linear(a, w[f"{n}.wk"], w[f"{n}.bk"] if bias else None)
+                    .view(1, B, m.hk, d)
+                    .transpose(1, 2)
+                )
+                v = (
+                    F.linear(a, w[f"{n}.wv"], w[f"{n}.bv"] if bias else None)
+                    .view(1, B, m.hk, d)
+                    .transpose(1, 2)
+                )
                 q = q * cos + _rotate_half(q) * sin
                 k = k * cos + _rotate_half(k) * sin
                 keys, values = self.buffers[:, n, 0, 0], self.buffers[:, n, 1, 0]  # [slots, hk, cap, d]
@@ -208,7 +227,9 @@ class TorchEngine:
                     # one query token: its hq heads, grouped by the KV head they read, are g queries
                     qi = q[0, :, i].reshape(1, m.hk, g, d)
                     outs.append(
-                        F.scaled_dot_product_attention(qi, keys[slot : slot + 1, :, : p + 1], values[slot : slot + 1, :, : p + 1])
+                        F.scaled_dot_product_attention(
+                            qi, keys[slot : slot + 1, :, : p + 1], values[slot : slot + 1, :, : p + 1]
+                        )
                     )
                 attn = torch.cat(outs).reshape(B, m.hq, d).transpose(0, 1)[None]  # [1, hq, B, d]
                 x = m._finish_layer(n, x, attn)
@@ -218,12 +239,12 @@ class TorchEngine:
     def hint(self, tokens: list[int]) -> None:
         if self._hints is None:
             return
+        self._hints.submit(self._post_hint, tokens)
+
+    def _post_hint(self, tokens: list[int]) -> None:
         body = json.dumps(
             {"fingerprint": self.kv.layout.fingerprint, "token_ids": tokens, "deadline_ms": 30_000}
         ).encode()
-        self._hints.submit(self._post_hint, body)
-
-    def _post_hint(self, body: bytes) -> None:
         req = urllib.request.Request(
             self.hint_url, data=body, headers={"Content-Type": "application/json"}, method="POST"
         )
@@ -239,7 +260,9 @@ class TorchEngine:
 # ------------------------------------------------------------------------ agent and sidecar
 
 
-def start_agent(work: Path, dram_bytes: int, nvme_bytes: int, block_tokens: int, nvme_dir: Path) -> AgentProcess:
+def start_agent(
+    work: Path, dram_bytes: int, nvme_bytes: int, block_tokens: int, nvme_dir: Path
+) -> AgentProcess:
     spec = {
         "tiers": {
             "dram": {"size": dram_bytes},
@@ -291,7 +314,12 @@ def agent_summary(agent: AgentProcess) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ the run
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def write(report: dict[str, Any], out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2))
+
+
+def run(args: argparse.Namespace, stamp: dict[str, str]) -> dict[str, Any]:
     import torch
     from kvtier.agent.client import Client
     from kvtier.agent.connectors.hf import HFKVCache
@@ -313,7 +341,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     B = args.block_tokens
     torch.manual_seed(0)
     model = ShardedLlama(shape, random_weights(shape, 1, 0, device, dtype))
-    layout = KVLayout(shape.name, str(dtype).removeprefix("torch."), shape.layers, model.hk, shape.head_dim, B)
+    layout = KVLayout(
+        shape.name, str(dtype).removeprefix("torch."), shape.layers, model.hk, shape.head_dim, B
+    )
     capacity = w.max_context() + 16
     one_shot_max = args.one_shot_max or (1 << 30)
     bytes_per_token = layout.block_bytes // B
@@ -322,8 +352,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     nvme_dir.mkdir(parents=True, exist_ok=True)
     dram_bytes = max(MiB, int(args.dram_gib * GiB) // MiB * MiB)
     # room on NVMe for every context at its longest
-    longest = sum(s.history_tokens for s in user_scripts) + w.users * w.turns * (w.new_tokens + w.output_tokens)
-    nvme_bytes = args.nvme_gib * GiB if args.nvme_gib else max(64 * MiB, int(longest * bytes_per_token * 1.2) // MiB * MiB)
+    longest = sum(s.history_tokens for s in user_scripts) + w.users * w.turns * (
+        w.new_tokens + w.output_tokens
+    )
+    nvme_bytes = (
+        args.nvme_gib * GiB
+        if args.nvme_gib
+        else max(64 * MiB, int(longest * bytes_per_token * 1.2) // MiB * MiB)
+    )
 
     # Histories were computed in an earlier session: their KV comes from one real prefill of the
     # longest one (KV values do not change any timing), sliced per user.
@@ -335,16 +371,44 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if on_gpu:
         torch.cuda.synchronize()
     seed_prefill_s = time.perf_counter() - t0
-    print(f"{shape.name} on {device}; one-shot prefill of {seed_len:,} tokens: {seed_prefill_s:.2f} s", flush=True)
+    print(
+        f"{shape.name} on {device}; one-shot prefill of {seed_len:,} tokens: {seed_prefill_s:.2f} s",
+        flush=True,
+    )
 
-    summaries, notes = {}, {}
+    report: dict[str, Any] = {
+        "model": shape.name,
+        "device": torch.cuda.get_device_name(device) if on_gpu else f"CPU ({platform.machine()}, torch)",
+        "torch": torch.__version__,
+        "workload": workload_dict(w),
+        "block_tokens": B,
+        "kv_bytes_per_token": bytes_per_token,
+        "hbm_kv_budget_bytes": w.hbm_contexts * capacity * bytes_per_token,
+        "agent_dram_bytes": dram_bytes,
+        "agent_nvme_bytes": nvme_bytes,
+        "prefill": {
+            "one_shot_max_tokens": args.one_shot_max,
+            "chunk_tokens": args.chunk,
+            "seed_one_shot_prefill_s": {str(seed_len): round(seed_prefill_s, 3)},
+        },
+        "gpu_hour_usd": args.gpu_hour_usd,
+        "gpu_hour_price_source": GPU_HOUR_SOURCE
+        if args.gpu_hour_usd == GPU_HOUR_USD
+        else "given on the command line",
+        "policies": {},
+        "ratios": {},
+        **stamp,
+    }
+    summaries = report["policies"]
     for policy in policies:
         agent = server = None
         engine = None
         try:
             kv = hint_url = None
             if policy != "recompute":
-                agent = start_agent(work / f"agent-{policy.replace('+', '-')}", dram_bytes, nvme_bytes, B, nvme_dir)
+                agent = start_agent(
+                    work / f"agent-{policy.replace('+', '-')}", dram_bytes, nvme_bytes, B, nvme_dir
+                )
                 tenant = agent.tenant("bench")
                 kv = HFKVCache(Client(tenant, timeout=None), layout, device)
                 if policy == "kvtier+prefetch":
@@ -358,7 +422,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _warm_up(engine, user_scripts[0], w)
             if w.returning:  # the first hbm_contexts users' histories start in HBM, under every policy
                 for u, s in enumerate(user_scripts[: w.hbm_contexts]):
-                    engine.buffers[u, :, :, :, :, : s.history_tokens].copy_(seed_kv[:, :, :, :, : s.history_tokens])
+                    engine.buffers[u, :, :, :, :, : s.history_tokens].copy_(
+                        seed_kv[:, :, :, :, : s.history_tokens]
+                    )
                 engine.sync()
             print(f"\n[{policy}] running {w.duration_s:.0f} s ...", flush=True)
             result = Scheduler(w, policy, engine, user_scripts=user_scripts).run()
@@ -378,6 +444,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 }
             summaries[policy] = summarize(result, args.gpu_hour_usd)
             print_summary(summaries[policy])
+            if "recompute" in summaries:
+                report["ratios"] = ratios(summaries)
+            write(report, args.out)  # after each policy: a run cut short keeps what it measured
         finally:
             if server is not None:
                 server.shutdown()
@@ -393,24 +462,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for f in nvme_dir.glob("kvtier-serve.cache*"):
                 f.unlink()
     shutil.rmtree(work, ignore_errors=True)
-    notes["seed_prefill_s"] = round(seed_prefill_s, 2)
-    return {
-        "model": shape.name,
-        "device": torch.cuda.get_device_name(device) if on_gpu else f"CPU ({platform.machine()}, torch)",
-        "torch": torch.__version__,
-        "workload": workload_dict(w),
-        "block_tokens": B,
-        "kv_bytes_per_token": bytes_per_token,
-        "hbm_kv_budget_bytes": w.hbm_contexts * capacity * bytes_per_token,
-        "agent_dram_bytes": dram_bytes,
-        "agent_nvme_bytes": nvme_bytes,
-        "prefill": {"one_shot_max_tokens": args.one_shot_max, "chunk_tokens": args.chunk},
-        "gpu_hour_usd": args.gpu_hour_usd,
-        "gpu_hour_price_source": GPU_HOUR_SOURCE if args.gpu_hour_usd == GPU_HOUR_USD else "given on the command line",
-        "policies": summaries,
-        "ratios": ratios(summaries) if "recompute" in summaries else {},
-        "notes": notes,
-    }
+    return report
 
 
 def _warm_up(engine: TorchEngine, script, w: Workload) -> None:
@@ -454,7 +506,9 @@ def plot(report: dict[str, Any], path: str) -> None:
     pols = list(report["policies"])
     s = report["policies"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5))
-    bars = a1.bar(pols, [s[p]["turns_per_gpu_hour"] for p in pols], color=["#888", "#2a7", "#27a"][: len(pols)])
+    bars = a1.bar(
+        pols, [s[p]["turns_per_gpu_hour"] for p in pols], color=["#888", "#2a7", "#27a"][: len(pols)]
+    )
     for b, p in zip(bars, pols, strict=True):
         a1.annotate(
             f"{s[p]['output_tokens_per_s']:.0f} tok/s\n${s[p]['usd_per_m_output_tokens']}/M",
@@ -485,17 +539,14 @@ def plot(report: dict[str, Any], path: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    report = run(args)
-    report["command"] = "kvtier bench serve " + " ".join(args.argv_echo)
-    report["date"] = time.strftime("%Y-%m-%d")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    stamp = {"command": "kvtier bench serve " + " ".join(args.argv_echo), "date": time.strftime("%Y-%m-%d")}
+    report = run(args, stamp)
+    write(report, args.out)
     for name, r in report["ratios"].items():
+        cheaper = r["usd_per_m_output_tokens_lower_by"]
         print(
             f"{name}: {r['turns_per_gpu_hour']}x turns per GPU-hour, {r['output_tokens_per_s']}x output tok/s, "
-            f"$/M output tokens lower by {r['usd_per_m_output_tokens_lower_by']:.0%}"
-            if r["usd_per_m_output_tokens_lower_by"] is not None
-            else f"{name}: {r}"
+            + (f"$/M output tokens lower by {cheaper:.0%}" if cheaper is not None else "no tokens to price")
         )
     if args.plot:
         plot(report, args.plot)

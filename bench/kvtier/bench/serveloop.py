@@ -29,6 +29,7 @@ from typing import Protocol
 
 POLICIES = ("recompute", "kvtier", "kvtier+prefetch")
 PHASES = ("prefill", "restore", "save", "decode")
+EPSILON_S = 1e-6
 
 
 @dataclass(frozen=True)
@@ -237,23 +238,24 @@ class Scheduler:
             u.next_arrival = u.script.think_s[0]
         while True:
             now = self.clock.now() - self.t0
+            due = now + EPSILON_S  # a sleep until an event may land a rounding error short of it
+            for i, u in enumerate(self.users):  # before the end check: who arrived while the GPU was busy
+                if u.next_arrival is not None and u.next_arrival <= min(due, w.duration_s):
+                    self._arrive(i, u.next_arrival)
             if now >= w.duration_s:
                 break
-            pending = [u for u in self.users if u.next_arrival is not None]
-            if not pending and not self.queue and not self.active:
+            if not self.queue and not self.active and all(u.next_arrival is None for u in self.users):
                 break  # every user had every turn
-            for i, u in enumerate(self.users):
-                if u.next_arrival is not None and u.next_arrival <= now:
-                    self._arrive(i, u.next_arrival)
-                elif (
-                    self.policy == "kvtier+prefetch"
-                    and u.next_arrival is not None
-                    and not u.hinted
-                    and u.next_arrival - w.prefetch_lead_s <= now
-                ):
-                    u.hinted = True
-                    self.hints += 1
-                    self.engine.hint(list(u.tokens))
+            if self.policy == "kvtier+prefetch":
+                for u in self.users:
+                    if (
+                        u.next_arrival is not None
+                        and not u.hinted
+                        and u.next_arrival - w.prefetch_lead_s <= due
+                    ):
+                        u.hinted = True
+                        self.hints += 1
+                        self.engine.hint(list(u.tokens))
             worked = False
             if self.queue and len(self.active) < w.hbm_contexts:
                 self._admit(self.queue.popleft())
@@ -262,7 +264,7 @@ class Scheduler:
                 self._decode()
                 worked = True
             if not worked:
-                self.clock.sleep(min(self._next_event() - now, w.duration_s - now))
+                self.clock.sleep(max(EPSILON_S, min(self._next_event() - now, w.duration_s - now)))
         elapsed = self.clock.now() - self.t0
         return Run(self.policy, elapsed, dict(self.busy), self.turns, self.hints)
 
@@ -359,9 +361,7 @@ def summarize(run: Run, gpu_hour_usd: float) -> dict[str, object]:
     done = [t for t in run.turns if t.finish is not None]
     # A turn still waiting for its first token at the end counts with its wait so far: a lower bound
     # on its TTFT (leaving it out would flatter the policy that left the most turns waiting).
-    ttft = [
-        (t.first_token if t.first_token is not None else elapsed) - t.arrival for t in run.turns
-    ]
+    ttft = [(t.first_token if t.first_token is not None else elapsed) - t.arrival for t in run.turns]
     tpot = [
         (t.finish - t.first_token) / (t.produced - 1)
         for t in done

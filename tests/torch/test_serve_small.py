@@ -1,0 +1,45 @@
+"""`kvtier bench serve --small` end to end on the CPU: a tiny model, real agent processes, the sidecar's
+HTTP API; every policy serves every turn, kvtier restores returning contexts from the agent, the
+prefetch hints are answered, and the report holds what the docs describe. (Times on a CPU say
+nothing; the GPU run's numbers are in docs/benchmarks.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+pytestmark = pytest.mark.torch
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+
+def test_small_serve_run_under_every_policy(tmp_path):
+    from kvtier.cli import main
+
+    out = tmp_path / "serve.json"
+    plot = tmp_path / "serve.png" if importlib.util.find_spec("matplotlib") else None
+    args = ["bench", "serve", "--small", "--users", "3", "--turns", "2", "--contexts", "128,256"]
+    args += ["--new-tokens", "16", "--output-tokens", "4", "--hbm-contexts", "1", "--out", str(out)]
+    assert main(args + (["--plot", str(plot)] if plot else [])) == 0
+    report = json.loads(out.read_text())
+    assert report["command"].startswith("kvtier bench serve --small")
+    assert set(report["policies"]) == {"recompute", "kvtier", "kvtier+prefetch"}
+    for name, s in report["policies"].items():
+        assert s["turns_completed"] == 3 * 2, name
+        assert s["output_tokens"] == 3 * 2 * 4, name
+        split = s["gpu_time_s"]
+        assert sum(split.values()) == pytest.approx(s["elapsed_s"], abs=0.01), name
+        assert s["ttft_s"]["p50"] > 0 and s["usd_per_m_output_tokens"] > 0
+    rec, kvt = report["policies"]["recompute"], report["policies"]["kvtier"]
+    assert "restored" not in rec["turn_sources"] and rec["gpu_time_s"]["restore"] == 0
+    assert kvt["turn_sources"].get("restored", 0) > 0, "returning contexts come back from the agent"
+    assert kvt["notes"]["saves_refused"] == 0
+    prefetch = report["policies"]["kvtier+prefetch"]
+    hints = prefetch["notes"]["hints"]  # a message that arrives while the GPU is busy goes unhinted
+    assert hints["answered"] == prefetch["prefetch_hints"] > 0 and hints["failed"] == 0
+    assert set(report["ratios"]) == {"kvtier/recompute", "kvtier+prefetch/recompute"}
+    assert report["gpu_hour_usd"] > 0 and "http" in report["gpu_hour_price_source"]
+    if plot:
+        assert plot.stat().st_size > 0
