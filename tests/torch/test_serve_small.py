@@ -43,3 +43,17 @@ def test_small_serve_run_under_every_policy(tmp_path):
     assert report["gpu_hour_usd"] > 0 and "http" in report["gpu_hour_price_source"]
     if plot:
         assert plot.stat().st_size > 0
+
+
+def test_decode_attention_paths_agree_with_grouped_query_attention():
+    """The paths the engine picks from at warm-up compute the same attention (to float error)."""
+    import torch.nn.functional as F
+    from kvtier.bench.serve import ATTEND
+
+    g, hk, T, d = 7, 4, 300, 32
+    q, k, v = torch.randn(hk * g, d), torch.randn(hk, T, d), torch.randn(hk, T, d)
+    want = F.scaled_dot_product_attention(
+        q[None, :, None], k.repeat_interleave(g, 0)[None], v.repeat_interleave(g, 0)[None]
+    )[0, :, 0]
+    for name, attend in ATTEND.items():
+        assert torch.allclose(attend(q, k, v, g), want, atol=1e-5), name
