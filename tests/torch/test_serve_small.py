@@ -45,15 +45,41 @@ def test_small_serve_run_under_every_policy(tmp_path):
         assert plot.stat().st_size > 0
 
 
+def test_batched_decode_predicts_what_a_full_prefill_predicts():
+    """Each attention path of the batched decode (two requests of different lengths in one step)
+    gives the next token a prefill of the whole sequence gives: RoPE positions, the fused QKV and
+    where the new K/V land are right."""
+    from kvtier.bench.serve import ATTEND, TorchEngine, extend
+    from kvtier.bench.shapes import SHAPES
+    from kvtier.bench.tpmodel import ShardedLlama, random_weights
+
+    shape = SHAPES["tiny-qwen2"]
+    model = ShardedLlama(shape, random_weights(shape, 1, 0, torch.device("cpu"), torch.float32))
+    engine = TorchEngine(model, slots=2, capacity=256, one_shot_max=1 << 20, chunk=64)
+    g = torch.Generator().manual_seed(1)
+    a, b = (torch.randint(0, shape.vocab, (n,), generator=g).tolist() for n in (100, 37))
+
+    def full(tokens):
+        with torch.inference_mode():
+            return int(extend(model, model.new_kv(len(tokens)), torch.tensor([tokens]), 0, 64).argmax())
+
+    for name in ATTEND:
+        engine.attention = name
+        first_a, first_b = engine.prefill(0, a, 0), engine.prefill(1, b, 0)
+        assert (first_a, first_b) == (full(a), full(b))
+        assert engine.decode([(0, len(a), first_a), (1, len(b), first_b)]) == [
+            full([*a, first_a]),
+            full([*b, first_b]),
+        ], name
+
+
 def test_decode_attention_paths_agree_with_grouped_query_attention():
     """The paths the engine picks from at warm-up compute the same attention (to float error)."""
     import torch.nn.functional as F
     from kvtier.bench.serve import ATTEND
 
     g, hk, T, d = 7, 4, 300, 32
-    q, k, v = torch.randn(hk * g, d), torch.randn(hk, T, d), torch.randn(hk, T, d)
-    want = F.scaled_dot_product_attention(
-        q[None, :, None], k.repeat_interleave(g, 0)[None], v.repeat_interleave(g, 0)[None]
-    )[0, :, 0]
+    q, k, v = torch.randn(1, hk * g, 1, d), torch.randn(1, hk, T, d), torch.randn(1, hk, T, d)
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1))
     for name, attend in ATTEND.items():
         assert torch.allclose(attend(q, k, v, g), want, atol=1e-5), name

@@ -103,29 +103,26 @@ def extend(model, kv, ids, start: int, chunk: int):
 
 
 def _attend_grouped(q, k, v, g: int):
-    """One decode token: q [hq, d] over k, v [hk, T, d]. The g query heads that read one KV head
-    are g queries of that head (one SDPA call, no K/V repeat)."""
+    """One decode token: q [1, hq, 1, d] over k, v [1, hk, T, d]. The g query heads that read one
+    KV head are g queries of that head (one SDPA call, no K/V repeat)."""
     import torch.nn.functional as F
 
-    hk, d = k.shape[0], k.shape[-1]
-    return F.scaled_dot_product_attention(q.reshape(1, hk, g, d), k[None], v[None]).reshape(hk * g, d)
+    _, hk, _, d = k.shape
+    return F.scaled_dot_product_attention(q.view(1, hk, g, d), k, v).view(1, hk * g, 1, d)
 
 
 def _attend_gqa(q, k, v, g: int):
-    """The same with SDPA's grouped-query mode: hq heads of one query token."""
+    """The same with SDPA's grouped-query mode."""
     import torch.nn.functional as F
 
-    return F.scaled_dot_product_attention(q[None, :, None], k[None], v[None], enable_gqa=True)[0, :, 0]
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
 
 def _attend_matmul(q, k, v, g: int):
-    """The same as two batched matrix products and a softmax (float32): every SM streams a share of
-    a long context, where the SDPA kernels give one query block per head (few blocks at decode)."""
-    import torch
-
-    hk, d = k.shape[0], k.shape[-1]
-    scores = torch.matmul(q.reshape(hk, g, d), k.transpose(1, 2)).float() * d**-0.5
-    return torch.matmul(scores.softmax(-1).to(v.dtype), v).reshape(hk * g, d)
+    """The same as two matrix products and a softmax (float32)."""
+    _, hk, _, d = k.shape
+    scores = (q.view(1, hk, g, d) @ k.transpose(-1, -2)).float() * d**-0.5
+    return (scores.softmax(-1).to(v.dtype) @ v).view(1, hk * g, 1, d)
 
 
 ATTEND = {"sdpa-grouped": _attend_grouped, "sdpa-gqa": _attend_gqa, "matmul": _attend_matmul}
@@ -158,6 +155,13 @@ class TorchEngine:
             (slots, sh.layers, 2, 1, model.hk, capacity, sh.head_dim), dtype=model.dtype, device=self.device
         )
         self.group = sh.heads // sh.kv_heads
+        # decode's fused QKV projection (one matrix product a layer instead of three)
+        w = model.w
+        self.qkv_w = [torch.cat((w[f"{n}.wq"], w[f"{n}.wk"], w[f"{n}.wv"])) for n in range(sh.layers)]
+        self.qkv_b = [
+            torch.cat((w[f"{n}.bq"], w[f"{n}.bk"], w[f"{n}.bv"])) if sh.qkv_bias else None
+            for n in range(sh.layers)
+        ]
         self.on_gpu = self.device.type == "cuda"
         self.saves_refused = 0
         self.attention = "sdpa-grouped"  # decode attention; tune_decode() picks the fastest
@@ -214,13 +218,17 @@ class TorchEngine:
 
     def decode(self, batch: list[tuple[int, int, int]]) -> list[int]:
         """One token for each (slot, position, token): the batch runs as one sequence of B tokens
-        through every linear layer (weights read once); attention is per request over its own slot."""
+        through every linear layer (weights read once); attention is per request over its own slot.
+        Written for few dispatches per layer (fused QKV, one RoPE for q and k): at small batches a
+        decode step from Python is bound by the cost of launching its kernels."""
         import torch.nn.functional as F
-        from kvtier.bench.tpmodel import _rms_norm, _rotate_half
+        from kvtier.bench.tpmodel import _rotate_half
 
         torch, m = self.torch, self.model
         w, sh, d, g = m.w, m.shape, m.shape.head_dim, self.group
+        hq, hk, h, eps = m.hq, m.hk, sh.hidden, 1e-6
         B = len(batch)
+        attend = ATTEND[self.attention]
         with torch.inference_mode():
             slots = torch.tensor([b[0] for b in batch], device=self.device)
             pos = torch.tensor([b[1] for b in batch], device=self.device)
@@ -228,52 +236,51 @@ class TorchEngine:
                 torch.tensor([[b[2] for b in batch]], device=self.device), w["embed"]
             )  # [1, B, h]
             freqs = pos.float()[:, None] * m.inv_freq[None]
-            emb = torch.cat((freqs, freqs), dim=-1)
-            cos, sin = emb.cos().to(m.dtype), emb.sin().to(m.dtype)  # [B, d]: broadcast over heads
-            bias = sh.qkv_bias
+            emb = torch.cat((freqs, freqs), dim=-1)[:, None, None]  # [B, 1, 1, d]
+            cos, sin = emb.cos().to(m.dtype), emb.sin().to(m.dtype)
             for n in range(sh.layers):
-                a = _rms_norm(x, w[f"{n}.in_norm"])
-                q = (
-                    F.linear(a, w[f"{n}.wq"], w[f"{n}.bq"] if bias else None)
-                    .view(1, B, m.hq, d)
-                    .transpose(1, 2)
+                a = F.rms_norm(x, (h,), w[f"{n}.in_norm"], eps)
+                qkv = F.linear(a, self.qkv_w[n], self.qkv_b[n]).view(B, hq + 2 * hk, 1, d)
+                qk = qkv[:, : hq + hk]
+                qk = qk * cos + _rotate_half(qk) * sin
+                layer = self.buffers[:, n, :, 0]  # [slots, k/v, hk, cap, d]
+                layer[slots, 0, :, pos] = qk[:, hq:, 0]
+                layer[slots, 1, :, pos] = qkv[:, hq + hk :, 0]
+                attn = torch.cat(
+                    [
+                        attend(
+                            qk[i : i + 1, :hq],
+                            layer[s : s + 1, 0, :, : p + 1],
+                            layer[s : s + 1, 1, :, : p + 1],
+                            g,
+                        )
+                        for i, (s, p, _) in enumerate(batch)
+                    ]
+                )  # [B, hq, 1, d]
+                x = x + F.linear(attn.view(1, B, hq * d), w[f"{n}.wo"])
+                a = F.rms_norm(x, (h,), w[f"{n}.post_norm"], eps)
+                x = x + F.linear(
+                    F.silu(F.linear(a, w[f"{n}.w_gate"])) * F.linear(a, w[f"{n}.w_up"]), w[f"{n}.w_down"]
                 )
-                k = (
-                    F.linear(a, w[f"{n}.wk"], w[f"{n}.bk"] if bias else None)
-                    .view(1, B, m.hk, d)
-                    .transpose(1, 2)
-                )
-                v = (
-                    F.linear(a, w[f"{n}.wv"], w[f"{n}.bv"] if bias else None)
-                    .view(1, B, m.hk, d)
-                    .transpose(1, 2)
-                )
-                q = q * cos + _rotate_half(q) * sin
-                k = k * cos + _rotate_half(k) * sin
-                keys, values = self.buffers[:, n, 0, 0], self.buffers[:, n, 1, 0]  # [slots, hk, cap, d]
-                keys[slots, :, pos] = k[0].transpose(0, 1)  # [B, hk, d]
-                values[slots, :, pos] = v[0].transpose(0, 1)
-                attend = ATTEND[self.attention]
-                outs = [
-                    attend(q[0, :, i], keys[slot, :, : p + 1], values[slot, :, : p + 1], g)
-                    for i, (slot, p, _) in enumerate(batch)
-                ]
-                attn = torch.stack(outs, dim=1)[None]  # [1, hq, B, d]
-                x = m._finish_layer(n, x, attn)
-            logits = F.linear(_rms_norm(x[0], w["norm"]), w["lm_head"])
+            logits = F.linear(F.rms_norm(x[0], (h,), w["norm"], eps), w["lm_head"])
             return logits.argmax(-1).tolist()  # waits for the GPU
 
-    def tune_decode(self, context: int, steps: int = 3) -> None:
-        """Time a decode step of a full batch at `context` tokens with each attention path and keep
-        the fastest (what an engine's kernel choice does); the timings go into the report."""
-        batch = [(slot, min(context, self.capacity - steps - 1), 1) for slot in range(self.buffers.shape[0])]
+    def tune_decode(self, contexts: list[int], steps: int = 3) -> None:
+        """Time a decode step of a full batch with each attention path, at each of `contexts` tokens,
+        and keep the path with the least total (what an engine's kernel choice does; the best path
+        changes with context length); the timings go into the report."""
+        slots = self.buffers.shape[0]
         for name in ATTEND:
             self.attention = name
-            self.decode(batch)  # first call: kernels
-            t0 = time.perf_counter()
-            for i in range(steps):
-                self.decode([(s, p + i, t) for s, p, t in batch])
-            self.decode_tuning[name] = round((time.perf_counter() - t0) / steps, 5)
+            total = 0.0
+            for context in contexts:
+                position = min(context, self.capacity - steps - 2)
+                self.decode([(s, position, 1) for s in range(slots)])  # first call: kernels
+                t0 = time.perf_counter()
+                for i in range(steps):
+                    self.decode([(s, position + 1 + i, 1) for s in range(slots)])
+                total += (time.perf_counter() - t0) / steps
+            self.decode_tuning[name] = round(total, 5)
         self.attention = min(self.decode_tuning, key=self.decode_tuning.get)
 
     def hint(self, tokens: list[int]) -> None:
@@ -473,9 +480,15 @@ def run(args: argparse.Namespace, stamp: dict[str, str]) -> dict[str, Any]:
             seeded_s = time.perf_counter() - t0
             _warm_up(engine, user_scripts[0], w)
             if not engine_tuning:  # once, on the first engine: the decode attention path to use
-                engine.tune_decode(sorted(x.history_tokens for x in user_scripts)[w.users // 2])
+                lengths = sorted(x.history_tokens for x in user_scripts)
+                engine.tune_decode([lengths[len(lengths) // 2], lengths[-1]])
                 engine_tuning.update(engine.decode_tuning)
-                report["decode_attention"] = {"chosen": engine.attention, "step_s_by_path": engine_tuning}
+                report["decode_attention"] = {
+                    "chosen": engine.attention,
+                    "batch": w.hbm_contexts,
+                    "at_context_tokens": [lengths[len(lengths) // 2], lengths[-1]],
+                    "summed_step_s_by_path": engine_tuning,
+                }
             engine.attention = report["decode_attention"]["chosen"]
             if w.returning:  # the first hbm_contexts users' histories start in HBM, under every policy
                 for u, s in enumerate(user_scripts[: w.hbm_contexts]):
