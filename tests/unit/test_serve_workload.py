@@ -196,3 +196,24 @@ def test_bad_knobs_are_refused():
         Workload(users=0).check()
     with pytest.raises(ValueError):
         Scheduler(Workload(), "lru-only", ModelledEngine(Clock(), Workload(users=1), []))
+
+
+def test_the_committed_gpu_runs_add_up():
+    """The H200 files under docs/benchmarks: ratios follow from the per-policy numbers, the GPU
+    time split covers the wall time, and $/M follows from tokens and the stated price."""
+    import json
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[2] / "docs" / "benchmarks"
+    files = sorted(results.glob("serve-h200*.json"))
+    assert files
+    for f in files:
+        run = json.loads(f.read_text())
+        assert run["command"].startswith("kvtier bench serve") and "H200" in run["device"]
+        assert run["ratios"] == ratios(run["policies"]), f.name
+        for s in run["policies"].values():
+            assert sum(s["gpu_time_s"].values()) == pytest.approx(s["elapsed_s"], abs=0.01)
+            per_hour = s["output_tokens"] / (s["elapsed_s"] / 3600)
+            assert s["usd_per_m_output_tokens"] == pytest.approx(
+                run["gpu_hour_usd"] / (per_hour / 1e6), rel=1e-3
+            )

@@ -581,7 +581,7 @@ def plot(report: dict[str, Any], path: str) -> None:
     )
     for b, p in zip(bars, pols, strict=True):
         a1.annotate(
-            f"{s[p]['output_tokens_per_s']:.0f} tok/s\n${s[p]['usd_per_m_output_tokens']}/M",
+            f"{s[p]['output_tokens_per_s']:.0f} tok/s\n${s[p]['usd_per_m_output_tokens'] or 0:.2f}/M",
             (b.get_x() + b.get_width() / 2, b.get_height()),
             ha="center",
             va="bottom",
