@@ -375,7 +375,13 @@ def write(report: dict[str, Any], out: str) -> None:
 
 
 def run(args: argparse.Namespace, stamp: dict[str, str]) -> dict[str, Any]:
-    import torch
+    try:
+        import torch
+        import transformers  # noqa: F401 - the HF connector's cache type
+    except ImportError as exc:
+        raise SystemExit(
+            f"kvtier bench serve needs torch and transformers ({exc}): pip install 'kvtier[hf]'"
+        ) from None
     from kvtier.agent.client import Client
     from kvtier.agent.connectors.hf import HFKVCache
     from kvtier.bench.tpmodel import ShardedLlama, random_weights
@@ -386,8 +392,11 @@ def run(args: argparse.Namespace, stamp: dict[str, str]) -> dict[str, Any]:
     device = torch.device("cuda" if on_gpu else "cpu")
     shape = SHAPES["qwen2.5-7b" if on_gpu else "tiny-qwen2"]
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    w = workload_of(args, shape.vocab)
-    w.check()
+    try:
+        w = workload_of(args, shape.vocab)
+        w.check()
+    except ValueError as exc:
+        raise SystemExit(f"kvtier bench serve: {exc}") from None
     policies = [p.strip() for p in args.policies.split(",")]
     for p in policies:
         if p not in POLICIES:
