@@ -586,17 +586,18 @@ def plot(report: dict[str, Any], path: str) -> None:
     s = report["policies"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5))
     bars = a1.bar(
-        pols, [s[p]["turns_per_gpu_hour"] for p in pols], color=["#888", "#2a7", "#27a"][: len(pols)]
+        pols, [s[p]["output_tokens_per_s"] for p in pols], color=["#888", "#2a7", "#27a"][: len(pols)]
     )
     for b, p in zip(bars, pols, strict=True):
         a1.annotate(
-            f"{s[p]['output_tokens_per_s']:.0f} tok/s\n${s[p]['usd_per_m_output_tokens'] or 0:.2f}/M",
+            f"{s[p]['turns_per_gpu_hour']:.0f} turns/GPU-h\n${s[p]['usd_per_m_output_tokens'] or 0:.2f}/M out",
             (b.get_x() + b.get_width() / 2, b.get_height()),
             ha="center",
             va="bottom",
             fontsize=8,
         )
-    a1.set_ylabel("turns completed per GPU-hour")
+    a1.set_ylim(0, max(b.get_height() for b in bars) * 1.25 or 1)
+    a1.set_ylabel("output tokens per second")
     a1.set_title("throughput (same HBM KV budget)")
     width = 0.8 / len(pols)
     for i, p in enumerate(pols):
