@@ -155,6 +155,11 @@ class TorchEngine:
             (slots, sh.layers, 2, 1, model.hk, capacity, sh.head_dim), dtype=model.dtype, device=self.device
         )
         self.group = sh.heads // sh.kv_heads
+        # views made once: a decode step slices them instead of indexing the buffer again
+        self.layers = [self.buffers[:, n, :, 0] for n in range(sh.layers)]  # [slots, k/v, hk, cap, d]
+        self.slot_views = [
+            [(layer[s : s + 1, 0], layer[s : s + 1, 1]) for s in range(slots)] for layer in self.layers
+        ]  # [layer][slot] -> K, V [1, hk, cap, d]
         # decode's fused QKV projection (one matrix product a layer instead of three)
         w = model.w
         self.qkv_w = [torch.cat((w[f"{n}.wq"], w[f"{n}.wk"], w[f"{n}.wv"])) for n in range(sh.layers)]
@@ -178,7 +183,7 @@ class TorchEngine:
         """Wait for hints in flight, then give the HBM slots back."""
         if self._hints:
             self._hints.shutdown(wait=True)
-        self.buffers = None
+        self.buffers = self.layers = self.slot_views = None
 
     # ---------------------------------------------------------------------- Engine protocol
 
@@ -243,17 +248,14 @@ class TorchEngine:
                 qkv = F.linear(a, self.qkv_w[n], self.qkv_b[n]).view(B, hq + 2 * hk, 1, d)
                 qk = qkv[:, : hq + hk]
                 qk = qk * cos + _rotate_half(qk) * sin
-                layer = self.buffers[:, n, :, 0]  # [slots, k/v, hk, cap, d]
+                layer = self.layers[n]  # [slots, k/v, hk, cap, d]
                 layer[slots, 0, :, pos] = qk[:, hq:, 0]
                 layer[slots, 1, :, pos] = qkv[:, hq + hk :, 0]
+                q = qk[:, :hq]
+                kv = self.slot_views[n]
                 attn = torch.cat(
                     [
-                        attend(
-                            qk[i : i + 1, :hq],
-                            layer[s : s + 1, 0, :, : p + 1],
-                            layer[s : s + 1, 1, :, : p + 1],
-                            g,
-                        )
+                        attend(q[i : i + 1], kv[s][0][..., : p + 1, :], kv[s][1][..., : p + 1, :], g)
                         for i, (s, p, _) in enumerate(batch)
                     ]
                 )  # [B, hq, 1, d]
