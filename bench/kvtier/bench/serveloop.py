@@ -183,7 +183,6 @@ class UserState:
     turns_done: int = 0
     next_arrival: float | None = None
     hinted: bool = False
-    waiting: bool = False
 
 
 @dataclass
@@ -279,7 +278,7 @@ class Scheduler:
 
     def _arrive(self, user: int, at: float) -> None:
         u = self.users[user]
-        u.next_arrival, u.hinted, u.waiting = None, False, True
+        u.next_arrival, u.hinted = None, False
         turn = Turn(user, u.turns_done, at, len(u.tokens))
         u.tokens.extend(u.script.messages[u.turns_done])
         self.turns.append(turn)
@@ -332,7 +331,6 @@ class Scheduler:
         now = self.clock.now() - self.t0
         a.turn.finish = now
         u = self.users[a.turn.user]
-        u.waiting = False
         u.turns_done += 1
         if self.policy != "recompute":
             self._timed("save", self.engine.save, a.slot, u.tokens, u.kv_tokens)
