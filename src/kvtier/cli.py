@@ -279,6 +279,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --tp N on fewer GPUs: ranks share them over gloo (checks the multi-rank path; times mean little)",
     )
     b.set_defaults(func=_lazy("kvtier.bench.ttft"))
+    b = bench_sub.add_parser(
+        "serve", help="many users on one GPU: turns per GPU-hour and $/M tokens, kvtier vs recompute"
+    )
+    b.add_argument("--out", default="bench-serve.json")
+    b.add_argument("--plot", default=None)
+    b.add_argument("--small", action="store_true", help="a tiny model on the CPU (tests)")
+    b.add_argument("--policies", default="recompute,kvtier,kvtier+prefetch")
+    for knob, kind, say in (
+        ("users", int, "concurrent users (16)"),
+        ("contexts", str, "history lengths drawn per user (16384,32768,65536,131072)"),
+        ("turns", int, "turns per user (8)"),
+        ("new-tokens", int, "user tokens per turn (256)"),
+        ("output-tokens", int, "model tokens per turn (128)"),
+        ("think-s", float, "mean think time between turns, exponential (3)"),
+        ("hbm-contexts", int, "HBM KV budget in contexts (4)"),
+        ("duration-s", float, "seconds per policy (60)"),
+        ("prefetch-lead-s", float, "how early the next turn is hinted (2)"),
+        ("dram-gib", float, "the agent's DRAM tier (32)"),
+        ("block-tokens", int, "tokens per KV block (256)"),
+    ):
+        b.add_argument(f"--{knob}", type=kind, default=None, help=say + "; --small has its own defaults")
+    b.add_argument(
+        "--nvme-gib", type=int, default=None, help="NVMe tier (default: every context at its longest)"
+    )
+    b.add_argument("--nvme-path", default=None, help="folder for the NVMe tier's file (default: a temp dir)")
+    b.add_argument("--no-returns", action="store_true", help="histories not cached before: nobody returns")
+    b.add_argument("--one-shot-max", type=int, default=262144, help="longest one-shot (is_causal) prefill")
+    b.add_argument("--chunk", type=int, default=65536, help="prefill chunk beyond --one-shot-max")
+    b.add_argument("--gpu-hour-usd", type=float, default=4.54, help="price of one GPU-hour (see docs)")
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(func=_lazy("kvtier.bench.serve"))
     b = bench_sub.add_parser("report", help="merge `bench ttft` JSON files into one, with a plot")
     b.add_argument("inputs", nargs="+")
     b.add_argument("--out", required=True)
