@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,7 +141,7 @@ class Engine:
     extra: dict = field(default_factory=dict)
     wrong_reads: list = field(default_factory=list)  # (step, req_id, layer): read wrong KV, not reported
     reported: set = field(default_factory=set)
-    outputs: list = field(default_factory=list)
+    sent: set = field(default_factory=set)  # requests whose saves the worker reported done
 
     def __post_init__(self) -> None:
         from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
@@ -263,6 +264,7 @@ class Engine:
         if invalid:
             self.reported.add(self.steps)
         sending, recving = w.get_finished(set(out.finished_req_ids))
+        self.sent |= sending or set()
         connector_output = KVConnectorOutput(
             finished_sending=sending,
             finished_recving=recving,
@@ -295,14 +297,21 @@ class Engine:
                 self.stats.append(stats.kv_connector_stats)
         return out
 
-    def run(self, limit: int = 200, between=None) -> int:
-        """Steps until every request finished and its pages are back; returns the steps taken."""
-        for n in range(limit):
-            if not self.scheduler.requests:
-                self.worker.worker.drain(timeout=10)
-                return n
-            self.step(between)
-        raise AssertionError(f"requests still running after {limit} steps: {list(self.scheduler.requests)}")
+    def run(self, between=None, timeout: float = 120.0) -> int:
+        """Steps until every request finished and its pages are back; returns the steps taken. An
+        engine with nothing to compute keeps stepping (saves finish in the background meanwhile)."""
+        deadline = time.monotonic() + timeout
+        steps = 0
+        while self.scheduler.requests:
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"requests still running after {timeout}s: {list(self.scheduler.requests)}"
+                )
+            if not self.step(between).num_scheduled_tokens:
+                time.sleep(0.005)
+            steps += 1
+        self.worker.worker.drain(timeout=10)
+        return steps
 
     def wrong_kv_unreported(self) -> list:
         """Reads of wrong KV in a step where the connector reported no load error."""

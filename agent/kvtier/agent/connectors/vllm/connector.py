@@ -6,7 +6,7 @@ import hashlib
 import logging
 import os
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,10 +120,10 @@ class KVTierConnector(KVConnectorBase_V1):
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix="kvtier-lookup")
             pending = (len(keys), self._executor.submit(client.lookup, self.fingerprint, keys))
             self._lookups[req_id] = pending
-        try:
-            hits = pending[1].result(timeout=self.lookup_wait)
-        except TimeoutError:
+        if not wait([pending[1]], timeout=self.lookup_wait).done:
             return None
+        try:
+            hits = pending[1].result()
         except Exception as exc:  # the agent lost or refusing is a miss, never a scheduler error
             log.warning("kvtier lookup failed: %s", exc)
             if isinstance(exc, CONNECTION_LOST):
@@ -267,6 +267,7 @@ class KVTierConnector(KVConnectorBase_V1):
             self._fail_loads(meta, exc)
         if meta.saves:
             self.worker.submit_saves(meta.saves, sync=not self.async_save)
+        self.worker.failed_reqs = set()  # this step's failures stop this step's saves only
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         done = self.worker.finished(set(finished_req_ids))

@@ -102,7 +102,6 @@ class Worker:
     # -------------------------------------------------------------------------------- loads
 
     def start_loads(self, loads: list[Transfer]) -> None:
-        self.failed_reqs = set()
         paged = self.paged
         if paged is None or not loads:
             return
