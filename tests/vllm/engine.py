@@ -36,7 +36,7 @@ def _version() -> tuple[int, ...]:
 
 
 def vllm_config(
-    socket: str, *, batched: int = 256, v2: bool = True, layout: str = "LBNHC", max_len: int = 1024, **extra
+    socket: str, *, batched: int = 256, v2: bool = False, layout: str = "LBNHC", max_len: int = 1024, **extra
 ):
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1" if v2 else "0"
     from vllm.config import (
@@ -51,25 +51,32 @@ def vllm_config(
     model = ModelConfig(
         model=MODEL, skip_tokenizer_init=True, dtype="bfloat16", seed=0, max_model_len=max_len
     )
-    config = VllmConfig(
-        model_config=model,
-        scheduler_config=SchedulerConfig(
-            max_num_seqs=16,
-            max_num_batched_tokens=batched,
-            max_model_len=max_len,
-            enable_chunked_prefill=True,
-            is_encoder_decoder=False,
-        ),
-        cache_config=CacheConfig(block_size=PAGE, enable_prefix_caching=True),
-        kv_transfer_config=KVTransferConfig(
-            kv_connector="KVTierConnector",
-            kv_connector_module_path="kvtier.agent.connectors.vllm",
-            kv_role="kv_both",
-            kv_load_failure_policy="recompute",
-            kv_connector_extra_config={"socket": socket, "block_tokens": B, **extra},
-        ),
-        device_config=DeviceConfig("cpu"),
-    )
+    try:
+        config = VllmConfig(
+            model_config=model,
+            scheduler_config=SchedulerConfig(
+                max_num_seqs=16,
+                max_num_batched_tokens=batched,
+                max_model_len=max_len,
+                enable_chunked_prefill=True,
+                is_encoder_decoder=False,
+            ),
+            cache_config=CacheConfig(block_size=PAGE, enable_prefix_caching=True),
+            kv_transfer_config=KVTransferConfig(
+                kv_connector="KVTierConnector",
+                kv_connector_module_path="kvtier.agent.connectors.vllm",
+                kv_role="kv_both",
+                kv_load_failure_policy="recompute",
+                kv_connector_extra_config={"socket": socket, "block_tokens": B, **extra},
+            ),
+            device_config=DeviceConfig("cpu"),
+        )
+    except Exception as exc:
+        if v2 and "requires Triton" in str(exc):
+            import pytest
+
+            pytest.skip(f"this vLLM release refuses Model Runner V2 without Triton (CPU): {exc}")
+        raise
     config.cache_config.kv_cache_layout = layout  # what the engine core resolves before connectors exist
     return config
 
@@ -135,7 +142,7 @@ class Engine:
     socket: str
     num_blocks: int = 64
     batched: int = 256
-    v2: bool = True
+    v2: bool = False  # vLLM's V1 model runner (the V2 runner gets resumed requests as new ones)
     layout: str = "LBNHC"
     mla: bool = False
     extra: dict = field(default_factory=dict)
