@@ -13,6 +13,9 @@ import time
 import pytest
 
 from tests.conftest import agent_config
+
+pytest.importorskip("torch")
+pytest.importorskip("vllm")
 from tests.vllm.engine import PAGE, B, Engine, connector_stats, prompt
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]

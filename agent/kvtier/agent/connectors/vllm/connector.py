@@ -329,13 +329,10 @@ def _unsupported(
         )
     if groups:
         spec = groups[0].kv_cache_spec
-        kinds = (
-            [type(s).__name__ for s in getattr(spec, "kv_cache_specs", {spec: spec}).values()]
-            if hasattr(spec, "kv_cache_specs")
-            else [type(spec).__name__]
-        )
-        if any(k not in ("FullAttentionSpec", "MLAAttentionSpec") for k in kinds):
-            return f"KV cache of kind {', '.join(sorted(set(kinds)))} (full attention and MLA are supported)"
+        specs = getattr(spec, "kv_cache_specs", None)  # UniformTypeKVCacheSpecs: one spec per layer
+        kinds = {type(s).__name__ for s in (specs.values() if specs else [spec])}
+        if kinds - {"FullAttentionSpec", "MLAAttentionSpec"}:
+            return f"KV cache of kind {', '.join(sorted(kinds))} (full attention and MLA are supported)"
     algo = getattr(vllm_config.cache_config, "prefix_caching_hash_algo", "sha256")
     if str(algo).startswith("xxhash") and os.environ.get("PYTHONHASHSEED") is None:
         log.warning(

@@ -1,4 +1,0 @@
-import pytest
-
-pytest.importorskip("torch")
-pytest.importorskip("vllm")
