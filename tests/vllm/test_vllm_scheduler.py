@@ -28,6 +28,15 @@ def finished_clean(engine: Engine) -> None:
     assert pool.free_block_queue.num_free_blocks == pool.num_gpu_blocks - 1
 
 
+def replica(socket: str, *requests: tuple, **engine) -> Engine:
+    """An engine that ran `requests` ((id, tokens) or (id, tokens, request kwargs)) to the end."""
+    e = Engine(socket, **engine)
+    for req_id, tokens, *kw in requests:
+        e.add(e.request(req_id, tokens, **(kw[0] if kw else {})))
+    e.run()
+    return e
+
+
 def first_scheduled(engine: Engine) -> dict[str, int]:
     """The tokens of the first step that computes anything (lookups run on a thread: a request
     whose lookup has not come back yet waits a step)."""
@@ -50,9 +59,9 @@ def loads_of(engine: Engine, seen: list):
     def record(out):
         meta = out.kv_connector_metadata
         preempted = set(getattr(out, "preempted_req_ids", None) or ())
-        seen.append(
-            (engine.steps, [(t.req_id, t.first_block, len(t.keys), t.skip) for t in meta.loads], preempted)
-        )
+        loads = [(t.req_id, t.first_block, len(t.keys), t.skip) for t in meta.loads]
+        saves = [(t.req_id, t.first_block, len(t.keys)) for t in meta.saves]
+        seen.append((engine.steps, loads, preempted, saves))
 
     return record
 
@@ -72,18 +81,14 @@ def test_a_prompt_saved_by_one_replica_is_loaded_by_another(agent, tmp_path, lay
     socket = a.tenant("team-a")
     tokens = prompt(1, 3 * B + 8)  # 3 full kvtier blocks and a tail
 
-    one = Engine(
-        socket, batched=48, layout=layout, v2=v2, extra={"layerwise": layerwise}
-    )  # chunked: 48 a step
-    r1 = one.request("r1", tokens)
+    one, seen = Engine(socket, batched=48, layout=layout, v2=v2, extra={"layerwise": layerwise}), []
+    r1 = one.request("r1", tokens)  # chunked prefill: 48 tokens a step
     one.add(r1)
-    one.run()
-    saved = [
-        s.data.get("saved_blocks", 0) if hasattr(s, "data") else s.get("saved_blocks", 0) for s in one.stats
-    ]
-    assert sum(saved) == 3 and len([n for n in saved if n]) >= 2, (
-        f"saved block by block as chunks complete: {saved}"
-    )
+    one.run(between=loads_of(one, seen))
+    saves = [(step, save) for step, _, _, step_saves in seen for save in step_saves]
+    assert [save for _, save in saves] == [("r1", 0, 1), ("r1", 1, 1), ("r1", 2, 1)]
+    assert len({step for step, _ in saves}) == 3, "each block saved after the chunk that completes it"
+    assert connector_stats(one)["saved_blocks"] == 3
     assert "r1" in one.sent, "pages freed only after the worker reported the saves done"
     finished_clean(one)
     stored = [e for e in one.events if type(e).__name__ == "BlockStored"]
@@ -109,16 +114,11 @@ def test_loads_start_after_the_pages_vllm_already_has(agent, tmp_path):
     a = agent(agent_config(tmp_path, nvme=None))
     socket = a.tenant("team-a")
     tokens = prompt(2, 3 * B + 8)
-    one = Engine(socket)
-    one.add(one.request("r1", tokens))
-    one.run()
-
-    two, seen = Engine(socket), []
-    two.add(two.request("x", tokens[:100] + prompt(3, 20)))  # vLLM's own prefix cache: 6 pages (96 tokens)
-    two.run()
+    one = replica(socket, ("r1", tokens))
+    two, seen = replica(socket, ("x", tokens[:100] + prompt(3, 20))), []  # vLLM's own prefix cache: 96 tokens
     two.add(two.request("r2", tokens))
     two.run(between=loads_of(two, seen))
-    loads = [load for _, step_loads, _ in seen for load in step_loads]
+    loads = [load for _, step_loads, _, _ in seen for load in step_loads]
     assert loads == [("r2", 1, 2, 96 // PAGE - B // PAGE)], "blocks 1-2, the 2 pages vLLM holds left alone"
     assert two.wrong_reads == []
     for e in (one, two):
@@ -132,17 +132,16 @@ def test_salted_lora_and_multimodal_requests_never_share_kv_with_others(agent, t
     a = agent(agent_config(tmp_path, nvme=None))
     socket = a.tenant("team-a")
     tokens = prompt(4, 3 * B + 8)
-    one = Engine(socket)
-    one.add(one.request("plain", tokens))
-    one.add(one.request("salted", tokens, cache_salt="s1"))
-    one.add(one.request("lora", tokens, lora_request=LoRARequest("adapter-a", 1, "/adapters/a")))
-    one.run()
+    one = replica(
+        socket,
+        ("plain", tokens),
+        ("salted", tokens, {"cache_salt": "s1"}),
+        ("lora", tokens, {"lora_request": LoRARequest("adapter-a", 1, "/adapters/a")}),
+    )
     assert connector_stats(one)["saved_blocks"] == 9, "three chains, stored apart"
 
     def loaded(req_kw: dict) -> int:
-        e = Engine(socket)
-        e.add(e.request("r", tokens, **req_kw))
-        e.run()
+        e = replica(socket, ("r", tokens, req_kw))
         e.close()
         assert e.wrong_reads == []
         return connector_stats(e).get("loaded_blocks", 0)
@@ -227,10 +226,7 @@ def test_preempted_requests_keep_their_loads_when_they_resume(agent, tmp_path, v
     a = agent(agent_config(tmp_path, nvme=None))
     socket = a.tenant("team-a")
     prompts = [prompt(10 + i, 2 * B + 22) for i in range(2)]  # 150 tokens: 2 kvtier blocks, 10 pages
-    one = Engine(socket, v2=v2)
-    for i, p in enumerate(prompts):
-        one.add(one.request(f"p{i}", p, max_tokens=1))
-    one.run()
+    one = replica(socket, *[(f"p{i}", p) for i, p in enumerate(prompts)], v2=v2)
 
     # 23 pages: r0 grows to 22 pages (350 tokens), so vLLM preempts r1, and r0 then takes the pages
     # r1's prompt had in vLLM's prefix cache: r1 resumes with its blocks from kvtier only
@@ -238,10 +234,10 @@ def test_preempted_requests_keep_their_loads_when_they_resume(agent, tmp_path, v
     two.add(two.request("r0", prompts[0], max_tokens=200))
     two.add(two.request("r1", prompts[1], max_tokens=60))
     two.run(between=loads_of(two, seen))
-    preempted = {r for _, _, p in seen for r in p}
+    preempted = {r for _, _, p, _ in seen for r in p}
     assert preempted, "vLLM preempted a request"
     resumed_loads = [
-        (step, load) for step, loads, _ in seen for load in loads if load[0] in preempted and step > 1
+        (step, load) for step, loads, _, _ in seen for load in loads if load[0] in preempted and step > 1
     ]
     assert resumed_loads, f"a resumed request loaded its blocks again: {seen}"
     assert two.wrong_reads == [], "no request read KV that was not loaded"
@@ -254,12 +250,8 @@ def test_mla_caches_are_saved_and_loaded(agent, tmp_path):
     a = agent(agent_config(tmp_path, nvme=None))
     socket = a.tenant("team-a")
     tokens = prompt(6, 2 * B + 3)
-    one = Engine(socket, mla=True)
-    one.add(one.request("r1", tokens))
-    one.run()
-    two = Engine(socket, mla=True)
-    two.add(two.request("r2", tokens))
-    two.run()
+    one = replica(socket, ("r1", tokens), mla=True)
+    two = replica(socket, ("r2", tokens), mla=True)
     assert connector_stats(two)["loaded_blocks"] == 2 and two.wrong_reads == []
     for e in (one, two):
         e.close()
@@ -318,9 +310,7 @@ def test_stats_reach_vllms_log_and_prometheus(agent, tmp_path):
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
     a = agent(agent_config(tmp_path, nvme=None))
-    one = Engine(a.tenant("team-a"))
-    one.add(one.request("r1", prompt(7, 2 * B + 1)))
-    one.run()
+    one = replica(a.tenant("team-a"), ("r1", prompt(7, 2 * B + 1)))
     data = connector_stats(one)
     assert (
         data["saved_blocks"] == 2 and data["saved_bytes"] == 2 * 3 * 4 * (2 * 16 * 32) * 2
@@ -352,9 +342,7 @@ def test_a_hung_agent_never_holds_up_the_scheduler(agent, tmp_path):
     a = agent(agent_config(tmp_path, nvme=None))
     socket = a.tenant("team-a")
     tokens = prompt(8, B + 1)
-    one = Engine(socket, extra={"lookup_timeout_s": 0.3, "retry_after_s": 1.0})
-    one.add(one.request("r1", tokens))
-    one.run()
+    one = replica(socket, ("r1", tokens), extra={"lookup_timeout_s": 0.3, "retry_after_s": 1.0})
     probe = one.request("probe", tokens)
     sched = one.connector
 

@@ -64,7 +64,7 @@ class KVTierConnector(KVConnectorBase_V1):
         )
         # scheduler side
         self.planner = Planner(self.page, self.block_tokens, self._keys)
-        self._matched: dict[str, int] = {}
+        self._matched: dict[str, int] = {}  # request -> the tokens vLLM held when it asked
         self._lookups: dict[str, tuple[int, Future]] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._events: list[Any] = []
@@ -105,7 +105,7 @@ class KVTierConnector(KVConnectorBase_V1):
         if hits is None:
             return None, False  # asked again at the next step; the scheduler goes on meanwhile
         self._observe_removed(keys, hits)
-        self._matched[request.request_id] = hits
+        self._matched[request.request_id] = num_computed_tokens
         return max(0, hits * self.block_tokens - num_computed_tokens), False
 
     def _lookup(self, req_id: str, keys: list[bytes]) -> int | None:
@@ -135,10 +135,10 @@ class KVTierConnector(KVConnectorBase_V1):
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         if self.disabled:
             return
-        hits = self._matched.pop(request.request_id, 0)
-        if num_external_tokens > hits * self.block_tokens:
-            num_external_tokens = 0  # not what this connector offered: load nothing
-        self.planner.allocated(request, num_external_tokens, hits)
+        computed = self._matched.pop(request.request_id, None)
+        if computed is None:  # nothing offered for this request: nothing to load
+            num_external_tokens, computed = 0, 0
+        self.planner.allocated(request, computed, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: Any) -> KVTierConnectorMetadata:
         step = self.planner.step(scheduler_output) if not self.disabled else None
@@ -247,7 +247,7 @@ class KVTierConnector(KVConnectorBase_V1):
     def _fail_loads(self, meta: KVTierConnectorMetadata, exc: Exception) -> None:
         log.warning("kvtier load failed, %d requests recompute: %s", len(meta.loads), exc)
         for t in meta.loads:
-            self.worker.failed_pages.update(t.page_ids[t.skip :])
+            self.worker.failed_pages.update(t.page_ids[t.skip : t.limit])
             self.worker.failed_reqs.add(t.req_id)
         try:
             self.worker.finish_loads()

@@ -27,6 +27,7 @@ class Transfer:
     page_ids: list[int]  # the vLLM pages those blocks cover, `per` a block, in order
     skip: int = 0  # leading pages not to write on load (vLLM computed them itself)
     first_block: int = 0  # index of keys[0] in the request's chain
+    limit: int | None = None  # pages from the start to write on load (None: all): a load vLLM capped
 
 
 @dataclass
@@ -40,7 +41,7 @@ class RequestState:
     request: Any  # vLLM's Request (its block hashes grow as tokens arrive)
     pages: list[int] = field(default_factory=list)
     planned: int = 0  # kvtier blocks saved, planned for saving, or known to be in the pool
-    load: tuple[int, int] | None = None  # (first token to load, kvtier blocks hit) for the next step
+    load: tuple[int, int] | None = None  # tokens [start, end) to load at the next step
     saves: int = 0  # save transfers planned (the worker reports each before the pages may be freed)
 
 
@@ -51,12 +52,13 @@ class Planner:
         self.keys_of = keys_of  # (request, max_tokens) -> kvtier keys
         self.requests: dict[str, RequestState] = {}
 
-    def allocated(self, request: Any, num_external_tokens: int, hits: int) -> None:
-        """After vLLM allocated pages: `num_external_tokens` of the `hits` blocks will be loaded."""
+    def allocated(self, request: Any, computed: int, num_external_tokens: int) -> None:
+        """After vLLM allocated pages: the tokens after the `computed` ones vLLM holds, up to
+        `num_external_tokens` of them, are loaded."""
         state = self.requests.setdefault(request.request_id, RequestState(request))
         state.request = request
         if num_external_tokens > 0:
-            state.load = (hits * self.block_tokens - num_external_tokens, hits)
+            state.load = (computed, computed + num_external_tokens)
 
     def step(self, scheduler_output: Any) -> Step:
         step = Step()
@@ -83,19 +85,16 @@ class Planner:
         B, per = self.block_tokens, self.per
         req_id = state.request.request_id
         if state.load is not None:
-            start, hits = state.load
+            start, end = state.load
             state.load = None
-            first = start // B
+            first, hits = start // B, -(-end // B)
             keys = self.keys_of(state.request, hits * B)[first:hits]
-            if len(keys) == hits - first and len(state.pages) >= hits * per:
+            pages = state.pages[first * per : hits * per]
+            need = -(-end // self.page) - first * per  # pages holding tokens before `end`
+            if len(keys) == hits - first and len(pages) >= need:
+                pages += [0] * (len(keys) * per - len(pages))  # never written (beyond `limit`)
                 step.loads.append(
-                    Transfer(
-                        req_id,
-                        keys,
-                        state.pages[first * per : hits * per],
-                        start // self.page - first * per,
-                        first,
-                    )
+                    Transfer(req_id, keys, pages, start // self.page - first * per, first, need)
                 )
                 state.planned = max(state.planned, hits)
         done = computed + out.num_scheduled_tokens.get(req_id, 0)

@@ -109,18 +109,22 @@ class Worker:
         page_ids: list[int] = []
         keep: list[bool] = []
         for t in loads:
-            got = self._pin(t)
+            got = (
+                self._pin(t) if len(t.page_ids) == len(t.keys) * paged.per else 0
+            )  # else: another block size
             if got < len(t.keys):
                 self.failed_reqs.add(t.req_id)
-                self.failed_pages.update(t.page_ids[max(t.skip, got * paged.per) :])
+                limit = len(t.page_ids) if t.limit is None else t.limit
+                self.failed_pages.update(t.page_ids[max(t.skip, got * paged.per) : limit])
                 self.counters.failed_blocks += len(t.keys) - got
             if not got:
                 continue
             pinned = self._loading.pinned[-1]
             arena = self.conn.arena()
             blocks += [arena.host[b.segment][b.offset : b.offset + b.size] for b in pinned]
+            limit = len(t.page_ids) if t.limit is None else t.limit
             page_ids += t.page_ids[: got * paged.per]
-            keep += [i >= t.skip for i in range(got * paged.per)]
+            keep += [t.skip <= i < limit for i in range(got * paged.per)]
             self.counters.loaded_blocks += got
             self.counters.loaded_bytes += got * paged.block_bytes
         if not blocks:
@@ -219,7 +223,7 @@ class Worker:
 
     def _write(self, t: Transfer) -> int:
         paged, client = self.paged, self.conn.get()
-        if paged is None or client is None:
+        if paged is None or client is None or len(t.page_ids) != len(t.keys) * paged.per:
             return 0
         present = client.lookup(self.fingerprint, t.keys)
         todo = t.keys[present:]
