@@ -66,7 +66,8 @@ def test_pages_saved_as_blocks_come_back_into_other_pages(agent, tmp_path, layou
                 load.wait(li)
             load.finish()
         else:
-            target.load(arena, staging, [(b.segment, b.offset) for b in pinned], dst_pages, skip)
+            keep = [i >= skip for i in range(len(dst_pages))]
+            target.load(arena, staging, [(b.segment, b.offset) for b in pinned], dst_pages, keep)
 
     written = dst_pages[skip:]
     for src_layer, dst_layer in zip(source.layers, target.layers, strict=True):

@@ -102,11 +102,10 @@ class PagedCache:
         shapes = "+".join("x".join(map(str, t.shape[1:])) for t in self.layers[0])
         return f"{len(self.layers)} layers of {shapes} {str(self.dtype).removeprefix('torch.')} pages"
 
-    def targets(self, page_ids: list[int], skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pages blocks go to, and which of them to write (the first `skip` are vLLM's own)."""
+    def targets(self, page_ids: list[int], keep: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pages blocks go to, and which of them to write."""
         pages = torch.tensor(page_ids, device=self.device, dtype=torch.long)
-        keep = torch.arange(len(page_ids), device=self.device) >= skip
-        return pages, keep
+        return pages, torch.tensor(keep, device=self.device, dtype=torch.bool)
 
     def scatter_layer(self, li: int, blobs: torch.Tensor, pages: torch.Tensor, keep: torch.Tensor) -> None:
         """Layer `li`'s parts of `g` blocks (uint8 [g, layer_bytes]) -> pages[keep]."""
@@ -129,10 +128,11 @@ class PagedCache:
         staging: Staging,
         locations: list[tuple[int, int]],
         page_ids: list[int],
-        skip: int = 0,
+        keep: list[bool],
     ) -> None:
-        """Blocks at `locations` in the arena -> pages `page_ids` (`per` pages a block), every layer."""
-        pages, keep = self.targets(page_ids, skip)
+        """Blocks at `locations` in the arena -> pages `page_ids` (`per` pages a block) where `keep`,
+        every layer: whole blocks, adjacent ones in one DMA (`gpu.py`)."""
+        pages, keep = self.targets(page_ids, keep)
         per = self.per
 
         def scatter(first: int, staged: torch.Tensor) -> None:
@@ -174,8 +174,7 @@ class LayerLoad:
     def __init__(self, paged: PagedCache, blocks: list[torch.Tensor], page_ids: list[int], keep: list[bool]):
         self.paged = paged
         self.blocks = blocks  # host views of whole blocks, in page order
-        self.pages = torch.tensor(page_ids, device=paged.device, dtype=torch.long)
-        self.keep = torch.tensor(keep, device=paged.device, dtype=torch.bool)
+        self.pages, self.keep = paged.targets(page_ids, keep)
         self.done: set[int] = set()
         self.cuda = paged.device.type == "cuda"
         self.issued: dict[int, tuple[torch.Tensor, object]] = {}
@@ -207,9 +206,12 @@ class LayerLoad:
         self.issued[li] = (buf, ready)
 
     def wait(self, li: int) -> None:
-        """Layer `li` is in its pages once this returns (in stream order on a GPU)."""
+        """Layer `li` (and every layer before it) is in its pages once this returns (in stream order
+        on a GPU): layers land in order, so the two buffers are always the next two layers'."""
         if li in self.done or not 0 <= li < len(self.paged.layers):
             return
+        for earlier in range(li):
+            self.wait(earlier)
         if self.cuda:
             self._issue(li)
             buf, ready = self.issued.pop(li)

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 from kvtier.agent.client import CONNECTION_LOST, Pinned
-from kvtier.agent.connectors.gpu import ArenaConnection
+from kvtier.agent.connectors.gpu import ArenaConnection, Staging
 from kvtier.agent.connectors.paged import LayerLoad, PagedCache
+from kvtier.agent.connectors.runs import GROUP_BYTES
 from kvtier.agent.connectors.vllm.plan import Transfer
 
 log = logging.getLogger("kvtier.vllm")
@@ -71,6 +72,7 @@ class Worker:
         self.counters = WorkerCounters()
         self.stored: list[Stored] = []
         self._loading = _Loading()
+        self._staging: Staging | None = None  # whole-block loads: two reusable device buffers
         self._lock = threading.Lock()
         self._jobs: queue.Queue = queue.Queue()
         self._in_flight: Counter[str] = Counter()
@@ -105,33 +107,35 @@ class Worker:
         paged = self.paged
         if paged is None or not loads:
             return
-        blocks: list[torch.Tensor] = []
+        located: list[tuple[int, int]] = []  # (segment, offset) of each usable block, in page order
         page_ids: list[int] = []
         keep: list[bool] = []
         for t in loads:
             got = (
                 self._pin(t) if len(t.page_ids) == len(t.keys) * paged.per else 0
             )  # else: another block size
+            limit = len(t.page_ids) if t.limit is None else t.limit
             if got < len(t.keys):
                 self.failed_reqs.add(t.req_id)
-                limit = len(t.page_ids) if t.limit is None else t.limit
                 self.failed_pages.update(t.page_ids[max(t.skip, got * paged.per) : limit])
                 self.counters.failed_blocks += len(t.keys) - got
             if not got:
                 continue
-            pinned = self._loading.pinned[-1]
-            arena = self.conn.arena()
-            blocks += [arena.host[b.segment][b.offset : b.offset + b.size] for b in pinned]
-            limit = len(t.page_ids) if t.limit is None else t.limit
+            located += [(b.segment, b.offset) for b in self._loading.pinned[-1][:got]]
             page_ids += t.page_ids[: got * paged.per]
             keep += [t.skip <= i < limit for i in range(got * paged.per)]
             self.counters.loaded_blocks += got
             self.counters.loaded_bytes += got * paged.block_bytes
-        if not blocks:
+        if not located:
             return
-        self._loading.layers = LayerLoad(paged, blocks, page_ids, keep)
-        if not self.layerwise:
-            self.finish_loads()
+        arena = self.conn.arena()
+        if self.layerwise:
+            views = [arena.host[seg][off : off + paged.block_bytes] for seg, off in located]
+            self._loading.layers = LayerLoad(paged, views, page_ids, keep)
+        else:  # every layer before the forward, whole blocks (adjacent ones in one DMA)
+            if self._staging is None:
+                self._staging = Staging(paged.device, max(GROUP_BYTES, paged.block_bytes))
+            paged.load(arena, self._staging, located, page_ids, keep)
 
     def _pin(self, t: Transfer) -> int:
         """Pin the transfer's blocks; how many leading ones are usable (the rest is recomputed)."""
