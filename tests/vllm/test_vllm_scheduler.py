@@ -302,6 +302,7 @@ def test_an_unsupported_cache_disables_the_connector_at_start_up_with_one_line(a
         worker.wait_for_save()
         worker.clear_connector_metadata()
         assert worker.get_block_ids_with_load_errors() == set()
+        assert worker.get_finished({"r"}) == ({"r"}, None), "pages a scheduler kept for saves come back"
     engine.close()
 
 

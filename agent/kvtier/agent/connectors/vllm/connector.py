@@ -260,6 +260,9 @@ class KVTierConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         meta = self._meta()
         if meta is None:
+            raw = self._connector_metadata
+            if isinstance(raw, KVTierConnectorMetadata) and raw.saves:  # disabled here, not there:
+                self.worker.submit_saves(raw.saves, sync=True, dropped=True)  # release the pages
             return
         try:
             self.worker.finish_loads()

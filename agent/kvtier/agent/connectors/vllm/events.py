@@ -58,19 +58,15 @@ def removed(hashes: list[Any]) -> Any:
 
 @dataclass
 class KVTierWorkerMetadata(KVConnectorWorkerMetadata):  # type: ignore[misc,valid-type]
-    """Saves the workers finished since the last step (each rank saves its own shard: a save counts
-    once every rank reported it; with one rank, at once)."""
+    """Saves the workers finished since the last step (each tensor-parallel rank saves its shard)."""
 
     stored: list[Any] = field(default_factory=list)
 
     def aggregate(self, other: KVTierWorkerMetadata) -> KVTierWorkerMetadata:
-        mine = {(s.req_id, s.first_block): s for s in self.stored}
-        both = []
-        for s in other.stored:
-            m = mine.get((s.req_id, s.first_block))
-            if m is not None:  # a save is in the pool once every rank stored its shard
-                both.append(type(s)(s.req_id, s.first_block, min(s.blocks, m.blocks)))
-        return KVTierWorkerMetadata(both)
+        seen = {(s.req_id, s.first_block): s for s in self.stored}
+        for s in other.stored:  # the first rank to report a save announces it (events are advisory)
+            seen.setdefault((s.req_id, s.first_block), s)
+        return KVTierWorkerMetadata(list(seen.values()))
 
 
 def worker_meta(stored_list: list[Any]) -> Any:

@@ -180,10 +180,10 @@ class Worker:
 
     # -------------------------------------------------------------------------------- saves
 
-    def submit_saves(self, saves: list[Transfer], sync: bool) -> None:
+    def submit_saves(self, saves: list[Transfer], sync: bool, dropped: bool = False) -> None:
         for t in saves:
             self._had_saves.add(t.req_id)
-            if t.req_id in self.failed_reqs:  # computed over pages that never loaded: not stored
+            if dropped or t.req_id in self.failed_reqs:  # computed over pages that never loaded: not stored
                 with self._lock:
                     self.stored.append(Stored(t.req_id, t.first_block, 0))
                     self.counters.skipped_saves += 1
