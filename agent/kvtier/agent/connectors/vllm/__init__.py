@@ -16,7 +16,19 @@ Enable it (the webhook does this for injected pods):
 The copies between blocks and vLLM's page layouts are `connectors/paged.py`'s.
 """
 
-from kvtier.agent.connectors.vllm.connector import KVTierConnector, KVTierConnectorMetadata
-from kvtier.agent.connectors.vllm.plan import Transfer
+from typing import Any
 
 __all__ = ["KVTierConnector", "KVTierConnectorMetadata", "Transfer"]
+
+
+def __getattr__(name: str) -> Any:
+    """vLLM loads `KVTierConnector` from here; the pure modules (keys, plan) import without vLLM."""
+    if name in ("KVTierConnector", "KVTierConnectorMetadata"):
+        from kvtier.agent.connectors.vllm import connector
+
+        return getattr(connector, name)
+    if name == "Transfer":
+        from kvtier.agent.connectors.vllm.plan import Transfer
+
+        return Transfer
+    raise AttributeError(name)

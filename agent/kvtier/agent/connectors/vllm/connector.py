@@ -357,7 +357,10 @@ def _fingerprint(vllm_config: Any, kv_cache_config: Any, block_tokens: int) -> s
     tp = getattr(parallel, "tensor_parallel_size", 1)
     rank = getattr(parallel, "rank", 0) % max(1, tp)
     groups = list(getattr(kv_cache_config, "kv_cache_groups", None) or [])
-    spec = repr(groups[0].kv_cache_spec) if groups else ""
+    spec = groups[0].kv_cache_spec if groups else ""
+    if hasattr(spec, "kv_cache_specs"):  # workers see one spec per layer, the scheduler the first one
+        spec = next(iter(spec.kv_cache_specs.values()))
+    spec = repr(spec)
     geometry = hashlib.sha256(f"{spec};{len(groups[0].layer_names) if groups else 0}".encode()).hexdigest()[
         :16
     ]
