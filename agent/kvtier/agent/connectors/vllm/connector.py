@@ -284,7 +284,7 @@ class KVTierConnector(KVConnectorBase_V1):
         return events.worker_meta(stored) if stored else None
 
     def get_kv_connector_stats(self):
-        return events.stats(self.worker.counters.take())
+        return events.stats(self.worker.take_counters())
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None):

@@ -118,14 +118,16 @@ class Worker:
             if got < len(t.keys):
                 self.failed_reqs.add(t.req_id)
                 self.failed_pages.update(t.page_ids[max(t.skip, got * paged.per) : limit])
-                self.counters.failed_blocks += len(t.keys) - got
+                with self._lock:
+                    self.counters.failed_blocks += len(t.keys) - got
             if not got:
                 continue
             located += [(b.segment, b.offset) for b in self._loading.pinned[-1][:got]]
             page_ids += t.page_ids[: got * paged.per]
             keep += [t.skip <= i < limit for i in range(got * paged.per)]
-            self.counters.loaded_blocks += got
-            self.counters.loaded_bytes += got * paged.block_bytes
+            with self._lock:
+                self.counters.loaded_blocks += got
+                self.counters.loaded_bytes += got * paged.block_bytes
         if not located:
             return
         arena = self.conn.arena()
@@ -261,6 +263,10 @@ class Worker:
         with self._lock:
             out, self.stored = self.stored, []
         return out
+
+    def take_counters(self) -> dict[str, int]:
+        with self._lock:  # the saver thread counts too
+            return self.counters.take()
 
     def take_load_errors(self) -> set[int]:
         out, self.failed_pages = self.failed_pages, set()
