@@ -6,6 +6,7 @@ stored) shows up as a read of wrong KV that the connector did not report."""
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import signal
 import time
@@ -204,6 +205,20 @@ def test_a_failed_load_is_recomputed_and_nothing_computed_over_it_is_stored(agen
     three.run()
     assert connector_stats(three)["loaded_blocks"] == 4
     assert three.wrong_reads == [], "no block computed over the failed load was stored"
+    # replica two's worker lost its connection with the old agent: it maps the new agent's arena, not
+    # whatever the process maps next where the old arena was (here: a decoy)
+    three.add(three.request("z", prompt(12, B + 8)))
+    three.run()
+    decoys = [mmap.mmap(-1, 8 << 20) for _ in range(4)]
+    for d in decoys:
+        d.write(b"\x5a" * (8 << 20))
+    before = len(two.wrong_reads)
+    two.connector.get_num_new_matched_tokens(
+        two.request("probe", prompt(13, B + 8)), 0
+    )  # finds the old agent gone
+    two.add(two.request("z-again", prompt(12, B + 8)))
+    two.run()
+    assert connector_stats(two)["loaded_blocks"] == 1 and two.wrong_reads[before:] == []
     # replica one announced q's block; the restarted agent does not hold it: a removal event
     probe = one.request("q-probe", q.all_token_ids)
     removed: list = []
