@@ -34,8 +34,17 @@ bench-store: setup
 bench-chaos: setup
 	.venv/bin/kvtier bench chaos --out docs/benchmarks/chaos.json --frames 3000 --kills 32
 
-# The optional vLLM tier: the connector against vLLM's real base class (downloads vLLM and torch, ~9 GB).
+# The optional vLLM tier: the connector inside vLLM's real Scheduler and on the KV caches vLLM allocates,
+# against the newest supported vLLM and one older release (each in its own virtualenv, vLLM and
+# torch from PyPI, about 9 GB each). `make test-vllm VLLM_VERSIONS=0.33.0` tests one.
+VLLM_VERSIONS ?= 0.33.0 0.32.0
+
 test-vllm: setup
-	test -x .venv-vllm/bin/python || python3 -m venv .venv-vllm
-	.venv-vllm/bin/python -m pip install -q vllm pytest pytest-timeout -e .
-	.venv-vllm/bin/python -m pytest -m "vllm or torch" tests/vllm tests/torch
+	@set -e; for v in $(VLLM_VERSIONS); do \
+	  venv=.venv-vllm-$$v; \
+	  test -x $$venv/bin/python || python3 -m venv $$venv; \
+	  $$venv/bin/python -c "import vllm, sys; sys.exit(vllm.__version__ != '$$v')" 2>/dev/null || \
+	    $$venv/bin/python -m pip install -q "vllm==$$v" pytest pytest-timeout -e .; \
+	  echo "== vLLM $$v"; \
+	  HF_HUB_OFFLINE=1 $$venv/bin/python -m pytest -m "vllm or torch" tests/vllm tests/torch; \
+	done

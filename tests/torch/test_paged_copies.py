@@ -1,6 +1,7 @@
 """Blocks <-> an engine's paged KV cache (`connectors/paged.py`, what the vLLM connector's worker runs),
-through a real agent: pages saved as kvtier blocks come back into other pages bit for bit, in every
-paged layout vLLM uses. On the CPU here; on CUDA where a GPU is present (the GPU machine)."""
+through a real agent: pages saved as kvtier blocks come back into other pages bit for bit, whole or
+layer by layer, in every paged layout vLLM has used. On the CPU here; on CUDA where a GPU is present.
+(tests/vllm runs the same copies on the caches vLLM itself allocates.)"""
 
 from __future__ import annotations
 
@@ -16,33 +17,38 @@ DEVICES = [
     "cpu",
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
 ]
+SHAPES = {
+    "pages-heads-tokens-kv": (PAGES, H, PAGE, 2 * D),  # vLLM >= 0.32: [B, H, N, K|V] per layer
+    "flash": (2, PAGES, PAGE, H, D),  # FlashAttention, NHD (older releases)
+    "flashinfer": (PAGES, 2, PAGE, H, D),  # FlashInfer / Triton, NHD
+    "flash-hnd": (2, PAGES, H, PAGE, D),  # HND
+    "mla": (PAGES, PAGE, 576),  # MLA latent
+    "kernel-blocks": (2 * PAGES, H, PAGE // 2, 2 * D),  # pages split into kernel blocks of 8 tokens
+}
 
 
 def caches(layout: str, device: str, fill: bool) -> list[torch.Tensor]:
-    shape = {
-        "flash": (2, PAGES, PAGE, H, D),  # FlashAttention, NHD
-        "flashinfer": (PAGES, 2, PAGE, H, D),  # FlashInfer / Triton, NHD
-        "flash-hnd": (2, PAGES, H, PAGE, D),  # HND
-    }[layout]
+    shape = SHAPES[layout]
     g = torch.Generator().manual_seed(11)
     make = (lambda: torch.randn(shape, generator=g)) if fill else (lambda: torch.zeros(shape))
     return [make().to(torch.bfloat16).to(device) for _ in range(LAYERS)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("layout", ["flash", "flashinfer", "flash-hnd"])
-def test_pages_saved_as_blocks_come_back_into_other_pages(agent, tmp_path, layout, device):
+@pytest.mark.parametrize("layerwise", [False, True], ids=["whole", "layer-wise"])
+@pytest.mark.parametrize("layout", list(SHAPES))
+def test_pages_saved_as_blocks_come_back_into_other_pages(agent, tmp_path, layout, device, layerwise):
     from kvtier.agent.client import Client
     from kvtier.agent.connectors.gpu import GpuArena, Staging
-    from kvtier.agent.connectors.paged import PagedCache
+    from kvtier.agent.connectors.paged import LayerLoad, PagedCache
 
     a = agent(agent_config(tmp_path, nvme=None))
     client = Client(a.tenant("team-a"))
-    source = PagedCache.of(caches(layout, device, fill=True), PAGE, B)
-    target = PagedCache.of(caches(layout, device, fill=False), PAGE, B)
+    source = PagedCache.of(caches(layout, device, fill=True), PAGE, B, PAGES)
+    target = PagedCache.of(caches(layout, device, fill=False), PAGE, B, PAGES)
     arena = GpuArena(client, pin=device == "cuda")
     staging = Staging(torch.device(device), 2 * source.block_bytes)  # small: several groups, two buffers
-    blocks = 5
+    blocks, skip = 5, 2  # the first 2 pages of the first block are the engine's own: left alone
     src_pages = [7, 3, 30, 31, 12, 0, 5, 9, 21, 22, 23, 24, 1, 2, 38, 39, 17, 18, 19, 20]  # scattered
     dst_pages = list(range(PAGES - 1, PAGES - 1 - blocks * (B // PAGE), -1))
     keys = [bytes([i]) * 32 for i in range(blocks)]
@@ -53,21 +59,36 @@ def test_pages_saved_as_blocks_come_back_into_other_pages(agent, tmp_path, layou
     client.commit("paged-test", keys, slots, [source.block_bytes] * blocks)
     with client.read("paged-test", keys) as pinned:
         arena.sync()
-        target.load(arena, staging, [(b.segment, b.offset) for b in pinned], dst_pages)
+        if layerwise:
+            views = [arena.host[b.segment][b.offset : b.offset + b.size] for b in pinned]
+            load = LayerLoad(target, views, dst_pages, [i >= skip for i in range(len(dst_pages))])
+            for li in reversed(range(LAYERS)):  # any order; each layer once
+                load.wait(li)
+            load.finish()
+        else:
+            keep = [i >= skip for i in range(len(dst_pages))]
+            target.load(arena, staging, [(b.segment, b.offset) for b in pinned], dst_pages, keep)
 
-    for (sk, sv), (tk, tv) in zip(source.layers, target.layers, strict=True):
-        assert torch.equal(tk[dst_pages].cpu(), sk[src_pages].cpu())
-        assert torch.equal(tv[dst_pages].cpu(), sv[src_pages].cpu())
-        untouched = sorted(set(range(PAGES)) - set(dst_pages))
-        assert not tk[untouched].any() and not tv[untouched].any(), "no other page written"
+    written = dst_pages[skip:]
+    for src_layer, dst_layer in zip(source.layers, target.layers, strict=True):
+        for s, t in zip(src_layer, dst_layer, strict=True):
+            assert torch.equal(t[written].cpu(), s[src_pages[skip:]].cpu())
+            untouched = sorted(set(range(PAGES)) - set(written))
+            assert not t[untouched].any(), "no other page written"
     arena.close()
     client.close()
 
 
-def test_pages_and_blocks_must_line_up():
-    from kvtier.agent.connectors.paged import PagedCache, page_views
+def test_layouts_that_are_not_pages_are_refused():
+    from kvtier.agent.connectors.paged import PagedCache, UnsupportedLayout
 
-    with pytest.raises(ValueError, match="not whole pages"):
+    with pytest.raises(UnsupportedLayout, match="not whole pages"):
         PagedCache.of(caches("flash", "cpu", fill=False), 24, B)
-    with pytest.raises(ValueError, match="MLA"):
-        page_views(torch.zeros(PAGES, PAGE, 576), PAGES, PAGE)
+    with pytest.raises(UnsupportedLayout, match="not a paged KV cache"):
+        PagedCache.of([torch.zeros(4096, dtype=torch.int8)], PAGE, B, PAGES)  # raw storage (Mamba state)
+    with pytest.raises(UnsupportedLayout, match="does not have"):
+        PagedCache.of([torch.zeros(PAGES + 3, H, PAGE, 2 * D)], PAGE, B, PAGES)
+    with pytest.raises(UnsupportedLayout, match="different page shapes"):
+        PagedCache.of(
+            [torch.zeros(PAGES, H, PAGE, 2 * D), torch.zeros(PAGES, 1, PAGE, 2 * D)], PAGE, B, PAGES
+        )
