@@ -51,7 +51,7 @@ DEFAULTS: dict[str, tuple[Any, Any]] = {
     "hbm_contexts": (4, 2),
     "duration_s": (60.0, 60.0),
     "prefetch_lead_s": (2.0, 0.05),
-    "dram_gib": (32.0, 4 / 1024),
+    "dram_gib": (32.0, 16 / 1024),  # the smallest arena a pool may have
     "block_tokens": (256, 64),
 }
 
