@@ -317,6 +317,7 @@ def start_agent(
             "dram": {"size": dram_bytes},
             "nvme": {"size": nvme_bytes, "mode": "file", "path": str(nvme_dir / "kvtier-serve.cache")},
         },
+        "tenancy": {"dramShare": 1, "nvmeShare": 1},  # one tenant: the whole pool is its share
         "blockTokens": block_tokens,
     }
     cfg = local_agent_config(work, "serve", spec, segment_bytes=min(GiB, dram_bytes), ioThreads=32)

@@ -188,6 +188,7 @@ def main(args: argparse.Namespace) -> int:
             "dram": {"size": 4 * total},
             "nvme": {"size": 4 * total, "mode": "file", "path": str(work / "nvme.cache")},
         },
+        "tenancy": {"dramShare": 1, "nvmeShare": 1},  # one tenant: the whole pool is its share
         "eviction": {"highWatermark": 1.0, "lowWatermark": 0.95},
     }
     agent = spawn_agent(

@@ -44,6 +44,7 @@ def start_pool_agent(work: Path, kv_bytes: int, block_tokens: int, nvme_dir: Pat
             "dram": {"size": size},
             "nvme": {"size": size, "mode": "file", "path": str(nvme_dir / "kvtier-bench.cache")},
         },
+        "tenancy": {"dramShare": 1, "nvmeShare": 1},  # one tenant: the whole pool is its share
         "blockTokens": block_tokens,
         "eviction": {"highWatermark": 1.0, "lowWatermark": 0.95},
     }
