@@ -652,11 +652,19 @@ class Store:
             except Exception as exc:  # a bug on one block must not stop write-behind for good
                 self._log.exception("persist", "writing a block to NVMe failed: %s", exc)
                 with self.lock:
-                    block.pins -= 1
-                    self._persisting -= 1
-                    block.unpersistable = True
-                    self.metrics.persist_failures.inc()
-                    self.persisted.notify_all()
+                    if block.nvme is None and not block.unpersistable:
+                        block.unpersistable = True
+                        self.metrics.persist_failures.inc()
+            finally:
+                self._end_write_behind(block)
+
+    def _end_write_behind(self, block: Block) -> None:
+        """The one place a write-behind job gives back what `_next_job` took (its pin and its
+        place in the count `flush` waits on), whatever `_persist` did or raised."""
+        with self.lock:
+            block.pins -= 1
+            self._persisting -= 1
+            self.persisted.notify_all()
 
     def _next_job(self) -> tuple[Block, Segment, Extent] | None:
         """Under the lock: the next block to write to NVMe (pinned while it is written), after
@@ -680,7 +688,8 @@ class Store:
     def _persist(self, block: Block, seg: Segment, ext: Extent) -> None:
         """Write one pinned block behind to NVMe: room under the lock (within the tenant's share),
         data outside it, then log. Whatever fails, the reserved extent goes back: no room or an
-        I/O error leaves the block in DRAM only (`unpersistable`), counted, never a leak."""
+        I/O error leaves the block in DRAM only (`unpersistable`), counted, never a leak. The pin
+        and the persisting count are the caller's (`_maintain`) to give back."""
         assert self.nvme
         t0 = time.perf_counter()
         with self.lock:
@@ -694,28 +703,28 @@ class Store:
             except OSError as exc:  # ENOSPC on a sparse file, EIO
                 error = OSError(exc.errno, str(exc))  # without the traceback's views of the arena
         with self.lock:
-            block.pins -= 1
-            self._persisting -= 1
-            if target is not None and error is None and self.blocks.get(block.key) is block:
-                try:
-                    block.nvme = self.nvme.log(
-                        block.key, block.tenant, target, block.size, block.checksum or 0
-                    )
-                except OSError as exc:
-                    error = exc
-                else:
-                    self.nvme_policy.insert(block.key)
-                    self.metrics.bytes_moved.labels("dram_to_nvme").inc(block.size)
+            try:
+                if target is not None and error is None and self.blocks.get(block.key) is block:
                     try:
-                        self.nvme.maybe_compact([b.nvme for b in self.blocks.values() if b.nvme])
-                    except OSError as exc:  # the old log stays valid; compaction is tried again later
-                        self._log.warning("compact", "manifest compaction failed: %s", str(exc))
-            if target is not None and block.nvme is None:
-                self.nvme.abandon(target)
-                self.nvme_used[block.tenant] -= target.length
-            if block.nvme is None and self.blocks.get(block.key) is block:
-                block.unpersistable = True
-                self.metrics.persist_failures.inc()
+                        block.nvme = self.nvme.log(
+                            block.key, block.tenant, target, block.size, block.checksum or 0
+                        )
+                    except OSError as exc:
+                        error = exc
+                    else:
+                        self.nvme_policy.insert(block.key)
+                        self.metrics.bytes_moved.labels("dram_to_nvme").inc(block.size)
+                        try:
+                            self.nvme.maybe_compact([b.nvme for b in self.blocks.values() if b.nvme])
+                        except OSError as exc:  # the old log stays valid; compaction is tried again later
+                            self._log.warning("compact", "manifest compaction failed: %s", str(exc))
+            finally:  # also when the manifest raised something else: the extent is not leaked
+                if target is not None and block.nvme is None:
+                    self.nvme.abandon(target)
+                    self.nvme_used[block.tenant] -= target.length
+                if block.nvme is None and self.blocks.get(block.key) is block:
+                    block.unpersistable = True
+                    self.metrics.persist_failures.inc()
             if error is not None:
                 self.metrics.io_errors.labels("write").inc()
                 self._log.warning("write", "NVMe write failed (block kept in DRAM only): %s", str(error))
