@@ -22,6 +22,7 @@ import fcntl
 import itertools
 import mmap
 import os
+import platform
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,7 +33,22 @@ _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 _MPOL_BIND = 2
 _F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)  # Linux 5.1
 _SIZE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
-_SYS_MBIND = 237  # x86_64
+# mbind(2) has no libc wrapper, and its syscall number differs per architecture (237 on x86_64
+# is another call on aarch64). The numbers come from each architecture's unistd table in Linux.
+_SYS_MBIND = {
+    "x86_64": 237,
+    "amd64": 237,
+    "aarch64": 235,  # the generic table, shared by arm64, riscv64 and loongarch64
+    "arm64": 235,
+    "riscv64": 235,
+    "loongarch64": 235,
+    "ppc64le": 259,
+    "ppc64": 259,
+    "s390x": 268,
+    "i686": 274,
+    "i386": 274,
+    "armv7l": 319,
+}
 
 _HUGEPAGE_FLAGS = {
     "none": 0,
@@ -49,12 +65,21 @@ def punch_hole(fd: int, length: int) -> None:
         raise OSError(err, f"fallocate(PUNCH_HOLE): {os.strerror(err)}")
 
 
+def mbind_syscall_number(machine: str | None = None) -> int | None:
+    """mbind's number on this machine's architecture (`platform.machine()`); None where unknown."""
+    return _SYS_MBIND.get(machine or platform.machine())
+
+
 def bind_to_numa(mm: mmap.mmap, length: int, node: int) -> bool:
-    """Shared memory policy for the whole segment (applies to every process that maps it)."""
+    """Shared memory policy for the whole segment (applies to every process that maps it).
+    False where the kernel refuses it or the architecture is not in the table (memory unbound)."""
+    number = mbind_syscall_number()
+    if number is None or not 0 <= node < 64:
+        return False
     addr = _address(mm)
     mask = ctypes.c_ulong(1 << node)
     rc = _libc.syscall(
-        _SYS_MBIND, ctypes.c_void_p(addr), ctypes.c_ulong(length), _MPOL_BIND, ctypes.byref(mask), 64, 0
+        number, ctypes.c_void_p(addr), ctypes.c_ulong(length), _MPOL_BIND, ctypes.byref(mask), 64, 0
     )
     return rc == 0
 
