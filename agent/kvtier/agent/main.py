@@ -24,12 +24,13 @@ from kvtier.agent.transports import open_transport
 from kvtier.agent.transports.control import ControlServer
 from prometheus_client import start_http_server
 
+from kvtier import __version__
 from kvtier.api.agentconfig import AgentConfig
 from kvtier.api.v1alpha1 import NvmeDevice, parse_duration
 from kvtier.kubeapi import api_client_from_environment
 
 log = logging.getLogger("kvtier.agent")
-VERSION = "0.1.0"
+VERSION = __version__
 
 
 class Agent:

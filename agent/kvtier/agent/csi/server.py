@@ -35,11 +35,12 @@ from kvtier.agent.csi.mounts import (
 )
 from kvtier.agent.csi.publishes import Publish, Publishes
 
+from kvtier import __version__
 from kvtier.names import is_label, is_subdomain
 
 log = logging.getLogger("kvtier.csi")
 DRIVER = "csi.kvtier.io"
-VERSION = "0.1.0"
+VERSION = __version__
 POD_NAMESPACE = "csi.storage.k8s.io/pod.namespace"
 EPHEMERAL = "csi.storage.k8s.io/ephemeral"
 
