@@ -12,9 +12,9 @@ import uuid
 import pytest
 import yaml
 from kubernetes import client
-from kvtier.operator.render import render_pool, secret_name
 
 from kvtier.api import v1alpha1 as api
+from kvtier.operator.render import render_pool, secret_name
 from tests.conftest import REPO, kubectl
 
 pytestmark = pytest.mark.integration

@@ -12,8 +12,8 @@ import sys
 import uuid
 
 import pytest
-from kvtier.agent.client import Client
 
+from kvtier.agent.client import Client
 from tests.conftest import agent_config, eventually
 from tests.integration.test_agent import FP, blobs, chain
 

@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+
 from kvtier.agent.api import protocol
 from kvtier.agent.api.protocol import AgentError
 from kvtier.agent.client import Client
-
 from tests.conftest import agent_config
 
 pytestmark = pytest.mark.integration

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from kvtier.agent.client import Client
 
+from kvtier.agent.client import Client
 from kvtier.dev.agents import AgentProcess, spawn_agent
 from kvtier.dev.netns import NetnsUnavailable, make_nodes
 from tests.conftest import agent_config, eventually

@@ -8,8 +8,8 @@ import os
 import urllib.request
 
 import pytest
-from kvtier.agent.client import Client
 
+from kvtier.agent.client import Client
 from tests.conftest import agent_config
 from tests.integration.test_agent import FP, blobs, chain
 

@@ -7,6 +7,7 @@ import platform
 from pathlib import Path
 
 import pytest
+
 from kvtier.agent.tiers import dram
 from kvtier.agent.tiers.dram import DramTier, mbind_syscall_number
 

@@ -6,11 +6,11 @@ import datetime as dt
 
 import pytest
 import yaml
-from kvtier.operator.render import render_pool
-from kvtier.operator.status import aggregate, conflicts
 
 from kvtier.api import v1alpha1 as api
 from kvtier.api.agentconfig import AgentConfig
+from kvtier.operator.render import render_pool
+from kvtier.operator.status import aggregate, conflicts
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.unit

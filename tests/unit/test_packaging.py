@@ -56,3 +56,13 @@ def test_one_version_from_the_package_metadata():
         [sys.executable, "-m", "kvtier.cli", "--version"], capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == f"kvtier {version('kvtier')}"
+
+
+def test_the_package_declares_its_type_hints_and_where_it_lives():
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert (REPO / "src" / "kvtier" / "py.typed").is_file()
+    assert "py.typed" in project["tool"]["setuptools"]["package-data"]["kvtier"]
+    assert "Typing :: Typed" in project["project"]["classifiers"]
+    assert {"Homepage", "Source", "Documentation", "Issues"} <= set(project["project"]["urls"])

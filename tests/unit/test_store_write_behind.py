@@ -9,6 +9,7 @@ import os
 import time
 
 import pytest
+
 from kvtier.agent.metrics import Metrics
 from kvtier.agent.store.index import Lease, Store, StoreError
 from kvtier.agent.tiers.dram import DramTier

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import xxhash
+
 from kvtier.agent.metrics import LogThrottle, Metrics
 from kvtier.agent.store.eviction import make_policy
 from kvtier.agent.store.extents import Extent, align_up
