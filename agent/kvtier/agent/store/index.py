@@ -32,6 +32,7 @@ import xxhash
 from kvtier.agent.metrics import LogThrottle, Metrics
 from kvtier.agent.store.eviction import make_policy
 from kvtier.agent.store.extents import Extent, align_up
+from kvtier.agent.tiers.base import Tier
 from kvtier.agent.tiers.dram import DramFull, DramTier, Segment
 from kvtier.agent.tiers.manifest import Record
 from kvtier.agent.tiers.nvme import NvmeTier
@@ -761,12 +762,10 @@ class Store:
         return target
 
     def _update_gauges(self) -> None:
-        m = self.metrics
-        m.tier_bytes.labels("dram").set(self.dram.used)
-        m.tier_capacity.labels("dram").set(self.dram.capacity)
-        if self.nvme:
-            m.tier_bytes.labels("nvme").set(self.nvme.used)
-            m.tier_capacity.labels("nvme").set(self.nvme.capacity)
+        tiers: list[Tier] = [self.dram, self.nvme] if self.nvme else [self.dram]
+        for tier in tiers:
+            self.metrics.tier_bytes.labels(tier.name).set(tier.used)
+            self.metrics.tier_capacity.labels(tier.name).set(tier.capacity)
 
 
 def load_secret(state_dir: Path) -> bytes:

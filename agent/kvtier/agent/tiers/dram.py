@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvtier.agent.store.extents import Extent, ExtentAllocator
+from kvtier.agent.tiers.base import Tier
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
@@ -122,7 +123,12 @@ class DramFull(Exception):
     """No room for the tenant in the arena even after reclaiming empty segments."""
 
 
-class DramTier:
+class DramTier(Tier):
+    """The arena: `capacity` bytes in slots of `segment_bytes`, each slot a memfd segment owned by
+    one namespace (or, sealed, by a shared pool) while it holds anything."""
+
+    name = "dram"
+
     def __init__(
         self,
         pool: str,
@@ -160,7 +166,9 @@ class DramTier:
     # ------------------------------------------------------------------------- allocation
 
     def allocate(self, owner: str, length: int, sealed: bool = False) -> tuple[Segment, Extent] | None:
-        """An extent in one of the owner's segments, taking a free slot when needed; None when full.
+        """An extent in one of the owner's segments, taking a free slot when needed; None when full
+        (no free or reclaimable slot, or the owner at its quota). Raises DramFull when `length`
+        exceeds a segment (no eviction can help) and OSError when the OS refuses a new memfd.
 
         Writable segments count against the owner's quota; sealed ones hold a shared pool's
         blocks, which belong to no namespace. The caller evicts and retries; new segments are
@@ -190,6 +198,8 @@ class DramTier:
         )
 
     def free(self, seg: Segment, extent: Extent) -> None:
+        """Give an extent back to its segment (the segment stays its owner's until retired). The
+        extent must be one the segment handed out and not freed since: that is not checked."""
         seg.alloc.release(extent)
 
     def reclaimable(self, owner: str, sealed: bool) -> list[Segment]:
@@ -240,6 +250,8 @@ class DramTier:
         self.slots[seg.slot] = None
 
     def close(self) -> None:
+        """Unmap and close every segment (transports told first); a view still held elsewhere
+        keeps its mapping until the process ends."""
         for seg in list(self.slots):
             if seg:
                 for hook in self.retire_hooks:
