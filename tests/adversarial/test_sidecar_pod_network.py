@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 from kvtier.agent.client import Client
-from tests.conftest import agent_config, eventually
+from tests.helpers import agent_config, eventually
 from tests.integration.test_agent import FP, blobs, chain
 
 pytestmark = [

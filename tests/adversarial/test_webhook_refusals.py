@@ -15,7 +15,7 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from tests.conftest import REPO, eventually
+from tests.helpers import REPO, eventually
 from tests.integration import test_webhook as hooks
 from tests.integration.test_webhook import _create, _namespace, _pod
 

@@ -7,7 +7,7 @@ import pytest
 
 from kvtier.agent.client import Client
 from kvtier.agent.keys import KVLayout
-from tests.conftest import agent_config
+from tests.helpers import agent_config
 
 pytestmark = pytest.mark.gpu
 

@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from kvtier.agent.client import Client
-from tests.conftest import agent_config
+from tests.helpers import agent_config
 from tests.integration.test_agent import FP, blobs, chain
 
 pytestmark = pytest.mark.integration
