@@ -59,7 +59,7 @@ def test_a_failing_manifest_append_keeps_the_block_in_dram_and_flush_returns_pro
         assert _flush_seconds(store) < 1.0, "flush waited although nothing was left to write"
         stats = store.stats()
         assert stats["pinned"] == 0, "the write-behind pins were given back exactly once"
-        assert store._persisting == 0
+        assert store.pins.writing == 0
         assert all(b.pins == 0 for b in store.blocks.values())
         assert stats["nvme"]["blocks"] == 0 and stats["nvme"]["usedBytes"] == 0, "the NVMe extents went back"
         assert stats["dram"]["blocks"] == 4, "the blocks are still served from DRAM"
@@ -82,7 +82,7 @@ def test_a_failing_compaction_keeps_the_logged_blocks_and_flush_returns_promptly
     try:
         _put(store, lease, keys)
         assert _flush_seconds(store) < 1.0
-        assert store._persisting == 0
+        assert store.pins.writing == 0
         assert store.stats()["pinned"] == 0
         assert store.stats()["nvme"]["blocks"] == 4, "each block was logged before compaction failed"
         assert store.metrics.persist_failures._value.get() == 0
