@@ -4,10 +4,15 @@ conftest.py, where pytest finds them)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
 
+from kvtier.agent.metrics import Metrics
+from kvtier.agent.store.index import Lease, Store
+from kvtier.agent.tiers.dram import DramTier
+from kvtier.agent.tiers.nvme import NvmeTier
 from kvtier.api.agentconfig import AgentConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,3 +65,20 @@ def agent_config(
             "metricsPort": 0,
         }
     )
+
+
+def small_store(tmp: Path, **kw) -> Store:
+    """An in-process store: 8 MiB of DRAM in two segments over an 8 MiB NVMe file."""
+    nvme = NvmeTier(tmp / "nvme.img", 8 << 20, io_threads=2, pool="p")
+    return Store(os.urandom(32), DramTier("p", 8 << 20, 4 << 20), nvme, metrics=Metrics(), **kw)
+
+
+def put_blocks(
+    store: Store, lease: Lease, fingerprint: str, keys: list[bytes], size: int = 64 << 10, sync: bool = False
+) -> int:
+    """Allocate, fill with random bytes and commit one block per key, as a client does."""
+    got = store.allocate(lease, [size] * len(keys))
+    for seg, ext in got:
+        seg.view(ext, size)[:] = os.urandom(size)
+    locations = [(seg.id, ext.offset) for seg, ext in got]
+    return store.commit(lease, fingerprint, keys, locations, [size] * len(keys), sync=sync)

@@ -3,18 +3,12 @@ invariants, and a lease gives back exactly what it pinned."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from kvtier.agent.metrics import Metrics
-from kvtier.agent.store.index import Block, Lease, Pins, Store
-from kvtier.agent.tiers.dram import DramTier
-from kvtier.agent.tiers.nvme import NvmeTier
+from kvtier.agent.store.index import Block, Lease, Pins
+from tests.helpers import put_blocks, small_store
 
 pytestmark = pytest.mark.unit
-MiB = 1 << 20
-BLOCK = 64 << 10
 FP = "layout-1"
 
 
@@ -63,15 +57,11 @@ def test_write_behind_is_counted_until_it_ends():
 
 
 def test_the_store_keeps_the_invariants_through_reads_peers_prefetch_and_closes(tmp_path):
-    nvme = NvmeTier(tmp_path / "nvme.img", 8 * MiB, io_threads=2, pool="p")
-    store = Store(os.urandom(32), DramTier("p", 8 * MiB, 4 * MiB), nvme, metrics=Metrics())
+    store = small_store(tmp_path)
     a, b = store.lease("t"), store.lease("t")
     keys = [b"k%d" % i for i in range(6)]
     try:
-        got = store.allocate(a, [BLOCK] * len(keys))
-        for seg, ext in got:
-            seg.view(ext, BLOCK)[:] = os.urandom(BLOCK)
-        store.commit(a, FP, keys, [(s.id, e.offset) for s, e in got], [BLOCK] * len(keys), sync=True)
+        put_blocks(store, a, FP, keys, sync=True)
         store.evict_dram()  # cold: reads promote
         store.pins.check(store.blocks.values(), [a, b])
         read_a = store.read(a, FP, keys)
