@@ -16,11 +16,11 @@ import pytest
 from kvtier.api.agentconfig import AgentConfig
 from kvtier.dev.agents import AgentProcess, spawn_agent
 
-# Tests import these from tests.helpers; the names stay reachable here for tests written before.
-from tests.helpers import REPO as REPO
-from tests.helpers import agent_config as agent_config
-from tests.helpers import eventually as eventually
-from tests.helpers import kubectl as kubectl
+# Tests import these from tests.support; the names stay reachable here for tests written before.
+from tests.support import REPO as REPO
+from tests.support import agent_config as agent_config
+from tests.support import eventually as eventually
+from tests.support import kubectl as kubectl
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

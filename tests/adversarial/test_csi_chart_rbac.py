@@ -15,7 +15,7 @@ from kubernetes import client
 
 from kvtier.api import v1alpha1 as api
 from kvtier.operator.render import render_pool, secret_name
-from tests.helpers import REPO, kubectl
+from tests.support import REPO, kubectl
 
 pytestmark = pytest.mark.integration
 RBAC_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}

@@ -18,8 +18,8 @@ import pytest
 
 from kvtier.agent.csi._generated import csi_pb2, csi_pb2_grpc
 from kvtier.agent.csi.mounts import decode, mounts_at
-from tests.helpers import agent_config
 from tests.integration.test_csi import _ns, _pool, unmount_below
+from tests.support import agent_config
 
 pytestmark = [
     pytest.mark.integration,

@@ -35,7 +35,7 @@ from kvtier.bench.chaos import (
     settle,
     usage,
 )
-from tests.helpers import agent_config
+from tests.support import agent_config
 
 pytestmark = pytest.mark.adversarial
 MiB = 1 << 20

@@ -14,8 +14,8 @@ import uuid
 import pytest
 
 from kvtier.agent.client import Client
-from tests.helpers import agent_config, eventually
 from tests.integration.test_agent import FP, blobs, chain
+from tests.support import agent_config, eventually
 
 pytestmark = [
     pytest.mark.integration,

@@ -7,7 +7,7 @@ import pytest
 
 from kvtier.agent.client import Client
 from kvtier.agent.keys import KVLayout
-from tests.helpers import agent_config
+from tests.support import agent_config
 
 pytestmark = pytest.mark.gpu
 

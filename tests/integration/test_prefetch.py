@@ -10,8 +10,8 @@ import urllib.request
 import pytest
 
 from kvtier.agent.client import Client
-from tests.helpers import agent_config
 from tests.integration.test_agent import FP, blobs, chain
+from tests.support import agent_config
 
 pytestmark = pytest.mark.integration
 

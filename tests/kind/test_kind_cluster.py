@@ -7,7 +7,7 @@ import pytest
 
 from kvtier.api.crds import all_crds
 from kvtier.operator.render import render_pool
-from tests.helpers import REPO
+from tests.support import REPO
 
 pytestmark = pytest.mark.kind
 

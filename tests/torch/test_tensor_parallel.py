@@ -9,7 +9,7 @@ import os
 import pytest
 
 from kvtier.dev.ports import free_port
-from tests.helpers import agent_config
+from tests.support import agent_config
 
 pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO
+from tests.support import REPO
 
 pytestmark = pytest.mark.unit
 
@@ -24,10 +24,10 @@ def test_every_package_folder_is_listed_in_pyproject():
     assert found == set(cfg["packages"])
 
 
-def test_tests_take_shared_helpers_from_the_helpers_module():
+def test_tests_take_shared_code_from_the_support_module():
     offenders = [
         str(path.relative_to(REPO))
         for path in (REPO / "tests").rglob("*.py")
         if path.resolve() != Path(__file__).resolve() and "tests.conftest" in path.read_text()
     ]
-    assert offenders == [], "import helpers from tests.helpers; conftest.py holds fixtures"
+    assert offenders == [], "import shared code from tests.support; conftest.py holds fixtures"

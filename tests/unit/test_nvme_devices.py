@@ -7,7 +7,7 @@ import pytest
 from kvtier.agent.devices.nvme import NvmeError, discover, inventory, prepare, select
 from kvtier.agent.devices.runner import RecordedRunner
 from kvtier.api.v1alpha1 import DeviceSelector
-from tests.helpers import REPO
+from tests.support import REPO
 
 pytestmark = pytest.mark.unit
 FIX = REPO / "tests" / "fixtures" / "nvme"

@@ -11,7 +11,7 @@ from kvtier.api import v1alpha1 as api
 from kvtier.api.agentconfig import AgentConfig
 from kvtier.operator.render import render_pool
 from kvtier.operator.status import aggregate, conflicts
-from tests.helpers import REPO
+from tests.support import REPO
 
 pytestmark = pytest.mark.unit
 

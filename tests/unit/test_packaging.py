@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO
+from tests.support import REPO
 
 pytestmark = pytest.mark.unit
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from kvtier.agent.store.index import Block, Lease, Pins
-from tests.helpers import put_blocks, small_store
+from tests.support import put_blocks, small_store
 
 pytestmark = pytest.mark.unit
 FP = "layout-1"

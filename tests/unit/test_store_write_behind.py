@@ -10,7 +10,7 @@ import time
 import pytest
 
 from kvtier.agent.store.index import StoreError
-from tests.helpers import put_blocks, small_store
+from tests.support import put_blocks, small_store
 
 pytestmark = pytest.mark.unit
 FP = "layout-1"

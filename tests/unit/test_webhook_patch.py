@@ -20,7 +20,7 @@ from kvtier.operator.webhook import (
     apply_patch,
     decide,
 )
-from tests.helpers import REPO
+from tests.support import REPO
 
 pytestmark = pytest.mark.unit
 GOLDEN = REPO / "tests" / "golden" / "webhook"

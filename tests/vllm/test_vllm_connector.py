@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.helpers import agent_config
+from tests.support import agent_config
 
 pytestmark = pytest.mark.vllm
 torch = pytest.importorskip("torch")

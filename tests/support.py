@@ -1,6 +1,6 @@
 """What tests share besides fixtures: the checkout's root, polling with a deadline, kubectl against
-the local control plane, and agent configurations. Tests import these from here (fixtures stay in
-conftest.py, where pytest finds them)."""
+the local control plane, agent configurations and an in-process store. Tests import these from here
+(fixtures stay in conftest.py, where pytest finds them)."""
 
 from __future__ import annotations
 
