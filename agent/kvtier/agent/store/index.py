@@ -54,7 +54,7 @@ class Block:
     seg: Segment | None = None
     extent: Extent | None = None
     nvme: Record | None = None
-    pins: int = 0
+    pins: int = 0  # changed only through `Pins`
     last_used: float = 0.0
     unpersistable: bool = False  # the NVMe tier had no room: dropping it from DRAM loses it
     prefetched: bool = False  # brought up ahead of a request and not read since (unused if evicted so)
