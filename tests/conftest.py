@@ -7,18 +7,20 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from kvtier.api.agentconfig import AgentConfig
 from kvtier.dev.agents import AgentProcess, spawn_agent
 
-REPO = Path(__file__).resolve().parents[1]
+# Tests import these from tests.support; the names stay reachable here for tests written before.
+from tests.support import REPO as REPO
+from tests.support import agent_config as agent_config
+from tests.support import eventually as eventually
+from tests.support import kubectl as kubectl
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -89,40 +91,7 @@ def namespace(kube) -> Iterator[str]:
     client.CoreV1Api(kube).delete_namespace(name)
 
 
-def kubectl(
-    control_plane, *args: str, check: bool = True, input: str | None = None
-) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(control_plane.bin_dir / "kubectl"), *args],
-        env=control_plane.env(),
-        capture_output=True,
-        text=True,
-        check=check,
-        input=input,
-    )
-
-
 # ------------------------------------------------------------------------------ agent processes
-
-
-def agent_config(
-    tmp: Path, pool: str = "test", dram: str = "64Mi", nvme: str | None = "256Mi", **spec_extra
-) -> AgentConfig:
-    tiers: dict = {"dram": {"size": dram}}
-    if nvme:
-        tiers["nvme"] = {"size": nvme, "mode": "file", "path": str(tmp / "nvme.img")}
-    return AgentConfig.model_validate(
-        {
-            "pool": pool,
-            "spec": {"tiers": tiers, **spec_extra},
-            "socketDir": str(tmp / "sock"),
-            "stateDir": str(tmp / "state"),
-            "segmentBytes": 8 << 20,
-            "peerPort": 0,
-            "peerHost": "127.0.0.1",
-            "metricsPort": 0,
-        }
-    )
 
 
 @pytest.fixture
@@ -175,10 +144,6 @@ def sidecar():
         proc.wait(timeout=10)
 
 
-def dump_yaml(obj: object) -> str:
-    return yaml.safe_dump(obj, sort_keys=False)
-
-
 @pytest.fixture(scope="session")
 def operator_process(control_plane, crds_installed, tmp_path_factory) -> Iterator[subprocess.Popen]:
     """A real `kvtier operator` process against the local control plane (status every second).
@@ -209,19 +174,3 @@ def operator_process(control_plane, crds_installed, tmp_path_factory) -> Iterato
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
-
-
-def eventually(check, timeout: float = 20.0, interval: float = 0.2, message: str = ""):
-    """Poll until `check()` returns something truthy (and return it), or fail with the last error."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-            if result:
-                return result
-            last = result
-        except Exception as exc:
-            last = exc
-        time.sleep(interval)
-    raise AssertionError(f"{message or 'condition'} not met within {timeout}s (last: {last!r})")

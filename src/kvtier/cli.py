@@ -108,7 +108,10 @@ def _lazy(module: str, func: str = "main") -> Callable[[argparse.Namespace], int
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kvtier import __version__
+
     parser = argparse.ArgumentParser(prog="kvtier", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"kvtier {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     dev = sub.add_parser("dev", help="local control plane (real etcd + kube-apiserver)")

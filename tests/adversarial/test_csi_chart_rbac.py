@@ -12,10 +12,10 @@ import uuid
 import pytest
 import yaml
 from kubernetes import client
-from kvtier.operator.render import render_pool, secret_name
 
 from kvtier.api import v1alpha1 as api
-from tests.conftest import REPO, kubectl
+from kvtier.operator.render import render_pool, secret_name
+from tests.support import REPO, kubectl
 
 pytestmark = pytest.mark.integration
 RBAC_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}

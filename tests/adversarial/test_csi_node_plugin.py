@@ -15,11 +15,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from kvtier.agent.csi._generated import csi_pb2, csi_pb2_grpc
 from kvtier.agent.csi.mounts import decode, mounts_at
-
-from tests.conftest import agent_config
 from tests.integration.test_csi import _ns, _pool, unmount_below
+from tests.support import agent_config
 
 pytestmark = [
     pytest.mark.integration,

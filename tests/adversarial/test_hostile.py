@@ -15,6 +15,7 @@ import subprocess
 import time
 
 import pytest
+
 from kvtier.agent.api import protocol
 from kvtier.agent.api.protocol import AgentError
 from kvtier.agent.client import Client
@@ -34,8 +35,7 @@ from kvtier.bench.chaos import (
     settle,
     usage,
 )
-
-from tests.conftest import agent_config
+from tests.support import agent_config
 
 pytestmark = pytest.mark.adversarial
 MiB = 1 << 20

@@ -12,10 +12,10 @@ import time
 import urllib.request
 
 import pytest
-from kvtier.agent.client import Client
 
-from tests.conftest import agent_config, eventually
+from kvtier.agent.client import Client
 from tests.integration.test_agent import FP, blobs, chain
+from tests.support import agent_config, eventually
 
 pytestmark = pytest.mark.integration
 TOKEN = "s3cret-token-of-the-gateway-0123456789"

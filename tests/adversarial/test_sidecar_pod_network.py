@@ -12,10 +12,10 @@ import sys
 import uuid
 
 import pytest
-from kvtier.agent.client import Client
 
-from tests.conftest import agent_config, eventually
+from kvtier.agent.client import Client
 from tests.integration.test_agent import FP, blobs, chain
+from tests.support import agent_config, eventually
 
 pytestmark = [
     pytest.mark.integration,

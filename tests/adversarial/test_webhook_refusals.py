@@ -15,9 +15,9 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from tests.conftest import REPO, eventually
 from tests.integration import test_webhook as hooks
 from tests.integration.test_webhook import _create, _namespace, _pod
+from tests.support import REPO, eventually
 
 webhook = hooks.webhook  # that module's fixture: a pool and the live webhook configuration
 

@@ -4,10 +4,10 @@ transformers DynamicCache, next-token logits equal to a full recompute. Runs on 
 from __future__ import annotations
 
 import pytest
+
 from kvtier.agent.client import Client
 from kvtier.agent.keys import KVLayout
-
-from tests.conftest import agent_config
+from tests.support import agent_config
 
 pytestmark = pytest.mark.gpu
 
@@ -35,8 +35,9 @@ def _model():
 
 def test_save_restore_dynamic_cache_gives_recompute_logits(agent, tmp_path):
     import torch
-    from kvtier.agent.connectors.hf import HFKVCache
     from transformers import DynamicCache
+
+    from kvtier.agent.connectors.hf import HFKVCache
 
     model, cfg = _model()
     a = agent(agent_config(tmp_path, dram="256Mi", nvme="512Mi"))

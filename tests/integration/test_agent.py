@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+
 from kvtier.agent.api import protocol
 from kvtier.agent.api.protocol import AgentError
 from kvtier.agent.client import Client
-
-from tests.conftest import agent_config
+from tests.support import agent_config
 
 pytestmark = pytest.mark.integration
 FP = "model=test;dtype=bf16;layers=2;kv_heads=2;head_dim=64;block=256;tp=0/1"

@@ -18,7 +18,7 @@ from kubernetes import client, config
 
 from kvtier.api import v1alpha1 as api
 from kvtier.dev.local_operator import operator_argv
-from tests.conftest import REPO, eventually
+from tests.support import REPO, eventually
 
 pytestmark = pytest.mark.integration
 CHART = REPO / "charts" / "kvtier"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from tests.conftest import kubectl
+from tests.support import kubectl
 
 pytestmark = pytest.mark.integration
 
@@ -119,7 +119,7 @@ def test_dev_up_operator_installs_the_chart_with_a_working_webhook(tmp_path):
     import yaml
     from kubernetes import client, config
 
-    from tests.conftest import REPO, eventually
+    from tests.support import REPO, eventually
 
     state = tmp_path / "dev"
     env = {**os.environ, "KVTIER_DEV_DIR": str(state)}

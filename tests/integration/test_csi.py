@@ -14,13 +14,13 @@ from pathlib import Path
 import grpc
 import pytest
 from kubernetes import client
+
 from kvtier.agent.client import Client
 from kvtier.agent.csi._generated import csi_pb2, csi_pb2_grpc
 from kvtier.agent.csi.mounts import mount_points
-
 from kvtier.api import v1alpha1 as api
-from tests.conftest import agent_config
 from tests.integration.test_agent import FP, blobs, chain
+from tests.support import agent_config
 
 pytestmark = [
     pytest.mark.integration,

@@ -15,7 +15,7 @@ from kubernetes.client.exceptions import ApiException
 
 from kvtier.api import v1alpha1 as api
 from kvtier.api.agentconfig import AgentConfig
-from tests.conftest import REPO, eventually, kubectl
+from tests.support import REPO, eventually, kubectl
 
 pytestmark = pytest.mark.integration
 NS = "kvtier-system"

@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-from kvtier.agent.client import Client
 
+from kvtier.agent.client import Client
 from kvtier.dev.agents import AgentProcess, spawn_agent
 from kvtier.dev.netns import NetnsUnavailable, make_nodes
-from tests.conftest import agent_config, eventually
 from tests.integration.test_agent import FP, blobs, chain
 from tests.integration.test_prefetch import _post
+from tests.support import agent_config, eventually
 
 pytestmark = pytest.mark.integration
 MiB = 1 << 20

@@ -8,10 +8,10 @@ import os
 import urllib.request
 
 import pytest
-from kvtier.agent.client import Client
 
-from tests.conftest import agent_config
+from kvtier.agent.client import Client
 from tests.integration.test_agent import FP, blobs, chain
+from tests.support import agent_config
 
 pytestmark = pytest.mark.integration
 

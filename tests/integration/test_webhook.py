@@ -12,7 +12,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from kvtier.api import v1alpha1 as api
-from tests.conftest import REPO, eventually
+from tests.support import REPO, eventually
 
 pytestmark = pytest.mark.integration
 

@@ -4,10 +4,10 @@ accepted and the operator's rendered DaemonSet is valid for a real scheduler. Sk
 from __future__ import annotations
 
 import pytest
-from kvtier.operator.render import render_pool
 
 from kvtier.api.crds import all_crds
-from tests.conftest import REPO
+from kvtier.operator.render import render_pool
+from tests.support import REPO
 
 pytestmark = pytest.mark.kind
 

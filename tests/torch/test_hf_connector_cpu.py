@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import agent_config
+from tests.support import agent_config
 
 pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch")

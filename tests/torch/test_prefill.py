@@ -29,10 +29,11 @@ def test_chunked_attention_equals_full_causal_attention():
 
 @pytest.mark.parametrize("impl", ["lower-right", "split"])
 def test_hf_prefill_one_shot_and_chunked_agree(impl, tmp_path):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
     from kvtier.bench import peers
     from kvtier.bench import prefill as pf
     from kvtier.bench.shapes import SHAPES
-    from transformers import AutoModelForCausalLM, Qwen2Config
 
     config = Qwen2Config(**SHAPES["tiny-qwen2"].hf_config())
     torch.manual_seed(0)

@@ -76,6 +76,7 @@ def test_batched_decode_predicts_what_a_full_prefill_predicts():
 def test_decode_attention_paths_agree_with_grouped_query_attention():
     """The paths the engine picks from at warm-up compute the same attention (to float error)."""
     import torch.nn.functional as F
+
     from kvtier.bench.serve import ATTEND
 
     g, hk, T, d = 7, 4, 300, 32

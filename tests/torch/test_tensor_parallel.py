@@ -9,7 +9,7 @@ import os
 import pytest
 
 from kvtier.dev.ports import free_port
-from tests.conftest import agent_config
+from tests.support import agent_config
 
 pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch")
@@ -27,10 +27,11 @@ def full_kv(layer: int):
 
 def rank_main(rank: int, world: int, port: int, sock: str, results) -> None:
     import torch.distributed as dist
+    from transformers import DynamicCache
+
     from kvtier.agent.client import Client
     from kvtier.agent.connectors.hf import HFKVCache
     from kvtier.agent.keys import KVLayout
-    from transformers import DynamicCache
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     heads = KV_HEADS // world
@@ -83,6 +84,7 @@ def test_each_rank_saves_and_restores_its_own_shard(agent, tmp_path):
 
 def sharded_rank_main(rank: int, world: int, port: int, results) -> None:
     import torch.distributed as dist
+
     from kvtier.bench.shapes import SHAPES
     from kvtier.bench.tpmodel import ShardedLlama, as_cache, past_of, random_weights, shard
 

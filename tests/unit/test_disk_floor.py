@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from kvtier.agent.tiers.manifest import Manifest, Record
 from kvtier.bench.diskfloor import read_extents, resident_bytes, tier_extents, tier_keys
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from kvtier.agent.connectors.runs import HostRun, groups, runs
 from kvtier.agent.keys import KVLayout, block_keys
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import tomllib
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.support import REPO
 
 pytestmark = pytest.mark.unit
 
@@ -21,3 +22,12 @@ def test_every_package_folder_is_listed_in_pyproject():
             rel = init.parent.relative_to(root)
             found.add(".".join([pkg, *rel.parts]) if rel.parts else pkg)
     assert found == set(cfg["packages"])
+
+
+def test_tests_take_shared_code_from_the_support_module():
+    offenders = [
+        str(path.relative_to(REPO))
+        for path in (REPO / "tests").rglob("*.py")
+        if path.resolve() != Path(__file__).resolve() and "tests.conftest" in path.read_text()
+    ]
+    assert offenders == [], "import shared code from tests.support; conftest.py holds fixtures"

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+
 from kvtier.agent.devices.nvme import NvmeError, discover, inventory, prepare, select
 from kvtier.agent.devices.runner import RecordedRunner
-
 from kvtier.api.v1alpha1 import DeviceSelector
-from tests.conftest import REPO
+from tests.support import REPO
 
 pytestmark = pytest.mark.unit
 FIX = REPO / "tests" / "fixtures" / "nvme"

@@ -6,12 +6,12 @@ import datetime as dt
 
 import pytest
 import yaml
-from kvtier.operator.render import render_pool
-from kvtier.operator.status import aggregate, conflicts
 
 from kvtier.api import v1alpha1 as api
 from kvtier.api.agentconfig import AgentConfig
-from tests.conftest import REPO
+from kvtier.operator.render import render_pool
+from kvtier.operator.status import aggregate, conflicts
+from tests.support import REPO
 
 pytestmark = pytest.mark.unit
 

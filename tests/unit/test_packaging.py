@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.support import REPO
 
 pytestmark = pytest.mark.unit
 
@@ -42,3 +42,27 @@ def test_staged_client_imports_with_the_standard_library_only(tmp_path):
         [sys.executable, "-S", "-c", code, str(tmp_path)], capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_one_version_from_the_package_metadata():
+    from importlib.metadata import version
+
+    from kvtier import __version__
+    from kvtier.agent.csi.server import VERSION as csi_version
+    from kvtier.agent.main import VERSION as agent_version
+
+    assert __version__ == version("kvtier") == agent_version == csi_version
+    out = subprocess.run(
+        [sys.executable, "-m", "kvtier.cli", "--version"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == f"kvtier {version('kvtier')}"
+
+
+def test_the_package_declares_its_type_hints_and_where_it_lives():
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert (REPO / "src" / "kvtier" / "py.typed").is_file()
+    assert "py.typed" in project["tool"]["setuptools"]["package-data"]["kvtier"]
+    assert "Typing :: Typed" in project["project"]["classifiers"]
+    assert {"Homepage", "Source", "Documentation", "Issues"} <= set(project["project"]["urls"])

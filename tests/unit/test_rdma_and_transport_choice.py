@@ -7,12 +7,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
 from kvtier.agent.devices import rdma
 from kvtier.agent.devices.runner import RecordedRunner
 from kvtier.agent.metrics import Metrics
 from kvtier.agent.transports import NoTransport, select
 from kvtier.agent.transports.nixl import _offered
-
 from kvtier.api.v1alpha1 import NodeTransport
 
 pytestmark = pytest.mark.unit

@@ -9,6 +9,7 @@ the real engine's --small run is in tests/torch."""
 from __future__ import annotations
 
 import pytest
+
 from kvtier.bench.serveloop import (
     HbmCache,
     Scheduler,

@@ -6,6 +6,7 @@ import itertools
 import random
 
 import pytest
+
 from kvtier.agent.store.eviction import LRU, S3FIFO
 from kvtier.agent.store.extents import Extent, ExtentAllocator
 from kvtier.agent.tiers.manifest import MAGIC, Manifest, Record, _encode, replay

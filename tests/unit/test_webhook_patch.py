@@ -11,6 +11,8 @@ import os
 
 import pytest
 import yaml
+
+from kvtier.api import v1alpha1 as api
 from kvtier.operator.webhook import (
     INJECTED_ANNOTATION,
     SIDECAR,
@@ -18,9 +20,7 @@ from kvtier.operator.webhook import (
     apply_patch,
     decide,
 )
-
-from kvtier.api import v1alpha1 as api
-from tests.conftest import REPO
+from tests.support import REPO
 
 pytestmark = pytest.mark.unit
 GOLDEN = REPO / "tests" / "golden" / "webhook"

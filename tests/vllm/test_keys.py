@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+
 from kvtier.agent.connectors.vllm.keys import DOMAIN, block_keys
 
 pytestmark = pytest.mark.unit

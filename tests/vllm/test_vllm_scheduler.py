@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.conftest import agent_config
+from tests.support import agent_config
 
 pytest.importorskip("torch")
 pytest.importorskip("vllm")
@@ -274,7 +274,6 @@ def test_mla_caches_are_saved_and_loaded(agent, tmp_path):
 
 def test_an_unsupported_cache_disables_the_connector_at_start_up_with_one_line(agent, tmp_path, caplog):
     import torch
-    from kvtier.agent.connectors.vllm import KVTierConnectorMetadata, Transfer
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
     from vllm.v1.kv_cache_interface import (
@@ -283,6 +282,8 @@ def test_an_unsupported_cache_disables_the_connector_at_start_up_with_one_line(a
         KVCacheGroupSpec,
         SlidingWindowSpec,
     )
+
+    from kvtier.agent.connectors.vllm import KVTierConnectorMetadata, Transfer
 
     a = agent(agent_config(tmp_path, nvme=None))
     engine = Engine(a.tenant("team-a"))
@@ -322,8 +323,9 @@ def test_an_unsupported_cache_disables_the_connector_at_start_up_with_one_line(a
 
 
 def test_stats_reach_vllms_log_and_prometheus(agent, tmp_path):
-    from kvtier.agent.connectors.vllm import KVTierConnector
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    from kvtier.agent.connectors.vllm import KVTierConnector
 
     a = agent(agent_config(tmp_path, nvme=None))
     one = replica(a.tenant("team-a"), ("r1", prompt(7, 2 * B + 1)))

@@ -14,6 +14,9 @@ import socket
 import threading
 from pathlib import Path
 
+from prometheus_client import start_http_server
+
+from kvtier import __version__
 from kvtier.agent.api.server import AgentAPI, Gate, ServerLimits
 from kvtier.agent.devices import gpu_inventory, numa_for_gpus, rdma
 from kvtier.agent.metrics import Metrics
@@ -22,14 +25,12 @@ from kvtier.agent.tiers.dram import DramTier
 from kvtier.agent.tiers.nvme import NotOurs, NvmeTier
 from kvtier.agent.transports import open_transport
 from kvtier.agent.transports.control import ControlServer
-from prometheus_client import start_http_server
-
 from kvtier.api.agentconfig import AgentConfig
 from kvtier.api.v1alpha1 import NvmeDevice, parse_duration
 from kvtier.kubeapi import api_client_from_environment
 
 log = logging.getLogger("kvtier.agent")
-VERSION = "0.1.0"
+VERSION = __version__
 
 
 class Agent:

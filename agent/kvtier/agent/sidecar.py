@@ -35,10 +35,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+
 from kvtier.agent.api.protocol import AgentError
 from kvtier.agent.client import CONNECTION_LOST, AgentConnection, Client
 from kvtier.agent.keys import block_keys
-from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 log = logging.getLogger("kvtier.sidecar")
 MAX_BODY = 8 << 20

@@ -2,12 +2,11 @@
 
 Standard library only: the engine-side client imports this inside a stock vLLM/SGLang image.
 A frame is a 4-byte big-endian length and a UTF-8 JSON object. Replies may carry file descriptors
-(the tenant's arena segments) as SCM_RIGHTS ancillary data on the same sendmsg call.
+(the tenant's arena segments) as SCM_RIGHTS ancillary data on the same call (`socket.send_fds`).
 """
 
 from __future__ import annotations
 
-import array
 import json
 import os
 import socket
@@ -43,8 +42,7 @@ def encode(message: dict[str, Any]) -> bytes:
 def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
     data = encode(message)
     if fds:
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-        sent = sock.sendmsg([data], ancillary)
+        sent = socket.send_fds(sock, [data], fds)
         if sent < len(data):
             sock.sendall(data[sent:])
     else:
@@ -64,9 +62,10 @@ def _recv_exact(
     sock: socket.socket, n: int, fds: list[int], max_fds: int, deadline: float | None, first: bool = False
 ) -> bytearray:
     """n bytes, read in bounded chunks: memory grows with what actually arrived, never with what a
-    header promised. Descriptors beyond `max_fds` are discarded by the kernel (control data truncated)."""
+    header promised. Descriptors beyond `max_fds` per read are discarded by the kernel (MSG_CTRUNC:
+    it never installs them here, so nothing leaks); those that arrive join `fds`, which the caller
+    closes on every error path."""
     buf = bytearray()
-    ancillary = socket.CMSG_SPACE(max_fds * 4) if max_fds else 0
     while len(buf) < n:
         if deadline is not None:
             left = deadline - time.monotonic()
@@ -74,16 +73,12 @@ def _recv_exact(
                 raise ProtocolError("frame not completed in time")
             sock.settimeout(left)
         try:
-            data, ancdata, _flags, _addr = sock.recvmsg(min(n - len(buf), _CHUNK), ancillary)
+            data, received, _flags, _addr = socket.recv_fds(sock, min(n - len(buf), _CHUNK), max_fds)
         except TimeoutError:
             if deadline is None:
                 raise  # idle: no frame started
             raise ProtocolError("frame not completed in time") from None
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                received = array.array("i")
-                received.frombytes(payload[: len(payload) - len(payload) % 4])
-                fds.extend(received)
+        fds.extend(received)
         if not data:
             raise (
                 ConnectionError("peer closed the connection")

@@ -22,6 +22,8 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+
+from kvtier import __version__
 from kvtier.agent.api.protocol import AgentError, ProtocolError
 from kvtier.agent.client import admin_call
 from kvtier.agent.csi._generated import csi_pb2, csi_pb2_grpc
@@ -34,12 +36,11 @@ from kvtier.agent.csi.mounts import (
     unmount,
 )
 from kvtier.agent.csi.publishes import Publish, Publishes
-
 from kvtier.names import is_label, is_subdomain
 
 log = logging.getLogger("kvtier.csi")
 DRIVER = "csi.kvtier.io"
-VERSION = "0.1.0"
+VERSION = __version__
 POD_NAMESPACE = "csi.storage.k8s.io/pod.namespace"
 EPHEMERAL = "csi.storage.k8s.io/ephemeral"
 

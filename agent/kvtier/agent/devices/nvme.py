@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from kvtier.agent.devices.runner import CommandError, Runner, run_json, run_text
-
 from kvtier.api.v1alpha1 import DeviceSelector, NvmeDevice
 
 OACS_NS_MGMT = 1 << 3  # Identify Controller, Optional Admin Command Support: namespace management

@@ -13,7 +13,6 @@ import re
 from typing import Any
 
 from kvtier.agent.devices.runner import Runner, SubprocessRunner
-
 from kvtier.api.v1alpha1 import RdmaPort
 
 # verbs enums (infiniband/verbs.h), as pyverbs returns them

@@ -23,14 +23,17 @@ import math
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import xxhash
+
 from kvtier.agent.metrics import LogThrottle, Metrics
 from kvtier.agent.store.eviction import make_policy
 from kvtier.agent.store.extents import Extent, align_up
+from kvtier.agent.tiers.base import Tier
 from kvtier.agent.tiers.dram import DramFull, DramTier, Segment
 from kvtier.agent.tiers.manifest import Record
 from kvtier.agent.tiers.nvme import NvmeTier
@@ -51,7 +54,7 @@ class Block:
     seg: Segment | None = None
     extent: Extent | None = None
     nvme: Record | None = None
-    pins: int = 0
+    pins: int = 0  # changed only through `Pins`
     last_used: float = 0.0
     unpersistable: bool = False  # the NVMe tier had no room: dropping it from DRAM loses it
     prefetched: bool = False  # brought up ahead of a request and not read since (unused if evicted so)
@@ -67,9 +70,83 @@ class Lease:
 
     tenant: str  # key space (and owner of committed memory)
     namespace: str = ""  # owner of the extents this connection allocates ("" = the tenant)
-    pins: Counter[bytes] = field(default_factory=Counter)
+    pins: Counter[bytes] = field(default_factory=Counter)  # index key -> pins held (changed by `Pins`)
+    held: dict[bytes, Block] = field(default_factory=dict)  # index key -> the block those pins are on
     reserved: dict[tuple[int, int], tuple[Segment, Extent]] = field(default_factory=dict)
     segments_sent: set[int] = field(default_factory=set)
+
+
+class Pins:
+    """The one owner of pin counts: every pin on a block is taken and given back here, under the
+    store's lock. A pinned block keeps its DRAM copy and its NVMe extent (eviction skips it).
+
+    Three kinds of holder:
+    - a client's lease (`take`/`give_lease`/`end_lease`): counted per key in the lease, against
+      the very block it pinned, so a closed connection gives back exactly what it held, even when
+      the index has since moved on to another block under the same key;
+    - a transient holder, a prefetch or a peer transfer (`take`/`give`);
+    - write-behind (`start_write`/`end_write`), also counted in `writing`, which flush waits on.
+
+    Invariants (`check`, asserted in tests): `writing` >= 0; a lease holds only positive counts,
+    each on the block it names; a block's pins are at least what the leases still count on it.
+    Giving back never takes a block below zero (a client's release of a key it does not hold is
+    ignored).
+    """
+
+    def __init__(self) -> None:
+        self.writing = 0
+
+    @staticmethod
+    def take(block: Block, lease: Lease | None = None) -> None:
+        block.pins += 1
+        if lease is not None:
+            lease.pins[block.key] += 1
+            lease.held[block.key] = block
+
+    @staticmethod
+    def give(block: Block) -> None:
+        """A transient pin ends."""
+        block.pins = max(0, block.pins - 1)
+
+    @staticmethod
+    def give_lease(lease: Lease, ikey: bytes) -> None:
+        """One of the lease's pins on `ikey` ends (client input: a key it does not hold is ignored)."""
+        if lease.pins.get(ikey, 0) <= 0:
+            return
+        block = lease.held[ikey]
+        lease.pins[ikey] -= 1
+        if not lease.pins[ikey]:
+            del lease.pins[ikey], lease.held[ikey]
+        block.pins = max(0, block.pins - 1)
+
+    @staticmethod
+    def end_lease(lease: Lease) -> None:
+        """The connection went away: every pin it held ends."""
+        for ikey, count in lease.pins.items():
+            block = lease.held[ikey]
+            block.pins = max(0, block.pins - count)
+        lease.pins.clear()
+        lease.held.clear()
+
+    def start_write(self, block: Block) -> None:
+        block.pins += 1
+        self.writing += 1
+
+    def end_write(self, block: Block) -> None:
+        block.pins = max(0, block.pins - 1)
+        self.writing -= 1
+
+    def check(self, blocks: Iterable[Block], leases: Iterable[Lease]) -> None:
+        """AssertionError when an invariant is broken (for tests; the store never calls it)."""
+        assert self.writing >= 0, f"write-behind count {self.writing}"
+        on_block: Counter[int] = Counter()
+        for lease in leases:
+            assert set(lease.pins) == set(lease.held), "a lease counts pins on blocks it does not name"
+            for ikey, count in lease.pins.items():
+                assert count > 0 and lease.held[ikey].key == ikey, (ikey, count)
+                on_block[id(lease.held[ikey])] += count
+        for block in blocks:
+            assert block.pins >= on_block[id(block)] >= 0, (block.key, block.pins, on_block[id(block)])
 
 
 class StoreError(Exception):
@@ -111,7 +188,7 @@ class Store:
         self.nvme_used: Counter[str] = Counter()  # bytes of NVMe extents per tenant
         self._log = LogThrottle(log)
         self._closed = False
-        self._persisting = 0
+        self.pins = Pins()
         self._salts: dict[str, bytes] = {}
         # promotions run beside the NVMe tier's own I/O pool (each one fans out into chunk reads there)
         self._promoters = ThreadPoolExecutor(
@@ -308,8 +385,7 @@ class Store:
                 block = self.blocks.get(self.index_key(lease.tenant, fingerprint, key))
                 if block is None:
                     break
-                block.pins += 1
-                lease.pins[block.key] += 1
+                self.pins.take(block, lease)
                 pinned.append(block)
         tiers = [b.tier for b in pinned]
         cold = [b for b in pinned if b.seg is None]
@@ -319,8 +395,9 @@ class Store:
             bad = {id(b) for b, good in zip(cold, ok, strict=True) if not good}
             if bad:
                 cut = next(i for i, b in enumerate(pinned) if id(b) in bad)
-                for block in pinned[cut:]:
-                    self._unpin(lease, block.key)
+                with self.lock:
+                    for block in pinned[cut:]:
+                        self.pins.give_lease(lease, block.key)
                 pinned, tiers = pinned[:cut], tiers[:cut]
         with self.lock:
             now = time.monotonic()
@@ -357,10 +434,10 @@ class Store:
                 if block.seg:
                     dram += 1
                     continue
-                block.pins += 1
+                self.pins.take(block)
             ok = self._promote(block)
             with self.lock:
-                block.pins -= 1
+                self.pins.give(block)
                 if ok:
                     block.prefetched = True
             if not ok:
@@ -381,17 +458,14 @@ class Store:
         return dropped
 
     def release(self, lease: Lease, ikeys: list[bytes]) -> None:
-        for ikey in ikeys:
-            self._unpin(lease, ikey)
+        with self.lock:
+            for ikey in ikeys:
+                self.pins.give_lease(lease, ikey)
 
     def close_lease(self, lease: Lease) -> None:
         """A client went away: its pins end and its uncommitted extents return to the arena."""
         with self.lock:
-            for ikey, count in lease.pins.items():
-                block = self.blocks.get(ikey)
-                if block:
-                    block.pins = max(0, block.pins - count)
-            lease.pins.clear()
+            self.pins.end_lease(lease)
             for seg, ext in lease.reserved.values():
                 if self.dram.slots[seg.slot] is seg:
                     self.dram.free(seg, ext)
@@ -408,10 +482,10 @@ class Store:
                 block = self.blocks.get(ikey)
                 if block is None:
                     break
-                block.pins += 1
+                self.pins.take(block)
             if block.seg is None and not self._promote(block):
                 with self.lock:
-                    block.pins -= 1
+                    self.pins.give(block)
                 break
             assert block.seg and block.extent
             view = block.seg.view(block.extent, block.size)
@@ -423,7 +497,7 @@ class Store:
     def unpin_for_peer(self, blocks: list[Block]) -> None:
         with self.lock:
             for block in blocks:
-                block.pins = max(0, block.pins - 1)
+                self.pins.give(block)
 
     def reserve_for_peer(self, tenant: str, size: int) -> tuple[Segment, Extent] | None:
         """Room in the tenant's segments for a block a peer is about to write (not indexed yet)."""
@@ -497,7 +571,7 @@ class Store:
             return
         deadline = time.monotonic() + timeout
         with self.lock:
-            while self.persist_queue or self._persisting:
+            while self.persist_queue or self.pins.writing:
                 self.work.notify_all()
                 if not self.persisted.wait(timeout=max(0.0, deadline - time.monotonic())):
                     raise StoreError("NVMe write-behind did not drain in time")
@@ -513,17 +587,6 @@ class Store:
         self.dram.close()
 
     # ----------------------------------------------------------------------------- internals
-
-    def _unpin(self, lease: Lease, ikey: bytes) -> None:
-        with self.lock:
-            if lease.pins.get(ikey, 0) <= 0:
-                return
-            lease.pins[ikey] -= 1
-            if not lease.pins[ikey]:
-                del lease.pins[ikey]
-            block = self.blocks.get(ikey)
-            if block:
-                block.pins = max(0, block.pins - 1)
 
     def _allocate_dram(self, owner: str, size: int, sealed: bool = False) -> tuple[Segment, Extent] | None:
         try:
@@ -652,11 +715,18 @@ class Store:
             except Exception as exc:  # a bug on one block must not stop write-behind for good
                 self._log.exception("persist", "writing a block to NVMe failed: %s", exc)
                 with self.lock:
-                    block.pins -= 1
-                    self._persisting -= 1
-                    block.unpersistable = True
-                    self.metrics.persist_failures.inc()
-                    self.persisted.notify_all()
+                    if block.nvme is None and not block.unpersistable:
+                        block.unpersistable = True
+                        self.metrics.persist_failures.inc()
+            finally:
+                self._end_write_behind(block)
+
+    def _end_write_behind(self, block: Block) -> None:
+        """The one place a write-behind job gives back what `_next_job` took (its pin and its
+        place in the count `flush` waits on), whatever `_persist` did or raised."""
+        with self.lock:
+            self.pins.end_write(block)
+            self.persisted.notify_all()
 
     def _next_job(self) -> tuple[Block, Segment, Extent] | None:
         """Under the lock: the next block to write to NVMe (pinned while it is written), after
@@ -664,8 +734,7 @@ class Store:
         while self.persist_queue:
             block = self.blocks.get(self.persist_queue.pop(0))
             if block and block.seg and block.nvme is None:
-                block.pins += 1
-                self._persisting += 1
+                self.pins.start_write(block)
                 return block, block.seg, block.extent  # type: ignore[return-value]
         # no write-behind pending: demote until below the low watermark
         while self.dram.used > self.low * self.dram.capacity:
@@ -680,7 +749,8 @@ class Store:
     def _persist(self, block: Block, seg: Segment, ext: Extent) -> None:
         """Write one pinned block behind to NVMe: room under the lock (within the tenant's share),
         data outside it, then log. Whatever fails, the reserved extent goes back: no room or an
-        I/O error leaves the block in DRAM only (`unpersistable`), counted, never a leak."""
+        I/O error leaves the block in DRAM only (`unpersistable`), counted, never a leak. The pin
+        and the persisting count are the caller's (`_maintain`) to give back."""
         assert self.nvme
         t0 = time.perf_counter()
         with self.lock:
@@ -694,28 +764,28 @@ class Store:
             except OSError as exc:  # ENOSPC on a sparse file, EIO
                 error = OSError(exc.errno, str(exc))  # without the traceback's views of the arena
         with self.lock:
-            block.pins -= 1
-            self._persisting -= 1
-            if target is not None and error is None and self.blocks.get(block.key) is block:
-                try:
-                    block.nvme = self.nvme.log(
-                        block.key, block.tenant, target, block.size, block.checksum or 0
-                    )
-                except OSError as exc:
-                    error = exc
-                else:
-                    self.nvme_policy.insert(block.key)
-                    self.metrics.bytes_moved.labels("dram_to_nvme").inc(block.size)
+            try:
+                if target is not None and error is None and self.blocks.get(block.key) is block:
                     try:
-                        self.nvme.maybe_compact([b.nvme for b in self.blocks.values() if b.nvme])
-                    except OSError as exc:  # the old log stays valid; compaction is tried again later
-                        self._log.warning("compact", "manifest compaction failed: %s", str(exc))
-            if target is not None and block.nvme is None:
-                self.nvme.abandon(target)
-                self.nvme_used[block.tenant] -= target.length
-            if block.nvme is None and self.blocks.get(block.key) is block:
-                block.unpersistable = True
-                self.metrics.persist_failures.inc()
+                        block.nvme = self.nvme.log(
+                            block.key, block.tenant, target, block.size, block.checksum or 0
+                        )
+                    except OSError as exc:
+                        error = exc
+                    else:
+                        self.nvme_policy.insert(block.key)
+                        self.metrics.bytes_moved.labels("dram_to_nvme").inc(block.size)
+                        try:
+                            self.nvme.maybe_compact([b.nvme for b in self.blocks.values() if b.nvme])
+                        except OSError as exc:  # the old log stays valid; compaction is tried again later
+                            self._log.warning("compact", "manifest compaction failed: %s", str(exc))
+            finally:  # also when the manifest raised something else: the extent is not leaked
+                if target is not None and block.nvme is None:
+                    self.nvme.abandon(target)
+                    self.nvme_used[block.tenant] -= target.length
+                if block.nvme is None and self.blocks.get(block.key) is block:
+                    block.unpersistable = True
+                    self.metrics.persist_failures.inc()
             if error is not None:
                 self.metrics.io_errors.labels("write").inc()
                 self._log.warning("write", "NVMe write failed (block kept in DRAM only): %s", str(error))
@@ -751,12 +821,10 @@ class Store:
         return target
 
     def _update_gauges(self) -> None:
-        m = self.metrics
-        m.tier_bytes.labels("dram").set(self.dram.used)
-        m.tier_capacity.labels("dram").set(self.dram.capacity)
-        if self.nvme:
-            m.tier_bytes.labels("nvme").set(self.nvme.used)
-            m.tier_capacity.labels("nvme").set(self.nvme.capacity)
+        tiers: list[Tier] = [self.dram, self.nvme] if self.nvme else [self.dram]
+        for tier in tiers:
+            self.metrics.tier_bytes.labels(tier.name).set(tier.used)
+            self.metrics.tier_capacity.labels(tier.name).set(tier.capacity)
 
 
 def load_secret(state_dir: Path) -> bytes:
@@ -776,4 +844,4 @@ def load_secret(state_dir: Path) -> bytes:
     return secret
 
 
-__all__ = ["Block", "Lease", "Store", "StoreError", "align_up", "checksum", "load_secret"]
+__all__ = ["Block", "Lease", "Pins", "Store", "StoreError", "align_up", "checksum", "load_secret"]

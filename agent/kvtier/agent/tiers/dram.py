@@ -22,17 +22,34 @@ import fcntl
 import itertools
 import mmap
 import os
+import platform
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvtier.agent.store.extents import Extent, ExtentAllocator
+from kvtier.agent.tiers.base import Tier
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 _MPOL_BIND = 2
 _F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)  # Linux 5.1
 _SIZE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
-_SYS_MBIND = 237  # x86_64
+# mbind(2) has no libc wrapper, and its syscall number differs per architecture (237 on x86_64
+# is another call on aarch64). The numbers come from each architecture's unistd table in Linux.
+_SYS_MBIND = {
+    "x86_64": 237,
+    "amd64": 237,
+    "aarch64": 235,  # the generic table, shared by arm64, riscv64 and loongarch64
+    "arm64": 235,
+    "riscv64": 235,
+    "loongarch64": 235,
+    "ppc64le": 259,
+    "ppc64": 259,
+    "s390x": 268,
+    "i686": 274,
+    "i386": 274,
+    "armv7l": 319,
+}
 
 _HUGEPAGE_FLAGS = {
     "none": 0,
@@ -49,12 +66,21 @@ def punch_hole(fd: int, length: int) -> None:
         raise OSError(err, f"fallocate(PUNCH_HOLE): {os.strerror(err)}")
 
 
+def mbind_syscall_number(machine: str | None = None) -> int | None:
+    """mbind's number on this machine's architecture (`platform.machine()`); None where unknown."""
+    return _SYS_MBIND.get(machine or platform.machine())
+
+
 def bind_to_numa(mm: mmap.mmap, length: int, node: int) -> bool:
-    """Shared memory policy for the whole segment (applies to every process that maps it)."""
+    """Shared memory policy for the whole segment (applies to every process that maps it).
+    False where the kernel refuses it or the architecture is not in the table (memory unbound)."""
+    number = mbind_syscall_number()
+    if number is None or not 0 <= node < 64:
+        return False
     addr = _address(mm)
     mask = ctypes.c_ulong(1 << node)
     rc = _libc.syscall(
-        _SYS_MBIND, ctypes.c_void_p(addr), ctypes.c_ulong(length), _MPOL_BIND, ctypes.byref(mask), 64, 0
+        number, ctypes.c_void_p(addr), ctypes.c_ulong(length), _MPOL_BIND, ctypes.byref(mask), 64, 0
     )
     return rc == 0
 
@@ -97,7 +123,12 @@ class DramFull(Exception):
     """No room for the tenant in the arena even after reclaiming empty segments."""
 
 
-class DramTier:
+class DramTier(Tier):
+    """The arena: `capacity` bytes in slots of `segment_bytes`, each slot a memfd segment owned by
+    one namespace (or, sealed, by a shared pool) while it holds anything."""
+
+    name = "dram"
+
     def __init__(
         self,
         pool: str,
@@ -135,7 +166,9 @@ class DramTier:
     # ------------------------------------------------------------------------- allocation
 
     def allocate(self, owner: str, length: int, sealed: bool = False) -> tuple[Segment, Extent] | None:
-        """An extent in one of the owner's segments, taking a free slot when needed; None when full.
+        """An extent in one of the owner's segments, taking a free slot when needed; None when full
+        (no free or reclaimable slot, or the owner at its quota). Raises DramFull when `length`
+        exceeds a segment (no eviction can help) and OSError when the OS refuses a new memfd.
 
         Writable segments count against the owner's quota; sealed ones hold a shared pool's
         blocks, which belong to no namespace. The caller evicts and retries; new segments are
@@ -165,6 +198,8 @@ class DramTier:
         )
 
     def free(self, seg: Segment, extent: Extent) -> None:
+        """Give an extent back to its segment (the segment stays its owner's until retired). The
+        extent must be one the segment handed out and not freed since: that is not checked."""
         seg.alloc.release(extent)
 
     def reclaimable(self, owner: str, sealed: bool) -> list[Segment]:
@@ -215,6 +250,8 @@ class DramTier:
         self.slots[seg.slot] = None
 
     def close(self) -> None:
+        """Unmap and close every segment (transports told first); a view still held elsewhere
+        keeps its mapping until the process ends."""
         for seg in list(self.slots):
             if seg:
                 for hook in self.retire_hooks:

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kvtier.agent.store.extents import ALIGN, Extent, ExtentAllocator
+from kvtier.agent.tiers.base import Tier
 from kvtier.agent.tiers.manifest import Manifest, NotOurs, Record
 
 CHUNK = 4 << 20  # one direct-I/O request; several run at once
@@ -79,7 +80,13 @@ def _full(fn, fd: int, buf: memoryview, offset: int) -> None:
         done += n
 
 
-class NvmeTier:
+class NvmeTier(Tier):
+    """`capacity` bytes of direct-I/O extents behind a 4 KiB header, and the manifest that says
+    which extents hold committed blocks. Construction raises NotOurs for a path that holds
+    someone else's data (or is not a file or block device) and OSError when it cannot be opened."""
+
+    name = "nvme"
+
     def __init__(
         self,
         path: Path,
@@ -160,36 +167,49 @@ class NvmeTier:
         return self.alloc.used
 
     def allocate(self, length: int) -> Extent | None:
+        """Room for `length` bytes (rounded up to whole pages); None when no free run is that long.
+        The extent is the caller's until it is logged (`log`) or given back (`abandon`)."""
         return self.alloc.allocate(length)
 
     def write_at(self, extent: Extent, src: memoryview) -> None:
-        """The data of a block (no lock needed: the extent is this caller's until logged)."""
+        """The data of a block (no lock needed: the extent is this caller's until logged). Raises
+        OSError on an I/O error or a short write; the extent then holds nothing anyone reads."""
         parallel_io(self.pool, self.io.write, self.fd, src[: extent.length], ALIGN + extent.offset)
 
     def log(self, key: bytes, tenant: str, extent: Extent, size: int, checksum: int) -> Record:
-        """After write_at completed: the block now survives a restart."""
+        """After write_at completed: the block now survives a restart. Raises OSError when the
+        manifest cannot take the record (a full disk): then nothing was recorded, the extent is
+        still the caller's to `abandon`."""
         rec = Record(key, tenant, extent.offset, extent.length, size, checksum)
         self.manifest.add(rec)
         return rec
 
     def abandon(self, extent: Extent) -> None:
+        """Give back an extent that was never logged (its write or its record failed); like every
+        release, unchecked: only the caller that allocated it may."""
         self.alloc.release(extent)
 
     def read_into(self, rec: Record, dst: memoryview) -> None:
+        """A logged block's bytes into `dst`. Raises OSError on an I/O error or a short read (a
+        truncated file); the bytes are untrusted either way: the caller checks `rec.checksum`."""
         parallel_io(self.pool, self.io.read, self.fd, dst[: rec.length], ALIGN + rec.offset)
 
     def delete(self, rec: Record) -> None:
-        """Log the deletion before the extent can be reused (crash order matters)."""
+        """Log the deletion before the extent can be reused (crash order matters). Raises OSError
+        when the DEL record cannot be written: the extent then stays out of use until a restart."""
         self.manifest.delete(rec)
         self.alloc.release(Extent(rec.offset, rec.length))
 
     def maybe_compact(self, live: list[Record]) -> bool:
+        """Rewrite the manifest as `live` once it has grown well past it; True if it did. Raises
+        OSError when the rewrite fails, and the old log stays valid."""
         if self.manifest.records_written > 2 * len(live) + 4096:
             self.manifest.compact(live)
             return True
         return False
 
     def close(self) -> None:
+        """Wait for in-flight I/O, then close the manifest and the device."""
         self.pool.shutdown(wait=True)
         self.manifest.close()
         os.close(self.fd)
