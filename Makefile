@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both work on a fresh machine.
-.PHONY: demo test setup lint unit integration crds bench-store test-vllm
+.PHONY: demo test setup lint unit integration node image crds bench-store test-vllm
 
 setup:
 	@bash hack/setup.sh
@@ -19,6 +19,13 @@ unit: setup
 
 integration: setup
 	.venv/bin/python -m pytest -m integration tests
+
+# The user's path on real pods: a one-node Kubernetes on this machine (root; skipped elsewhere).
+node: setup
+	.venv/bin/python -m pytest -m node tests/node
+
+image: setup
+	.venv/bin/kvtier image build
 
 crds:
 	.venv/bin/kvtier crds --write

@@ -1,10 +1,16 @@
 """`kvtier demo`: the whole path on one machine, with a summary.
 
-A real local control plane (etcd + kube-apiserver), kvtier's CRDs, the operator as a local process,
-a KVCachePool applied, this machine registered as its Node, the agent started with exactly the
-configuration the operator rendered into the pool's ConfigMap (host paths moved into a demo folder,
-since nothing here runs as root on /var), and a small model on the CPU whose prompt KV is saved,
-dropped and restored through the agent from DRAM and then from the NVMe tier.
+Where this machine can run containers (root, containerd, runc, CNI), the user's path on real pods:
+a one-node Kubernetes (kvtier.dev.node), `helm install` of the chart with the locally built image,
+`kubectl apply` of a pool, the agent DaemonSet's pod Ready, and an engine Deployment labelled for
+injection whose pod runs a small model on the CPU and saves its prompt's KV through the socket the
+CSI driver mounted; the pod is deleted, comes back and restores instead of recomputing; the same
+engine in another namespace gets no hits.
+
+Elsewhere (or with --processes), the same path with processes: a real local control plane
+(etcd + kube-apiserver), the operator as a local process, this machine registered as a Node, the
+agent started with exactly the configuration the operator rendered (host paths moved into a demo
+folder), and the small model's KV saved, dropped and restored from DRAM and then from NVMe.
 """
 
 from __future__ import annotations
@@ -131,6 +137,72 @@ def run_workload(agent, fingerprint_model: str = "demo") -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "engine", False):
+        return engine_main()
+    from kvtier.dev.node import cannot_run_containers
+
+    reason = "--processes" if getattr(args, "processes", False) else cannot_run_containers()
+    if reason is None:
+        from kvtier.demo_node import node_demo
+
+        return node_demo(args)
+    say(f"this machine cannot run containers ({reason}): the demo runs kvtier as local processes")
+    return process_demo(args)
+
+
+ENGINE_MARK = "KVTIER-DEMO "
+ENGINE_TOKENS = 4096
+
+
+def engine_main() -> int:
+    """The demo's engine, inside its pod: a small model whose prompt KV goes through kvtier.
+
+    A prompt whose KV the agent holds is restored (and checked against a recompute); otherwise it is
+    prefilled and its KV saved. One JSON line per start (ENGINE_MARK), then it serves nothing, forever.
+    """
+    import json
+
+    import numpy as np
+
+    from kvtier.agent.client import Client
+    from kvtier.agent.keys import KVLayout, block_keys
+    from kvtier.bench.tinymodel import TinyConfig, TinyModel, blocks_to_cache, cache_to_blocks
+
+    cfg = TinyConfig()
+    model = TinyModel(cfg)
+    B = 256
+    layout = KVLayout(cfg.name, "float32", cfg.layers, cfg.kv_heads, cfg.head_dim, B)
+    tokens = np.random.default_rng(7).integers(0, cfg.vocab, ENGINE_TOKENS + 1)
+    keys = block_keys(tokens[:-1].tolist(), B)
+    client = _wait(lambda: Client(os.environ["KVTIER_SOCKET"]), 120, "the agent's socket")
+    t0 = time.perf_counter()
+    hits = client.lookup(layout.fingerprint, keys)
+    event: dict[str, Any] = {
+        "namespace": os.environ.get("POD_NAMESPACE", ""),
+        "hits": hits,
+        "blocks": len(keys),
+    }
+    if hits == len(keys):
+        with client.read(layout.fingerprint, keys) as pinned:
+            restored = blocks_to_cache([b.view for b in pinned], cfg, B)
+        logits = model.forward(tokens[-1:], restored)
+        event["restore_s"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        ref, _ = model.prefill(tokens)  # the check: a restore must give the recompute's logits
+        event |= {"event": "restored", "recompute_s": time.perf_counter() - t1}
+        event["logits_diff"] = float(np.abs(logits - ref).max())
+    else:
+        t1 = time.perf_counter()
+        _, cache = model.prefill(tokens)
+        event |= {"event": "computed", "recompute_s": time.perf_counter() - t1}
+        event["saved"] = client.put(layout.fingerprint, keys, cache_to_blocks(cache, B, len(keys)), wait=10)
+        event["kv_bytes"] = len(keys) * layout.block_bytes
+    print(ENGINE_MARK + json.dumps(event), flush=True)
+    while True:
+        time.sleep(3600)
+
+
+def process_demo(args: argparse.Namespace) -> int:
     from kubernetes import client, config
 
     from kvtier.dev.agents import spawn_agent
