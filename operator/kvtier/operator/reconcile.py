@@ -64,9 +64,10 @@ def parse_pool(body: kopf.Body) -> api.KVCachePool:
 
 
 def with_operator_image(pool: api.KVCachePool) -> api.KVCachePool:
-    """A pool that names no agent image runs the operator's own (the chart's image setting)."""
+    """A pool that keeps the default agent image runs the operator's own (the chart's image
+    setting): the API server fills the default in, so the default value stands for "unset"."""
     image = os.environ.get("KVTIER_IMAGE")
-    if not image or "image" in pool.spec.agent.model_fields_set:
+    if not image or pool.spec.agent.image != api.DEFAULT_AGENT_IMAGE:
         return pool
     agent = pool.spec.agent.model_copy(update={"image": image})
     return pool.model_copy(update={"spec": pool.spec.model_copy(update={"agent": agent})})

@@ -144,9 +144,10 @@ def daemonset(
     nvme = spec.tiers.nvme
     if nvme and nvme.mode == "file":
         folder = posixpath.dirname(nvme.path or "/")
-        volumes.append(_host_path("nvme", folder))
-        mounts.append({"name": "nvme", "mountPath": folder})
-        host_folders.append(folder)
+        if folder not in host_folders:  # the file may live in the state folder itself
+            volumes.append(_host_path("nvme", folder))
+            mounts.append({"name": "nvme", "mountPath": folder})
+            host_folders.append(folder)
     elif nvme:
         # Namespace and partition modes manage block devices: the one case that needs privilege.
         volumes.append(_host_path("dev", "/dev", "Directory"))
@@ -180,6 +181,8 @@ def daemonset(
         "serviceAccountName": child_name(name),
         "containers": [container],
         "initContainers": [host_folders_owner(spec.agent.image, host_folders, mounts)],
+        # the pool's Secret (mode 0400) becomes readable by the agent's group, no one else's
+        "securityContext": {"fsGroup": AGENT_UID},
         "volumes": volumes,
         "terminationGracePeriodSeconds": 30,
     }

@@ -36,13 +36,15 @@ from kvtier.dev.ports import free_port
 
 BRIDGE = "kvtier0"
 POD_SUBNET = "10.244.0.0/24"
+SERVICE_SUBNET = "10.0.0.0/24"  # the control plane's --service-cluster-ip-range
 NODE_ADDRESS = "10.244.0.1"  # the bridge's gateway: the node's InternalIP and the API server's address
 KUBELET_DIR = Path("/var/lib/kubelet")
 PAUSE_REF = "kvtier.local/pause:1"
 REGISTRAR_REF = "kvtier.local/csi-node-driver-registrar:3482d44"
 STATE_FILE = "node.json"
 # host folders the chart and kvtier's pools create on the node (hostPath DirectoryOrCreate)
-HOST_FOLDERS = (KUBELET_DIR, Path("/var/run/kvtier"), Path("/var/lib/kvtier"), Path("/run/netns"))
+HOST_FOLDERS = (KUBELET_DIR, Path("/var/run/kvtier"), Path("/var/lib/kvtier"))
+NETNS = Path("/run/netns")  # containerd's pod network namespaces: cni-* (others' are left alone)
 # sysctls the kubelet, kube-proxy and the CNI plugins may change; restored on stop
 SYSCTL_PREFIXES = (
     "vm/",
@@ -284,8 +286,14 @@ state = "{self.state_dir / "state"}"
         """Import a docker-archive (kvtier.dev.image.BuiltImage) unless that reference is present."""
         if self.has_image(image.ref):
             return False
-        self.ctr("images", "import", "--no-unpack=false", str(image.archive))
+        self.ctr("images", "import", str(image.archive))
         return True
+
+    def prune(self, keep: set[str], prefix: str = "kvtier.local/") -> None:
+        """Remove locally built images of earlier builds (nothing runs yet: called before the kubelet)."""
+        for ref in self.ctr("images", "ls", "-q", check=False).stdout.split():
+            if ref.startswith(prefix) and ref not in keep:
+                self.ctr("images", "rm", ref, check=False)
 
     def image_size(self, ref: str) -> int:
         """Bytes of the image's unpacked layers (its snapshots)."""
@@ -329,17 +337,30 @@ state = "{self.state_dir / "state"}"
         unmount_all(self.state_dir, self.root_dir)
 
     @classmethod
+    def running_on_this_store(cls) -> Containerd | None:
+        """A containerd already serving this image store (a node's, started by another process)."""
+        root = node_cache_dir() / "containerd"
+        for pid in node_process_pids():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+            except OSError:
+                continue
+            if os.path.basename(argv[0]) != "containerd" or "--config" not in argv:
+                continue
+            conf = Path(argv[argv.index("--config") + 1])
+            text = conf.read_text() if conf.exists() else ""
+            if f'root = "{root}"' in text:
+                return cls(state_dir=conf.parent, root_dir=root, pid=pid)
+        return None
+
+    @classmethod
     @contextlib.contextmanager
     def ensure(cls) -> Iterator[Containerd]:
         """The running node's containerd, or one started for the duration (same image store)."""
-        from kvtier.dev.controlplane import default_state_dir
-
-        state = default_state_dir()
-        if (state / STATE_FILE).exists():
-            node = LocalNode.load(state)
-            if node.running():
-                yield node.containerd
-                return
+        running = cls.running_on_this_store()
+        if running:
+            yield running
+            return
         with tempfile.TemporaryDirectory(prefix="kvtier-containerd-") as tmp:
             ctrd = Containerd(state_dir=Path(tmp)).start()
             try:
@@ -366,6 +387,8 @@ def cni_config(ipam_dir: Path) -> dict:
                 "ipam": {
                     "type": "host-local",
                     "ranges": [[{"subnet": POD_SUBNET, "gateway": NODE_ADDRESS}]],
+                    # only the Service range goes through the node: nothing routes off the machine
+                    "routes": [{"dst": SERVICE_SUBNET}],
                     "dataDir": str(ipam_dir),
                 },
             },
@@ -479,11 +502,13 @@ class LocalNode:
         self.cp._save_state()
         from kvtier.dev.image import binary_image
 
-        for image in [
+        wanted = [
             binary_image(bin_dir / "pause", PAUSE_REF),
             binary_image(bin_dir / "csi-node-driver-registrar", REGISTRAR_REF),
             *(images or []),
-        ]:
+        ]
+        self.containerd.prune(keep={image.ref for image in wanted})
+        for image in wanted:
             if self.containerd.import_image(image):
                 log(f"imported {image.ref}")
 
@@ -525,8 +550,7 @@ class LocalNode:
                 f"--root-ca-file={pki / 'ca.crt'}",
                 "--use-service-account-credentials=true",
                 "--leader-elect=false",
-                "--controllers=*,-nodeipam,-service-lb-controller,-cloud-node-lifecycle-controller",
-                "--service-cluster-ip-range=10.0.0.0/24",
+                f"--service-cluster-ip-range={SERVICE_SUBNET}",
             ],
             env,
         )
@@ -569,8 +593,8 @@ class LocalNode:
                 "--conntrack-tcp-timeout-established=0",
                 "--conntrack-tcp-timeout-close-wait=0",
                 "--iptables-localhost-nodeports=false",
-                "--healthz-bind-address=127.0.0.1:0",
-                "--metrics-bind-address=127.0.0.1:0",
+                f"--healthz-bind-address=127.0.0.1:{free_port()}",
+                f"--metrics-bind-address=127.0.0.1:{free_port()}",
             ],
             env,
         )
@@ -664,7 +688,7 @@ class LocalNode:
             deadline = time.monotonic() + 30
             while (
                 time.monotonic() < deadline
-                and self.containerd.ctr("containers", "ls", "-q", check=False).stdout.strip()
+                and "RUNNING" in self.containerd.ctr("tasks", "ls", check=False).stdout
             ):
                 time.sleep(0.5)
         for name in ("kubelet", "kube-proxy"):
@@ -673,8 +697,9 @@ class LocalNode:
         self.containerd.stop()
         self.cp.pids.pop("containerd", None)
         self.cp._save_state()
-        unmount_all(*HOST_FOLDERS, self.state_dir)
-        for netns in Path("/run/netns").glob("cni-*"):
+        cni_netns = sorted(NETNS.glob("cni-*"))
+        unmount_all(*HOST_FOLDERS, self.state_dir, *cni_netns)
+        for netns in cni_netns:
             with contextlib.suppress(OSError):
                 netns.unlink()
         for line in run(["ip", "-o", "link", "show", "master", BRIDGE], check=False).stdout.splitlines():
