@@ -33,7 +33,7 @@ for i in range(8):
 blobs = [hashlib.sha256(k).digest() * 4096 for k in keys]  # 128 KiB each, derived from the key
 c = Client(os.environ["KVTIER_SOCKET"], timeout=20)
 if sys.argv[1] == "put":
-    c.put(FP, keys, blobs, wait=10)
+    c.put(FP, keys, blobs, sync=True, wait=10)  # acknowledged = on NVMe
 got = c.get(FP, keys)
 print(json.dumps({"hits": c.lookup(FP, keys), "exact": got == blobs[: len(got)], "got": len(got)}))
 """
