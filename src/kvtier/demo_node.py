@@ -14,24 +14,10 @@ from typing import Any
 import yaml
 
 from kvtier.demo import ENGINE_MARK, POOL, say
+from kvtier.dev.cluster import small_pool
 
 ENGINE = "engine"
 TENANTS = ("team-a", "team-b")
-
-
-def demo_pool() -> dict[str, Any]:
-    return {
-        "apiVersion": "kvtier.io/v1alpha1",
-        "kind": "KVCachePool",
-        "metadata": {"name": POOL},
-        "spec": {
-            "tiers": {
-                "dram": {"size": "256Mi"},
-                "nvme": {"size": "1Gi", "mode": "file", "path": f"/var/lib/kvtier/{POOL}/{POOL}.cache"},
-            },
-            "blockTokens": 256,
-        },
-    }
 
 
 def engine_deployment(namespace: str, image: str) -> dict[str, Any]:
@@ -154,7 +140,7 @@ def node_demo(args: argparse.Namespace) -> int:
         )
         print(cluster.kubectl("get", "pods", "-n", NAMESPACE).rstrip())
 
-        (folder / "pool.yaml").write_text(yaml.safe_dump(demo_pool(), sort_keys=False))
+        (folder / "pool.yaml").write_text(yaml.safe_dump(small_pool(POOL, "256Mi", "1Gi"), sort_keys=False))
         say("kubectl apply -f pool.yaml   (256Mi of DRAM, 1Gi of NVMe file per node)")
         t0 = time.monotonic()
         print("    " + cluster.kubectl("apply", "-f", str(folder / "pool.yaml")).strip())

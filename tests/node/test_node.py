@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from kvtier.dev.cluster import NAMESPACE, pod_ready
+from kvtier.dev.cluster import NAMESPACE, pod_ready, small_pool
 from kvtier.dev.node import REGISTRAR_REF
 from tests.conftest import eventually
 
@@ -63,21 +63,6 @@ def engine_pod(name: str, namespace: str, image: str, inject: bool = True) -> di
     }
 
 
-def pool_manifest() -> dict:
-    return {
-        "apiVersion": "kvtier.io/v1alpha1",
-        "kind": "KVCachePool",
-        "metadata": {"name": POOL},
-        "spec": {
-            "tiers": {
-                "dram": {"size": "128Mi"},
-                "nvme": {"size": "256Mi", "mode": "file", "path": f"/var/lib/kvtier/{POOL}/{POOL}.cache"},
-            },
-            "blockTokens": 256,
-        },
-    }
-
-
 def engine(s, pod: str, namespace: str, verb: str) -> dict:
     out = s.kubectl("exec", "-n", namespace, pod, "-c", "engine", "--", "python3", "-c", ENGINE_SCRIPT, verb)
     return json.loads(out.strip().splitlines()[-1])
@@ -101,7 +86,7 @@ def test_chart_pods_ready_and_csi_driver_registered(node_session):
 def test_pool_agent_ready_and_reports_its_node(node_session):
     s = node_session
     t0 = time.monotonic()
-    s.cluster.apply(pool_manifest())
+    s.cluster.apply(small_pool(POOL, "128Mi", "256Mi"))
     s.cluster.wait_ready(NAMESPACE, AGENT)
     s.timings["pool_apply_to_agent_ready_s"] = time.monotonic() - t0
     kvn = eventually(lambda: s.cluster.get("kvn")["items"], timeout=60, message="a KVCacheNode")

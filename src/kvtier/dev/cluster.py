@@ -87,6 +87,22 @@ class Cluster:
             time.sleep(0.3)
 
 
+def small_pool(name: str, dram: str, nvme: str) -> dict[str, Any]:
+    """A KVCachePool for every node with an NVMe file under /var/lib/kvtier (the demo, the node tier)."""
+    return {
+        "apiVersion": "kvtier.io/v1alpha1",
+        "kind": "KVCachePool",
+        "metadata": {"name": name},
+        "spec": {
+            "tiers": {
+                "dram": {"size": dram},
+                "nvme": {"size": nvme, "mode": "file", "path": f"/var/lib/kvtier/{name}/{name}.cache"},
+            },
+            "blockTokens": 256,
+        },
+    }
+
+
 def pod_ready(pod: dict[str, Any]) -> bool:
     conditions = pod.get("status", {}).get("conditions") or []
     return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)

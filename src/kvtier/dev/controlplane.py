@@ -201,31 +201,7 @@ class LocalControlPlane:
         (self.state_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
 
     def _write_kubeconfig(self, ca_pem: bytes, admin: certs.KeyPair) -> None:
-        b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
-        config = {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [
-                {
-                    "name": "kvtier-local",
-                    "cluster": {"server": self.url, "certificate-authority-data": b64(ca_pem)},
-                }
-            ],
-            "users": [
-                {
-                    "name": "kvtier-admin",
-                    "user": {
-                        "client-certificate-data": b64(admin.cert_pem),
-                        "client-key-data": b64(admin.key_pem),
-                    },
-                }
-            ],
-            "contexts": [
-                {"name": "kvtier-local", "context": {"cluster": "kvtier-local", "user": "kvtier-admin"}}
-            ],
-            "current-context": "kvtier-local",
-        }
-        _write(self.kubeconfig, yaml.safe_dump(config).encode())
+        write_kubeconfig(self.kubeconfig, self.url, ca_pem, "kvtier-admin", admin)
 
     def _ssl(self) -> ssl.SSLContext:
         pki = self.state_dir / "pki"
@@ -266,6 +242,27 @@ class LocalControlPlane:
                 log("control plane: waiting for kube-apiserver /readyz ...")
                 last_report = now
             time.sleep(0.25)
+
+
+def write_kubeconfig(path: Path, server: str, ca_pem: bytes, user: str, pair: certs.KeyPair) -> Path:
+    """A kubeconfig (mode 0600) for `user` authenticating with a client certificate."""
+    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {"name": "kvtier-local", "cluster": {"server": server, "certificate-authority-data": b64(ca_pem)}}
+        ],
+        "users": [
+            {
+                "name": user,
+                "user": {"client-certificate-data": b64(pair.cert_pem), "client-key-data": b64(pair.key_pem)},
+            }
+        ],
+        "contexts": [{"name": "kvtier-local", "context": {"cluster": "kvtier-local", "user": user}}],
+        "current-context": "kvtier-local",
+    }
+    return _write(path, yaml.safe_dump(config).encode())
 
 
 def _alive(pid: int) -> bool:

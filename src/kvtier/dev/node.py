@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 
 from kvtier.dev import certs
-from kvtier.dev.controlplane import LocalControlPlane, _alive, _terminate
+from kvtier.dev.controlplane import LocalControlPlane, _alive, _terminate, write_kubeconfig
 from kvtier.dev.ports import free_port
 
 BRIDGE = "kvtier0"
@@ -526,7 +526,8 @@ class LocalNode:
             "kube-scheduler": certs.issue(ca, "system:kube-scheduler", server=False, client=True),
         }
         for component, pair in kubeconfigs.items():
-            self._kubeconfig(component, pair)
+            path = self.state_dir / f"{component}.kubeconfig"
+            write_kubeconfig(path, self.cp.url, ca.cert_pem, component, pair)
         serving = certs.issue(ca, name, dns_names=(name,), ips=(NODE_ADDRESS,))
         (pki / "kubelet.crt").write_bytes(serving.cert_pem)
         (pki / "kubelet.key").write_bytes(serving.key_pem)
@@ -601,38 +602,6 @@ class LocalNode:
         self._wait_ready(name, timeout)
         log(f"node {name} Ready in {time.monotonic() - t0:.1f}s")
         return self
-
-    def _kubeconfig(self, component: str, pair: certs.KeyPair) -> None:
-        import base64
-
-        b64 = lambda d: base64.b64encode(d).decode()  # noqa: E731
-        config = {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [
-                {
-                    "name": "local",
-                    "cluster": {
-                        "server": self.cp.url,
-                        "certificate-authority-data": b64((self.cp.pki / "ca.crt").read_bytes()),
-                    },
-                }
-            ],
-            "users": [
-                {
-                    "name": component,
-                    "user": {
-                        "client-certificate-data": b64(pair.cert_pem),
-                        "client-key-data": b64(pair.key_pem),
-                    },
-                }
-            ],
-            "contexts": [{"name": "local", "context": {"cluster": "local", "user": component}}],
-            "current-context": "local",
-        }
-        path = self.state_dir / f"{component}.kubeconfig"
-        path.write_text(yaml.safe_dump(config))
-        path.chmod(0o600)
 
     def _wait_ready(self, name: str, timeout: float) -> None:
         kubectl = str(self.cp.bin_dir / "kubectl")
