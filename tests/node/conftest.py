@@ -29,7 +29,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     reason = cannot_run_containers()
     if reason:
         for item in items:
-            if "node" in item.keywords:
+            if item.get_closest_marker("node"):
                 item.add_marker(pytest.mark.skip(reason=f"cannot run containers here: {reason}"))
 
 
