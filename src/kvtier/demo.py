@@ -141,7 +141,10 @@ def main(args: argparse.Namespace) -> int:
         return engine_main()
     from kvtier.dev.node import cannot_run_containers
 
-    reason = "--processes" if getattr(args, "processes", False) else cannot_run_containers()
+    if getattr(args, "processes", False):
+        say("--processes: the demo runs kvtier as local processes")
+        return process_demo(args)
+    reason = cannot_run_containers()
     if reason is None:
         from kvtier.demo_node import node_demo
 
@@ -235,14 +238,14 @@ def process_demo(args: argparse.Namespace) -> int:
         print(_kubectl(bin_dir, env, "apply", "-f", str(folder / "pool.yaml")).strip())
         core = client.CoreV1Api(api)
         cm = _wait(
-            lambda: core.read_namespaced_config_map(f"kvtier-agent-{POOL}", NAMESPACE), 30, "the ConfigMap"
+            lambda: core.read_namespaced_config_map(f"kvtier-agent-{POOL}", NAMESPACE), 90, "the ConfigMap"
         )
         secret = _wait(
-            lambda: core.read_namespaced_secret(f"kvtier-pool-{POOL}", NAMESPACE), 30, "the Secret"
+            lambda: core.read_namespaced_secret(f"kvtier-pool-{POOL}", NAMESPACE), 90, "the Secret"
         )
         _wait(
             lambda: client.AppsV1Api(api).read_namespaced_daemon_set(f"kvtier-agent-{POOL}", NAMESPACE),
-            30,
+            90,
             "DS",
         )
         print(_kubectl(bin_dir, env, "-n", NAMESPACE, "get", "daemonset,configmap,service").strip())
@@ -270,7 +273,7 @@ def process_demo(args: argparse.Namespace) -> int:
             conds = {c["type"]: c["status"] for c in pool.get("status", {}).get("conditions", [])}
             return conds.get("Ready") == "True" and pool["status"].get("hitRatio") is not None
 
-        _wait(ready, 30, "pool Ready")
+        _wait(ready, 90, "pool Ready")
         print(_kubectl(bin_dir, env, "get", "kvp,kvn").strip())
         _summary(w)
         if args.keep:
@@ -312,7 +315,7 @@ def _injected_pod(api) -> str:
         core.delete_namespaced_pod("engine", TENANT, grace_period_seconds=0)
         return None
 
-    pod = _wait(create, 30, "the webhook")
+    pod = _wait(create, 90, "the webhook")
     added = [c.name for c in pod.spec.init_containers]
     volume = next(v for v in pod.spec.volumes if v.csi)
     return (
