@@ -37,8 +37,12 @@ def _dev_up(args: argparse.Namespace) -> int:
 
             images.append(build_kvtier_image())
         cp = node.up(state_dir, bin_dir, images).cp
-        if images:
-            print(f"image: {images[0].ref}")
+        repository, tag = (images[0].ref if images else "ghcr.io/kvtier/kvtier:0.1.0").rsplit(":", 1)
+        print(
+            "install the chart with the local images:\n  helm install kvtier charts/kvtier -n kvtier-system "
+            f"--create-namespace --set image.repository={repository},image.tag={tag},"
+            f"csi.registrarImage={node.REGISTRAR_REF}"
+        )
     else:
         bin_dir = ensure_tools()
         cp = LocalControlPlane(state_dir=state_dir, bin_dir=bin_dir).start()

@@ -21,21 +21,38 @@ OPERATOR = "app.kubernetes.io/component=operator"
 CSI = "app.kubernetes.io/component=csi"
 AGENT = f"kvtier.io/pool={POOL}"
 
-# runs inside the engine pod (python3 of the image; the client comes from the injected stager)
+# The engine pod's program (python3 of the image; the client comes from the injected stager).
+# `serve` is the container's main process: one connection it keeps across agent restarts
+# (AgentConnection), printing a line whenever what it sees changes. `put` and `get` run once (exec).
 ENGINE_SCRIPT = r"""
-import hashlib, json, os, sys
-from kvtier.agent.client import Client
+import hashlib, json, os, sys, time
+from kvtier.agent.client import CONNECTION_LOST, AgentConnection, Client
 FP = "model=node-test;dtype=bf16;layers=2;kv_heads=2;head_dim=64;block=256;tp=0/1"
 keys, parent = [], b""
 for i in range(8):
     parent = hashlib.sha256(parent + b"node-test:%d" % i).digest()
     keys.append(parent)
 blobs = [hashlib.sha256(k).digest() * 4096 for k in keys]  # 128 KiB each, derived from the key
+def seen(c):
+    got = c.get(FP, keys)
+    return {"hits": c.lookup(FP, keys), "exact": got == blobs[: len(got)], "got": len(got)}
+if sys.argv[1] == "serve":
+    conn, last = AgentConnection(timeout=5, retry_after=0.5), None
+    while True:
+        c = conn.get()
+        try:
+            now = seen(c) if c else {"connected": False}
+        except CONNECTION_LOST as exc:
+            conn.lost(exc)
+            now = {"lost": type(exc).__name__}
+        if now != last:
+            print(json.dumps(now), flush=True)
+            last = now
+        time.sleep(0.3)
 c = Client(os.environ["KVTIER_SOCKET"], timeout=20)
 if sys.argv[1] == "put":
     c.put(FP, keys, blobs, sync=True, wait=10)  # acknowledged = on NVMe
-got = c.get(FP, keys)
-print(json.dumps({"hits": c.lookup(FP, keys), "exact": got == blobs[: len(got)], "got": len(got)}))
+print(json.dumps(seen(c)))
 """
 
 
@@ -56,7 +73,7 @@ def engine_pod(name: str, namespace: str, image: str, inject: bool = True) -> di
                 {
                     "name": "engine",
                     "image": image,
-                    "command": ["python3", "-c", "import time\nwhile True: time.sleep(3600)"],
+                    "command": ["python3", "-c", ENGINE_SCRIPT, "serve"],
                 }
             ],
         },
@@ -140,9 +157,20 @@ def test_agent_sigkill_restart_keeps_acknowledged_blocks(node_session):
         timeout=120,
         message="the kubelet restarts the killed agent and it is Ready again",
     )
-    back = eventually(
-        lambda: engine(s, "engine", "team-a", "get"), timeout=30, message="the engine reconnects"
+
+    def reconnected() -> bool:
+        lines = [
+            json.loads(x) for x in s.kubectl("logs", "-n", "team-a", "engine", "-c", "engine").splitlines()
+        ]
+        lost = next((i for i, x in enumerate(lines) if "lost" in x or x.get("connected") is False), None)
+        return lost is not None and lines[-1] == {"hits": 8, "exact": True, "got": 8}
+
+    eventually(
+        reconnected, timeout=60, message="the engine's own connection comes back and finds every block"
     )
+    engine_status = s.cluster.get("pod", "-n", "team-a", "engine")["status"]["containerStatuses"]
+    assert all(c["restartCount"] == 0 for c in engine_status), "the engine process itself never restarted"
+    back = engine(s, "engine", "team-a", "get")
     assert back == {"hits": 8, "exact": True, "got": 8}, "acknowledged blocks come back bit-exact from NVMe"
 
 

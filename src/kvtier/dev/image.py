@@ -365,11 +365,17 @@ def _app_version(root: Path) -> str:
 
 
 def main(args) -> int:
-    from kvtier.dev.node import Containerd
+    from kvtier.dev.node import Containerd, cannot_run_containers
 
     t0 = time.monotonic()
     image = build_kvtier_image()
     say(f"built in {time.monotonic() - t0:.1f}s")
+    reason = cannot_run_containers()
+    if reason:
+        print(
+            f"{image.ref}  {image.size / 2**20:.0f} MiB docker-archive at {image.archive} (not imported: {reason})"
+        )
+        return 0
     with Containerd.ensure() as ctr:
         ctr.import_image(image)
         print(
