@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -102,9 +103,9 @@ def read_sysctls() -> dict[str, str]:
     root = Path("/proc/sys")
     for prefix in SYSCTL_PREFIXES:
         base = root / prefix
-        paths = [base] if base.is_file() else (sorted(base.rglob("*")) if base.is_dir() else [])
-        if not paths:
-            paths = sorted(base.parent.glob(base.name + "*"))
+        # a folder prefix ("vm/") takes everything below it; a name prefix ("kernel/panic") every
+        # entry that starts with it (kernel/panic, kernel/panic_on_oops, ...)
+        paths = sorted(base.rglob("*")) if prefix.endswith("/") else sorted(base.parent.glob(base.name + "*"))
         for p in paths:
             if p.is_file() and os.access(p, os.W_OK):
                 try:
@@ -169,7 +170,7 @@ def iptables_sweep() -> int:
             ours = re.compile(r"-j (KUBE-|CNI-)|^-A (KUBE-|CNI-)")
             for line in dump.splitlines():
                 if line.startswith("-A ") and ours.search(line) and not re.match(r"-A (KUBE-|CNI-)", line):
-                    run([tool, "-t", table, *_split_rule("-D" + line[2:])], check=False)
+                    run([tool, "-t", table, *shlex.split("-D" + line[2:])], check=False)
                     removed += 1
             chains = [ln[1:].split()[0] for ln in dump.splitlines() if re.match(r":(KUBE-|CNI-)", ln)]
             for chain in chains:
@@ -178,12 +179,6 @@ def iptables_sweep() -> int:
                 if run([tool, "-t", table, "-X", chain], check=False).returncode == 0:
                     removed += 1
     return removed
-
-
-def _split_rule(rule: str) -> list[str]:
-    import shlex
-
-    return shlex.split(rule)
 
 
 def remove_cgroups(name: str = "kubepods") -> None:
@@ -197,10 +192,6 @@ def remove_cgroups(name: str = "kubepods") -> None:
                 folder.rmdir()
         with contextlib.suppress(OSError):
             top.rmdir()
-
-
-def cgroup_names() -> tuple[str, ...]:
-    return ("kubepods", "kubepods.slice")
 
 
 # ---------------------------------------------------------------------------- containerd
@@ -335,6 +326,10 @@ state = "{self.state_dir / "state"}"
         if self.pid:
             _terminate(self.pid)
         unmount_all(self.state_dir, self.root_dir)
+        # containerd 1.6 keeps shim sockets and fifos in fixed folders; drop them once empty
+        for folder in (Path("/run/containerd/s"), Path("/run/containerd/fifo"), Path("/run/containerd")):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
     @classmethod
     def running_on_this_store(cls) -> Containerd | None:
@@ -677,8 +672,7 @@ class LocalNode:
         if (self.cp.bin_dir / "kube-proxy").exists():
             run([str(self.cp.bin_dir / "kube-proxy"), "--cleanup"], check=False)
         iptables_sweep()
-        for name in cgroup_names():
-            remove_cgroups(name)
+        remove_cgroups("kubepods")  # the cgroupfs driver's tree
         for folder in self.host.get("created", []):
             shutil.rmtree(folder, ignore_errors=True)
         if not self.host.get("root_shared", True):
