@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import base64
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -289,6 +290,7 @@ def process_demo(args: argparse.Namespace) -> int:
             if agent:
                 agent.kill()
             cp.stop()  # stops the operator it started too
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _injected_pod(api) -> str:

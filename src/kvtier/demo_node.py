@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -207,6 +208,7 @@ def node_demo(args: argparse.Namespace) -> int:
             say("kvtier dev down: stopping the node and undoing its host changes")
             node.down(n, log=lambda m: print(f"    {m}"))
             print(f"    left behind: {node.leftovers()}")
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _cpus() -> int:

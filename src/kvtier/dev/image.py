@@ -47,7 +47,7 @@ def say(msg: str) -> None:
     print(f"[image] {msg}", file=sys.stderr, flush=True)
 
 
-# ---------------------------------------------------------------------------- pure helpers
+# ---------------------------------------------------------------------------- pure functions
 
 
 def digest_files(root: Path, entries: Iterable[str], salt: str = "") -> str:
