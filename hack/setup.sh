@@ -25,7 +25,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -e '.[test,helm,kind,gpu]'
   touch "$stamp"
 fi
-NODE_PACKAGES="containerd runc containernetworking-plugins iptables conntrack socat ethtool mmdebstrap"
+NODE_PACKAGES="containerd runc containernetworking-plugins iptables conntrack socat ethtool mmdebstrap gcc libc6-dev"
 node=0
 if [ -z "${KVTIER_NO_NODE:-}" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   node=1

@@ -53,3 +53,13 @@ def test_the_dockerfile_builds_the_same_layout():
     assert f"python3 -m venv {image.VENV}" in text and f"PATH={image.VENV}/bin:" in text
     assert "pip uninstall -y pip setuptools" in text, "no installer left in the final image"
     assert f"USER {image.USER_ID}:{image.USER_ID}" in text
+
+
+def test_the_cache_keeps_the_newest_builds(tmp_path):
+    import os
+
+    for i, name in enumerate(["old", "mid", "new"]):
+        (tmp_path / name).mkdir()
+        os.utime(tmp_path / name, (i, i))
+    image.keep_newest(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mid", "new"]

@@ -151,6 +151,14 @@ def binary_image(binary: Path, ref: str) -> BuiltImage:
 # ---------------------------------------------------------------------------- the kvtier image
 
 
+def keep_newest(parent: Path, n: int = 2) -> None:
+    """Drop all but the `n` most recently built entries of a cache folder (each build of changed
+    sources adds one; the disk is shared)."""
+    entries = sorted((p for p in parent.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    for old in entries[:-n]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _run(argv: list[str], **kw) -> None:
     subprocess.run(argv, check=True, **kw)
 
@@ -290,6 +298,8 @@ def build_kvtier_image(root: Path | None = None) -> BuiltImage:
         env=[f"PATH={VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8"],
     )
     write_docker_archive(archive, ref, [base, app], config)
+    keep_newest(cache_dir() / "app")
+    keep_newest(cache_dir() / "kvtier")
     return BuiltImage(ref, archive)
 
 
@@ -354,6 +364,7 @@ def build_engine_image(kvtier: BuiltImage) -> BuiltImage:
     write_docker_archive(archive, ref, [*layers, folder / "layer.tar"], config)
     for layer in layers:
         layer.unlink()
+    keep_newest(cache_dir() / "engine")
     return BuiltImage(ref, archive)
 
 
