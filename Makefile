@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both work on a fresh machine.
-.PHONY: demo test setup lint unit integration adversarial crds bench-store bench-chaos test-vllm
+.PHONY: demo test setup lint unit integration adversarial node image crds bench-store bench-chaos test-vllm
 
 setup:
 	@bash hack/setup.sh
@@ -23,6 +23,13 @@ integration: setup
 # hostile clients, peers and disks against real agents (also part of `make test`, about a minute)
 adversarial: setup
 	.venv/bin/python -m pytest -m adversarial tests
+
+# The user's path on real pods: a one-node Kubernetes on this machine (root; skipped elsewhere).
+node: setup
+	.venv/bin/python -m pytest -m node tests/node
+
+image: setup
+	.venv/bin/kvtier image build
 
 crds:
 	.venv/bin/kvtier crds --write

@@ -22,9 +22,30 @@ def _dev_up(args: argparse.Namespace) -> int:
         if existing.running():
             print(f"already running: export KUBECONFIG={existing.kubeconfig}")
             return 0
-        existing.stop()
-    bin_dir = ensure_tools()
-    cp = LocalControlPlane(state_dir=state_dir, bin_dir=bin_dir).start()
+        _dev_down(args)
+    if args.node:
+        from kvtier.dev import node
+
+        reason = node.cannot_run_containers()
+        if reason:
+            print(f"cannot run a real node here: {reason}")
+            return 1
+        bin_dir = ensure_tools(node=True)
+        images = []
+        if not args.no_image:
+            from kvtier.dev.image import build_kvtier_image
+
+            images.append(build_kvtier_image())
+        cp = node.up(state_dir, bin_dir, images).cp
+        repository, tag = (images[0].ref if images else "ghcr.io/kvtier/kvtier:0.1.0").rsplit(":", 1)
+        print(
+            "install the chart with the local images:\n  helm install kvtier charts/kvtier -n kvtier-system "
+            f"--create-namespace --set image.repository={repository},image.tag={tag},"
+            f"csi.registrarImage={node.REGISTRAR_REF}"
+        )
+    else:
+        bin_dir = ensure_tools()
+        cp = LocalControlPlane(state_dir=state_dir, bin_dir=bin_dir).start()
     if args.operator:
         from kvtier.dev.local_operator import install_chart_with_local_operator
 
@@ -41,7 +62,13 @@ def _dev_down(args: argparse.Namespace) -> int:
     if not (state_dir / "controlplane.json").exists():
         print("nothing running")
         return 0
-    LocalControlPlane.load(state_dir).stop()
+    from kvtier.dev import node
+
+    if (state_dir / node.STATE_FILE).exists():
+        node.down(node.LocalNode.load(state_dir))
+        print(f"node stopped; left behind: {node.leftovers()}")
+    else:
+        LocalControlPlane.load(state_dir).stop()
     print(f"stopped; removed {state_dir}")
     return 0
 
@@ -130,6 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="also helm install the chart and run the operator locally",
             )
+            p.add_argument(
+                "--node",
+                action="store_true",
+                help="also run a real node: containerd, CNI, kubelet, kube-proxy, controller-manager, scheduler (root)",
+            )
+            p.add_argument(
+                "--no-image", action="store_true", help="with --node: skip building the kvtier image"
+            )
+
+    image = sub.add_parser("image", help="the kvtier image, built without Docker")
+    image_sub = image.add_subparsers(dest="image_command", required=True)
+    b = image_sub.add_parser(
+        "build", help="mmdebstrap + the kvtier wheel, imported into the local containerd"
+    )
+    b.set_defaults(func=_lazy("kvtier.dev.image"))
 
     stage = sub.add_parser(
         "stage", help="copy the kvtier client and connectors into FOLDER (for engine images)"
@@ -197,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the whole path on this machine, with a summary")
     demo.add_argument("--keep", action="store_true", help="leave the cluster and agents running")
+    demo.add_argument(
+        "--processes", action="store_true", help="run kvtier as local processes even where pods could run"
+    )
+    demo.add_argument("--out", default=None, help="on a real node: write the measured times here (JSON)")
+    demo.add_argument("--engine", action="store_true", help=argparse.SUPPRESS)  # the engine pod's program
     demo.set_defaults(func=_lazy("kvtier.demo"))
 
     bench = sub.add_parser("bench", help="benchmarks (write JSON)")

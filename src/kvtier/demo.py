@@ -1,10 +1,16 @@
 """`kvtier demo`: the whole path on one machine, with a summary.
 
-A real local control plane (etcd + kube-apiserver), kvtier's CRDs, the operator as a local process,
-a KVCachePool applied, this machine registered as its Node, the agent started with exactly the
-configuration the operator rendered into the pool's ConfigMap (host paths moved into a demo folder,
-since nothing here runs as root on /var), and a small model on the CPU whose prompt KV is saved,
-dropped and restored through the agent from DRAM and then from the NVMe tier.
+Where this machine can run containers (root, containerd, runc, CNI), the user's path on real pods:
+a one-node Kubernetes (kvtier.dev.node), `helm install` of the chart with the locally built image,
+`kubectl apply` of a pool, the agent DaemonSet's pod Ready, and an engine Deployment labelled for
+injection whose pod runs a small model on the CPU and saves its prompt's KV through the socket the
+CSI driver mounted; the pod is deleted, comes back and restores instead of recomputing; the same
+engine in another namespace gets no hits.
+
+Elsewhere (or with --processes), the same path with processes: a real local control plane
+(etcd + kube-apiserver), the operator as a local process, this machine registered as a Node, the
+agent started with exactly the configuration the operator rendered (host paths moved into a demo
+folder), and the small model's KV saved, dropped and restored from DRAM and then from NVMe.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import argparse
 import base64
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -131,6 +138,75 @@ def run_workload(agent, fingerprint_model: str = "demo") -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "engine", False):
+        return engine_main()
+    from kvtier.dev.node import cannot_run_containers
+
+    if getattr(args, "processes", False):
+        say("--processes: the demo runs kvtier as local processes")
+        return process_demo(args)
+    reason = cannot_run_containers()
+    if reason is None:
+        from kvtier.demo_node import node_demo
+
+        return node_demo(args)
+    say(f"this machine cannot run containers ({reason}): the demo runs kvtier as local processes")
+    return process_demo(args)
+
+
+ENGINE_MARK = "KVTIER-DEMO "
+ENGINE_TOKENS = 4096
+
+
+def engine_main() -> int:
+    """The demo's engine, inside its pod: a small model whose prompt KV goes through kvtier.
+
+    A prompt whose KV the agent holds is restored (and checked against a recompute); otherwise it is
+    prefilled and its KV saved. One JSON line per start (ENGINE_MARK), then it serves nothing, forever.
+    """
+    import json
+
+    import numpy as np
+
+    from kvtier.agent.client import Client
+    from kvtier.agent.keys import KVLayout, block_keys
+    from kvtier.bench.tinymodel import TinyConfig, TinyModel, blocks_to_cache, cache_to_blocks
+
+    cfg = TinyConfig()
+    model = TinyModel(cfg)
+    B = 256
+    layout = KVLayout(cfg.name, "float32", cfg.layers, cfg.kv_heads, cfg.head_dim, B)
+    tokens = np.random.default_rng(7).integers(0, cfg.vocab, ENGINE_TOKENS + 1)
+    keys = block_keys(tokens[:-1].tolist(), B)
+    client = _wait(lambda: Client(os.environ["KVTIER_SOCKET"]), 120, "the agent's socket")
+    t0 = time.perf_counter()
+    hits = client.lookup(layout.fingerprint, keys)
+    event: dict[str, Any] = {
+        "namespace": os.environ.get("POD_NAMESPACE", ""),
+        "hits": hits,
+        "blocks": len(keys),
+    }
+    if hits == len(keys):
+        with client.read(layout.fingerprint, keys) as pinned:
+            restored = blocks_to_cache([b.view for b in pinned], cfg, B)
+        logits = model.forward(tokens[-1:], restored)
+        event["restore_s"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        ref, _ = model.prefill(tokens)  # the check: a restore must give the recompute's logits
+        event |= {"event": "restored", "recompute_s": time.perf_counter() - t1}
+        event["logits_diff"] = float(np.abs(logits - ref).max())
+    else:
+        t1 = time.perf_counter()
+        _, cache = model.prefill(tokens)
+        event |= {"event": "computed", "recompute_s": time.perf_counter() - t1}
+        event["saved"] = client.put(layout.fingerprint, keys, cache_to_blocks(cache, B, len(keys)), wait=10)
+        event["kv_bytes"] = len(keys) * layout.block_bytes
+    print(ENGINE_MARK + json.dumps(event), flush=True)
+    while True:
+        time.sleep(3600)
+
+
+def process_demo(args: argparse.Namespace) -> int:
     from kubernetes import client, config
 
     from kvtier.dev.agents import spawn_agent
@@ -163,14 +239,14 @@ def main(args: argparse.Namespace) -> int:
         print(_kubectl(bin_dir, env, "apply", "-f", str(folder / "pool.yaml")).strip())
         core = client.CoreV1Api(api)
         cm = _wait(
-            lambda: core.read_namespaced_config_map(f"kvtier-agent-{POOL}", NAMESPACE), 30, "the ConfigMap"
+            lambda: core.read_namespaced_config_map(f"kvtier-agent-{POOL}", NAMESPACE), 90, "the ConfigMap"
         )
         secret = _wait(
-            lambda: core.read_namespaced_secret(f"kvtier-pool-{POOL}", NAMESPACE), 30, "the Secret"
+            lambda: core.read_namespaced_secret(f"kvtier-pool-{POOL}", NAMESPACE), 90, "the Secret"
         )
         _wait(
             lambda: client.AppsV1Api(api).read_namespaced_daemon_set(f"kvtier-agent-{POOL}", NAMESPACE),
-            30,
+            90,
             "DS",
         )
         print(_kubectl(bin_dir, env, "-n", NAMESPACE, "get", "daemonset,configmap,service").strip())
@@ -198,7 +274,7 @@ def main(args: argparse.Namespace) -> int:
             conds = {c["type"]: c["status"] for c in pool.get("status", {}).get("conditions", [])}
             return conds.get("Ready") == "True" and pool["status"].get("hitRatio") is not None
 
-        _wait(ready, 30, "pool Ready")
+        _wait(ready, 90, "pool Ready")
         print(_kubectl(bin_dir, env, "get", "kvp,kvn").strip())
         _summary(w)
         if args.keep:
@@ -214,6 +290,7 @@ def main(args: argparse.Namespace) -> int:
             if agent:
                 agent.kill()
             cp.stop()  # stops the operator it started too
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _injected_pod(api) -> str:
@@ -240,7 +317,7 @@ def _injected_pod(api) -> str:
         core.delete_namespaced_pod("engine", TENANT, grace_period_seconds=0)
         return None
 
-    pod = _wait(create, 30, "the webhook")
+    pod = _wait(create, 90, "the webhook")
     added = [c.name for c in pod.spec.init_containers]
     volume = next(v for v in pod.spec.volumes if v.csi)
     return (

@@ -140,7 +140,7 @@ def test_helm_install_then_pods_are_injected_and_certificates_stay_stable(chart_
         secret = client.CoreV1Api(kube).read_namespaced_secret("kvtier-webhook-tls", NS).data["tls.crt"]
         assert base64.b64decode(bundle).startswith(b"-----BEGIN CERTIFICATE-----")
 
-        pool = yaml.safe_load((REPO / "examples" / "pool.yaml").read_text())
+        pool = yaml.safe_load((REPO / "examples" / "gpu-node-pool.yaml").read_text())
         client.CustomObjectsApi(kube).create_cluster_custom_object(
             api.GROUP, api.VERSION, "kvcachepools", pool
         )

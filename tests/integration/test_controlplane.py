@@ -144,7 +144,7 @@ def test_dev_up_operator_installs_the_chart_with_a_working_webhook(tmp_path):
             adm.read_mutating_webhook_configuration("kvtier-inject").webhooks[0].client_config.ca_bundle
         )
         assert ca.startswith(b"-----BEGIN CERTIFICATE-----")
-        pool = yaml.safe_load((REPO / "examples" / "pool.yaml").read_text())
+        pool = yaml.safe_load((REPO / "examples" / "gpu-node-pool.yaml").read_text())
         client.CustomObjectsApi(kube).create_cluster_custom_object(
             "kvtier.io", "v1alpha1", "kvcachepools", pool
         )

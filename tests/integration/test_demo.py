@@ -12,7 +12,10 @@ pytestmark = pytest.mark.integration
 
 def test_demo_saves_and_restores_kv_through_the_operator_rendered_agent():
     out = subprocess.run(
-        [sys.executable, "-m", "kvtier.cli", "demo"], capture_output=True, text=True, timeout=240
+        [sys.executable, "-m", "kvtier.cli", "demo", "--processes"],
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     text = out.stdout

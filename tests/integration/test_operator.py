@@ -19,7 +19,7 @@ from tests.support import REPO, eventually, kubectl
 
 pytestmark = pytest.mark.integration
 NS = "kvtier-system"
-EXAMPLE = yaml.safe_load((REPO / "examples" / "pool.yaml").read_text())
+EXAMPLE = yaml.safe_load((REPO / "examples" / "gpu-node-pool.yaml").read_text())
 
 
 def pool_body(name: str, **spec_overrides) -> dict:
@@ -284,6 +284,6 @@ def test_two_pools_on_one_node_degrade_with_a_reason(kube, operator_process):
 
 
 def test_example_pool_applies_with_kubectl(control_plane, crds_installed):
-    path = Path(REPO / "examples" / "pool.yaml")
+    path = Path(REPO / "examples" / "gpu-node-pool.yaml")
     out = kubectl(control_plane, "apply", "--dry-run=server", "-f", str(path))
     assert "kvcachepool.kvtier.io/fast" in out.stdout

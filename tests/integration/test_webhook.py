@@ -50,7 +50,7 @@ def webhook_config(name: str, url: str, ca: bytes, namespace_selector: dict) -> 
 @pytest.fixture(scope="module")
 def webhook(kube, operator_process):
     tag = uuid.uuid4().hex[:6]
-    pool = yaml.safe_load((REPO / "examples" / "pool.yaml").read_text())
+    pool = yaml.safe_load((REPO / "examples" / "gpu-node-pool.yaml").read_text())
     pool["metadata"]["name"] = f"wh-{tag}"
     custom = client.CustomObjectsApi(kube)
     custom.create_cluster_custom_object(api.GROUP, api.VERSION, "kvcachepools", pool)

@@ -19,8 +19,10 @@ def test_crds_and_rendered_children_apply_on_kind(kind_cluster):  # fixture from
 
     for crd in all_crds():
         kind_cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(crd))
-    kind_cluster.kubectl("apply", "-f", str(REPO / "examples" / "pool.yaml"))
-    pool = api.KVCachePool.model_validate(yaml.safe_load((REPO / "examples" / "pool.yaml").read_text()))
+    kind_cluster.kubectl("apply", "-f", str(REPO / "examples" / "gpu-node-pool.yaml"))
+    pool = api.KVCachePool.model_validate(
+        yaml.safe_load((REPO / "examples" / "gpu-node-pool.yaml").read_text())
+    )
     kind_cluster.kubectl("create", "namespace", "kvtier-system")
     for manifest in render_pool(pool, "00000000-0000-0000-0000-000000000000", "kvtier-system"):
         manifest["metadata"].pop("ownerReferences", None)

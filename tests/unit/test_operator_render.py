@@ -17,7 +17,7 @@ pytestmark = pytest.mark.unit
 
 
 def _pool(**spec) -> api.KVCachePool:
-    body = yaml.safe_load((REPO / "examples" / "pool.yaml").read_text())
+    body = yaml.safe_load((REPO / "examples" / "gpu-node-pool.yaml").read_text())
     body["spec"].update(spec)
     return api.KVCachePool.model_validate(body)
 

@@ -24,7 +24,7 @@ from tests.support import REPO
 
 pytestmark = pytest.mark.unit
 GOLDEN = REPO / "tests" / "golden" / "webhook"
-POOL = api.KVCachePool.model_validate(yaml.safe_load((REPO / "examples" / "pool.yaml").read_text()))
+POOL = api.KVCachePool.model_validate(yaml.safe_load((REPO / "examples" / "gpu-node-pool.yaml").read_text()))
 TENANT = {"kvtier.io/tenant": "true"}
 
 

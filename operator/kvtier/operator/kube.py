@@ -110,8 +110,17 @@ def read_secret(name: str, namespace: str) -> dict[str, Any] | None:
 
 
 def ensure_namespace(name: str) -> None:
+    """Create the namespace unless it exists. In a cluster it always does (Helm installed the
+    operator there) and the operator's RBAC only reads namespaces, so look before creating."""
+    core = client.CoreV1Api(api_client())
     try:
-        client.CoreV1Api(api_client()).create_namespace({"metadata": {"name": name}})
+        core.read_namespace(name)
+        return
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+    try:
+        core.create_namespace({"metadata": {"name": name}})
     except ApiException as exc:
         if exc.status != 409:
             raise

@@ -63,7 +63,18 @@ def parse_pool(body: kopf.Body) -> api.KVCachePool:
         raise kopf.PermanentError(f"invalid KVCachePool: {exc}") from None
 
 
+def with_operator_image(pool: api.KVCachePool) -> api.KVCachePool:
+    """A pool that keeps the default agent image runs the operator's own (the chart's image
+    setting): the API server fills the default in, so the default value stands for "unset"."""
+    image = os.environ.get("KVTIER_IMAGE")
+    if not image or pool.spec.agent.image != api.DEFAULT_AGENT_IMAGE:
+        return pool
+    agent = pool.spec.agent.model_copy(update={"image": image})
+    return pool.model_copy(update={"spec": pool.spec.model_copy(update={"agent": agent})})
+
+
 def apply_children(body: kopf.Body, pool: api.KVCachePool, uid: str) -> list[dict[str, Any]]:
+    pool = with_operator_image(pool)
     if kube.read_secret(secret_name(pool.metadata.name), NAMESPACE) is None:
         kube.apply(pool_secret(pool, uid, NAMESPACE, os.urandom(32)))  # once: salts must stay stable
     manifests = render_pool(pool, uid, NAMESPACE)

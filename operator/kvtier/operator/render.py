@@ -24,6 +24,7 @@ PEER_PORT = 7070
 METRICS_PORT = 9400
 CONFIG_PATH = "/etc/kvtier/agent.yaml"
 SECRET_PATH = "/etc/kvtier/secret"
+AGENT_UID = 65532  # the image's non-root user (kvtier)
 
 
 def child_name(pool: str) -> str:
@@ -95,6 +96,25 @@ def _host_path(name: str, path: str, type_: str = "DirectoryOrCreate") -> dict[s
     return {"name": name, "hostPath": {"path": path, "type": type_}}
 
 
+def host_folders_owner(image: str, folders: list[str], mounts: list[dict[str, Any]]) -> dict[str, Any]:
+    """An init container that hands the agent's host folders (created root-owned by the kubelet)
+    to the agent's user: root with CAP_CHOWN only, top-level folders only."""
+    return {
+        "name": "own-host-folders",
+        "image": image,
+        "command": ["chown", f"{AGENT_UID}:{AGENT_UID}", *folders],
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsNonRoot": False,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [m for m in mounts if m["mountPath"] in folders],
+    }
+
+
 def daemonset(
     pool: api.KVCachePool, namespace: str, owner: dict[str, Any], cfg: AgentConfig, digest: str
 ) -> Manifest:
@@ -111,12 +131,23 @@ def daemonset(
         {"name": "sockets", "mountPath": cfg.socketDir},
         {"name": "state", "mountPath": cfg.stateDir},
     ]
-    security: dict[str, Any] = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    # The agent runs as the image's non-root user; its host folders are made its own first.
+    security: dict[str, Any] = {
+        "runAsNonRoot": True,
+        "runAsUser": AGENT_UID,
+        "runAsGroup": AGENT_UID,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    host_folders = [cfg.socketDir, cfg.stateDir]
     nvme = spec.tiers.nvme
     if nvme and nvme.mode == "file":
         folder = posixpath.dirname(nvme.path or "/")
-        volumes.append(_host_path("nvme", folder))
-        mounts.append({"name": "nvme", "mountPath": folder})
+        if folder not in host_folders:  # the file may live in the state folder itself
+            volumes.append(_host_path("nvme", folder))
+            mounts.append({"name": "nvme", "mountPath": folder})
+            host_folders.append(folder)
     elif nvme:
         # Namespace and partition modes manage block devices: the one case that needs privilege.
         volumes.append(_host_path("dev", "/dev", "Directory"))
@@ -149,6 +180,9 @@ def daemonset(
     pod_spec: dict[str, Any] = {
         "serviceAccountName": child_name(name),
         "containers": [container],
+        "initContainers": [host_folders_owner(spec.agent.image, host_folders, mounts)],
+        # the pool's Secret (mode 0400) becomes readable by the agent's group, no one else's
+        "securityContext": {"fsGroup": AGENT_UID},
         "volumes": volumes,
         "terminationGracePeriodSeconds": 30,
     }

@@ -1,8 +1,10 @@
 """A local Kubernetes control plane, envtest style: real etcd + kube-apiserver, nothing else.
 
-All state (certificates, etcd data, logs, kubeconfig, pids) lives under one folder. There is no
-kubelet, scheduler or controller-manager: objects are stored and validated, webhooks are called,
-but no pod runs and nothing is garbage-collected.
+All state (certificates, etcd data, logs, kubeconfig, pids) lives under one folder. By itself there
+is no kubelet, scheduler or controller-manager: objects are stored and validated, webhooks are
+called, but no pod runs and nothing is garbage-collected. With `for_node=True` the API server is
+set up for a real node (kvtier.dev.node): it listens on the node bridge's address that pods reach,
+authorizes with Node+RBAC, issues ServiceAccount tokens and reaches kubelets for logs and exec.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class LocalControlPlane:
     etcd_port: int = 0
     apiserver_port: int = 0
     pids: dict[str, int] = field(default_factory=dict)
+    address: str = "127.0.0.1"  # where kube-apiserver listens (a real node: its bridge's address)
+    for_node: bool = False
 
     @property
     def kubeconfig(self) -> Path:
@@ -47,7 +51,11 @@ class LocalControlPlane:
 
     @property
     def url(self) -> str:
-        return f"https://127.0.0.1:{self.apiserver_port}"
+        return f"https://{self.address}:{self.apiserver_port}"
+
+    @property
+    def pki(self) -> Path:
+        return self.state_dir / "pki"
 
     # ---------------------------------------------------------------------------- lifecycle
 
@@ -63,7 +71,7 @@ class LocalControlPlane:
             ca,
             "kube-apiserver",
             dns_names=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"),
-            ips=("127.0.0.1", "10.0.0.1"),
+            ips=tuple(dict.fromkeys(("127.0.0.1", "10.0.0.1", self.address))),
         )
         admin = certs.issue(ca, "kvtier-admin", organization="system:masters", server=False, client=True)
         sa_key, sa_pub = certs.new_rsa_keypair_pem()
@@ -90,6 +98,21 @@ class LocalControlPlane:
                 "--log-level=warn",
             ],
         )
+        if self.for_node:
+            kubelet_client = certs.issue(
+                ca, "kube-apiserver-kubelet-client", organization="system:masters", server=False, client=True
+            )
+            _write(pki / "kubelet-client.crt", kubelet_client.cert_pem, 0o644)
+            _write(pki / "kubelet-client.key", kubelet_client.key_pem)
+            node_flags = [
+                "--authorization-mode=Node,RBAC",
+                "--enable-admission-plugins=NodeRestriction",
+                f"--kubelet-client-certificate={pki / 'kubelet-client.crt'}",
+                f"--kubelet-client-key={pki / 'kubelet-client.key'}",
+                "--kubelet-preferred-address-types=InternalIP",
+            ]
+        else:
+            node_flags = ["--authorization-mode=RBAC", "--disable-admission-plugins=ServiceAccount"]
         log(f"control plane: starting kube-apiserver on {self.url}")
         self._spawn(
             "kube-apiserver",
@@ -101,12 +124,11 @@ class LocalControlPlane:
                 f"--tls-private-key-file={pki / 'apiserver.key'}",
                 f"--client-ca-file={pki / 'ca.crt'}",
                 f"--secure-port={self.apiserver_port}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
-                "--authorization-mode=RBAC",
+                f"--bind-address={self.address}",
+                f"--advertise-address={self.address}",
+                *node_flags,
                 "--service-cluster-ip-range=10.0.0.0/24",
                 "--allow-privileged=true",
-                "--disable-admission-plugins=ServiceAccount",
                 "--service-account-issuer=https://kubernetes.default.svc",
                 f"--service-account-key-file={pki / 'sa.pub'}",
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
@@ -137,6 +159,8 @@ class LocalControlPlane:
             etcd_port=state["etcd_port"],
             apiserver_port=state["apiserver_port"],
             pids=state["pids"],
+            address=state.get("address", "127.0.0.1"),
+            for_node=state.get("for_node", False),
         )
 
     def running(self) -> bool:
@@ -171,35 +195,13 @@ class LocalControlPlane:
             "etcd_port": self.etcd_port,
             "apiserver_port": self.apiserver_port,
             "pids": self.pids,
+            "address": self.address,
+            "for_node": self.for_node,
         }
         (self.state_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
 
     def _write_kubeconfig(self, ca_pem: bytes, admin: certs.KeyPair) -> None:
-        b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
-        config = {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [
-                {
-                    "name": "kvtier-local",
-                    "cluster": {"server": self.url, "certificate-authority-data": b64(ca_pem)},
-                }
-            ],
-            "users": [
-                {
-                    "name": "kvtier-admin",
-                    "user": {
-                        "client-certificate-data": b64(admin.cert_pem),
-                        "client-key-data": b64(admin.key_pem),
-                    },
-                }
-            ],
-            "contexts": [
-                {"name": "kvtier-local", "context": {"cluster": "kvtier-local", "user": "kvtier-admin"}}
-            ],
-            "current-context": "kvtier-local",
-        }
-        _write(self.kubeconfig, yaml.safe_dump(config).encode())
+        write_kubeconfig(self.kubeconfig, self.url, ca_pem, "kvtier-admin", admin)
 
     def _ssl(self) -> ssl.SSLContext:
         pki = self.state_dir / "pki"
@@ -240,6 +242,27 @@ class LocalControlPlane:
                 log("control plane: waiting for kube-apiserver /readyz ...")
                 last_report = now
             time.sleep(0.25)
+
+
+def write_kubeconfig(path: Path, server: str, ca_pem: bytes, user: str, pair: certs.KeyPair) -> Path:
+    """A kubeconfig (mode 0600) for `user` authenticating with a client certificate."""
+    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {"name": "kvtier-local", "cluster": {"server": server, "certificate-authority-data": b64(ca_pem)}}
+        ],
+        "users": [
+            {
+                "name": user,
+                "user": {"client-certificate-data": b64(pair.cert_pem), "client-key-data": b64(pair.key_pem)},
+            }
+        ],
+        "contexts": [{"name": "kvtier-local", "context": {"cluster": "kvtier-local", "user": user}}],
+        "current-context": "kvtier-local",
+    }
+    return _write(path, yaml.safe_dump(config).encode())
 
 
 def _alive(pid: int) -> bool:

@@ -410,6 +410,12 @@ class AgentAPI:
         socket_dir.mkdir(parents=True, exist_ok=True)
         self.admin_server = AdminServer(socket_dir / "admin.sock", self)
         self._serve(self.admin_server)
+        # Tenants of a previous run (a restarted container): their folders are bind-mounted into
+        # running pods, whose clients reconnect to the same path.
+        tenants = tenant_socket(socket_dir, "x").parent.parent
+        for folder in sorted(tenants.iterdir()) if tenants.is_dir() else []:
+            if NAMESPACE.match(folder.name) and tenant_socket(socket_dir, folder.name).exists():
+                self.ensure_tenant(folder.name)
 
     def ensure_tenant(self, namespace: str) -> Path:
         if not NAMESPACE.match(namespace or ""):
