@@ -137,7 +137,7 @@ def test_dev_up_operator_installs_the_chart_with_a_working_webhook(tmp_path):
             lambda: (
                 adm.read_mutating_webhook_configuration("kvtier-inject").webhooks[0].client_config.ca_bundle
             ),
-            timeout=30,
+            timeout=90,  # the operator starts kopf and its webhook server: slow on a loaded 2-core machine
             message="the local operator patched the chart's webhook caBundle",
         )
         ca = base64.b64decode(
@@ -167,7 +167,7 @@ def test_dev_up_operator_installs_the_chart_with_a_working_webhook(tmp_path):
             client.CoreV1Api(kube).delete_namespaced_pod("llm", "team-a", grace_period_seconds=0)
             return None
 
-        eventually(injected, timeout=30, message="a pod injected by the chart's webhook")
+        eventually(injected, timeout=90, message="a pod injected by the chart's webhook")
     finally:
         down = subprocess.run(
             [sys.executable, "-m", "kvtier.cli", "dev", "down"], env=env, capture_output=True, text=True
