@@ -148,7 +148,7 @@ def sidecar():
 def operator_process(control_plane, crds_installed, tmp_path_factory) -> Iterator[subprocess.Popen]:
     """A real `kvtier operator` process against the local control plane (status every second).
     Its log stays in pytest's temporary folder (operator0/operator.log)."""
-    from kvtier.dev import certs
+    from kvtier import certs
     from kvtier.dev.local_operator import operator_argv
     from kvtier.dev.ports import free_port
 

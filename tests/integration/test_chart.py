@@ -59,6 +59,24 @@ def test_lint_is_clean_and_a_values_typo_is_refused(chart_cluster):
     assert bad.returncode != 0 and "timeoutSeconds" in bad.stderr
 
 
+def test_name_overrides_rename_every_object_and_bad_names_are_refused(chart_cluster):
+    cp, _ = chart_cluster
+
+    def names(*args: str) -> set[str]:
+        docs = yaml.safe_load_all(template(cp, *args).stdout)
+        return {
+            d["metadata"]["name"]
+            for d in docs
+            if d and d["kind"] not in ("CustomResourceDefinition", "CSIDriver")
+        }
+
+    assert all(n.startswith("kvtier-") for n in names())
+    assert all(n.startswith("cache-") for n in names("--set", "fullnameOverride=cache"))
+    assert all(n.startswith("kvtier-cache-") for n in names("--set", "nameOverride=cache"))
+    bad = template(cp, "--set", "nameOverride=Bad_Name", check=False)
+    assert bad.returncode != 0 and "nameOverride" in bad.stderr
+
+
 def test_rendered_manifests_validate_on_the_api_server(chart_cluster):
     cp, _ = chart_cluster
     out = template(cp, "-n", NS).stdout

@@ -15,7 +15,7 @@ from cryptography import x509
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from kvtier.dev import certs
+from kvtier import certs
 
 RENEW_BEFORE = dt.timedelta(days=30)
 

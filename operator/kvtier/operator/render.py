@@ -13,6 +13,7 @@ import hashlib
 import posixpath
 from typing import Any
 
+from kvtier import __version__
 from kvtier.api import v1alpha1 as api
 from kvtier.api.agentconfig import AgentConfig, default_agent_config
 from kvtier.api.quantity import format_bytes, parse_quantity
@@ -39,7 +40,9 @@ def labels(pool: str) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "kvtier-agent",
         "app.kubernetes.io/instance": pool,
+        "app.kubernetes.io/component": "agent",
         "app.kubernetes.io/part-of": "kvtier",
+        "app.kubernetes.io/version": __version__,  # not in any selector: an upgrade keeps them valid
         "app.kubernetes.io/managed-by": "kvtier-operator",
         "kvtier.io/pool": pool,
     }

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from kvtier.dev import certs
+from kvtier import certs
 from kvtier.dev.ports import free_port
 
 STATE_FILE = "controlplane.json"

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from kvtier.dev import certs
+from kvtier import certs
 from kvtier.dev.controlplane import LocalControlPlane, _alive, _terminate, write_kubeconfig
 from kvtier.dev.ports import free_port
 
