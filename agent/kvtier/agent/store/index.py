@@ -94,6 +94,7 @@ class Store:
         self.hits = 0
         self.misses = 0
         self._closed = False
+        self.refusing: str | None = None  # set while the node drains (drain.py): no new blocks
         self._persisting = 0
         self._salts: dict[str, bytes] = {}
         # promotions run beside the NVMe tier's own I/O pool (each one fans out into chunk reads there)
@@ -137,6 +138,8 @@ class Store:
         out = []
         deadline = time.monotonic() + wait
         with self.lock:
+            if self.refusing:
+                raise StoreError(self.refusing)
             for size in sizes:
                 got = self._allocate_dram(lease.tenant, size)
                 while got is None and self.nvme and time.monotonic() < deadline:
@@ -354,7 +357,7 @@ class Store:
     def ingest(self, ikey: bytes, tenant: str, data: memoryview, sum_: int) -> bool:
         """A block fetched from a peer (already verified) becomes a local DRAM block."""
         with self.lock:
-            if ikey in self.blocks:
+            if ikey in self.blocks or self.refusing:
                 return False
             got = self._allocate_dram(tenant, len(data))
             if got is None:
