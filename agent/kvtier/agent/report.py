@@ -151,7 +151,8 @@ class NodeReporter:
             except ApiException as exc:
                 if exc.status != 409:
                     raise
-            delta = current
+            # the whole status: fields a previous run wrote and this one lacks are removed
+            delta = {**dict.fromkeys(api.KVCacheNodeStatus.model_fields), **current}
         else:
             delta = merge_patch(sent, current)
         self.api.patch_cluster_custom_object_status(*args, self.name, {"status": delta})
