@@ -189,11 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="bench-store.json")
     b.add_argument("--quick", action="store_true", help="small sizes, for CI and the demo")
     b.set_defaults(func=_lazy("kvtier.bench.store"))
-    b = bench_sub.add_parser("controlplane", help="pools x nodes on the local control plane")
+    b = bench_sub.add_parser(
+        "controlplane", help="nodes and pools on the local control plane, simulated agents"
+    )
     b.add_argument("--out", default="bench-controlplane.json")
-    b.add_argument("--pools", type=int, default=100)
-    b.add_argument("--nodes", type=int, default=50)
-    b.add_argument("--status-interval", type=float, default=2.0, help="the operator's status timer (s)")
+    b.add_argument("--nodes", type=int, default=1000, help="Nodes, each running one simulated agent")
+    b.add_argument("--pools", type=int, default=100, help="pools; each selects nodes/pools of the Nodes")
+    b.add_argument("--window", type=float, default=120.0, help="steady-load window (s)")
+    b.add_argument("--heartbeat", type=float, default=60.0, help="the agents' heartbeat (s)")
     b.set_defaults(func=_lazy("kvtier.bench.controlplane"))
     b = bench_sub.add_parser("ttft", help="restore TTFT vs recompute (GPU, or a small model on CPU)")
     b.add_argument("--out", default="bench-ttft.json")

@@ -18,7 +18,17 @@ FIELD_MANAGER = "kvtier-operator"
 
 @functools.cache
 def api_client() -> client.ApiClient:
-    return api_client_from_environment(required=True)
+    # as many connections as handlers and status writers run at once (urllib3 discards the rest)
+    configuration = api_client_from_environment(required=True).configuration
+    configuration.connection_pool_maxsize = 48
+    return client.ApiClient(configuration)
+
+
+def warm_up(kinds: list[tuple[str, str]]) -> None:
+    """Resolve the kinds server-side apply will need, once, before handlers run: otherwise the first
+    burst of pools makes every worker thread run API discovery at the same time."""
+    for api_version, kind in kinds:
+        dynamic_client().resources.get(api_version=api_version, kind=kind)
 
 
 @functools.cache

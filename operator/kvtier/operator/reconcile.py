@@ -15,6 +15,7 @@ import asyncio
 import datetime as dt
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
@@ -29,7 +30,7 @@ from kvtier.api import v1alpha1 as api
 
 NAMESPACE = os.environ.get("KVTIER_NAMESPACE", "kvtier-system")
 USAGE_INTERVAL = float(os.environ.get("KVTIER_STATUS_INTERVAL", "30"))  # usage-only writes, per pool
-DEBOUNCE = float(os.environ.get("KVTIER_STATUS_DEBOUNCE", "0.3"))
+DEBOUNCE = float(os.environ.get("KVTIER_STATUS_DEBOUNCE", "0.1"))
 RESYNC_SECONDS = float(os.environ.get("KVTIER_RESYNC_SECONDS", "60"))
 POOLS = (api.GROUP, api.VERSION, "kvcachepools")
 KVCACHENODES = (api.GROUP, api.VERSION, "kvcachenodes")
@@ -47,6 +48,7 @@ STATUS_WRITES = Counter("kvtier_operator_status_writes", "Pool status writes, by
 # loop (async handlers), so no lock.
 FLEET = Fleet()
 WAKE: dict[str, asyncio.Event] = {}
+STATUS_WRITERS = ThreadPoolExecutor(32, thread_name_prefix="kvtier-status")  # a burst of pools at once
 
 
 def _wake(pools: set[str]) -> None:
@@ -78,9 +80,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.connect_timeout = 10
     settings.networking.request_timeout = 30
     settings.posting.level = logging.INFO
-    settings.execution.max_workers = 16
+    settings.execution.max_workers = 32
     settings.watching.reconnect_backoff = 1.0
     kube.ensure_namespace(NAMESPACE)
+    kube.warm_up([(api_version, kind) for api_version, kind, _ in CHILD_KINDS])
     if METRICS_PORT:
         start_http_server(METRICS_PORT)
 
@@ -223,7 +226,7 @@ async def keep_status(
             due = later if due is None else min(due, later)
             continue
         try:
-            await asyncio.to_thread(kube.patch_pool_status, name, delta)
+            await loop.run_in_executor(STATUS_WRITERS, kube.patch_pool_status, name, delta)
         except Exception as exc:  # the API hiccuped: keep the daemon, try again shortly
             log.warning("could not write the status of pool %s: %s", name, exc)
             due = loop.time() + 2.0
