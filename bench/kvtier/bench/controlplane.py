@@ -20,8 +20,10 @@ import heapq
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -362,6 +364,7 @@ def main(args: argparse.Namespace) -> int:
     from kvtier.dev.tools import ensure_tools
 
     n_nodes, n_pools = args.nodes, args.pools
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the control plane on the way out
     folder = Path(tempfile.mkdtemp(prefix="kvtier-bench-cp-"))
     cp = LocalControlPlane(state_dir=folder / "cp", bin_dir=ensure_tools(quiet=True)).start(
         log=lambda *_: None
@@ -393,18 +396,7 @@ def main(args: argparse.Namespace) -> int:
             list(ex.map(make_node, range(n_nodes)))
         nodes_s = time.monotonic() - t0
 
-        metrics_port = free_port()
-        env = {**cp.env(), "KVTIER_METRICS_PORT": str(metrics_port)}
-        op = subprocess.Popen(
-            operator_argv(NS),
-            env=env,
-            stdout=open(folder / "operator.log", "w"),  # noqa: SIM115
-            stderr=subprocess.STDOUT,
-        )
-        time.sleep(3)  # operator start-up (login, watches, index pre-population)
-
         # --- apply -> DaemonSet created
-        say(f"creating {n_pools} pools")
         created: dict[str, float] = {}
         seen: dict[str, float] = {}
         done = threading.Event()
@@ -421,6 +413,17 @@ def main(args: argparse.Namespace) -> int:
 
         threading.Thread(target=watch_ds, daemon=True).start()
         time.sleep(0.5)
+        metrics_port = free_port()
+        env = {**cp.env(), "KVTIER_METRICS_PORT": str(metrics_port)}
+        op = subprocess.Popen(
+            operator_argv(NS),
+            env=env,
+            stdout=open(folder / "operator.log", "w"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+        )
+        time.sleep(3)  # operator start-up (login, watches, index pre-population)
+        say(f"creating {n_pools} pools")
+
         for name in names:
             body = {
                 "apiVersion": api.API_VERSION,

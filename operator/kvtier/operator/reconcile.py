@@ -51,6 +51,18 @@ WAKE: dict[str, asyncio.Event] = {}
 STATUS_WRITERS = ThreadPoolExecutor(32, thread_name_prefix="kvtier-status")  # a burst of pools at once
 
 
+class _QuietEventHandlers(logging.Filter):
+    """kopf logs every handler run; the event handlers run for every heartbeat of every agent."""
+
+    NOISY = ("'kvcachenode_changed' succeeded", "'node_changed' succeeded", "'pool_changed' succeeded")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(n in record.getMessage() for n in self.NOISY)
+
+
+logging.getLogger("kopf.objects").addFilter(_QuietEventHandlers())
+
+
 def _wake(pools: set[str]) -> None:
     for pool in pools:
         WAKE.setdefault(pool, asyncio.Event()).set()
@@ -168,8 +180,13 @@ async def pool_changed(
         WAKE.pop(name, None)
         _forget_metrics(name)
         return
-    nodes = {n: _one(node_views, n) for n in node_views}
-    _wake(FLEET.set_pool(name, spec.get("nodeSelector"), nodes))
+    _wake(_track_pool(name, spec.get("nodeSelector"), node_views))
+
+
+def _track_pool(name: str, selector: dict[str, str] | None, node_views: kopf.Index) -> set[str]:
+    if name in FLEET.selectors and FLEET.selectors[name] == dict(selector or {}):
+        return set()  # most pool events are its own status writes
+    return FLEET.set_pool(name, selector, {n: _one(node_views, n) for n in node_views})
 
 
 # ------------------------------------------------------------------------------ pool status
@@ -182,6 +199,7 @@ async def keep_status(
     stopped: kopf.DaemonStopped,
     kvcachenodes_by_pool: kopf.Index,
     pool_specs: kopf.Index,
+    node_views: kopf.Index,
     **_: Any,
 ) -> None:
     """Recompute the pool's status when woken (debounced), when a heartbeat is due to go stale, or
@@ -203,6 +221,8 @@ async def keep_status(
         if pool is None or body.metadata.get("deletionTimestamp"):
             due = None
             continue
+        if name not in FLEET.selectors:  # the daemon ran before the pool's event handler
+            _track_pool(name, pool.spec.nodeSelector, node_views)
         written = dict(body.get("status") or {})
         kvnodes = list(kvcachenodes_by_pool.get(name, []))
         now = dt.datetime.now(dt.UTC)
