@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both work on a fresh machine.
-.PHONY: demo test setup lint unit integration crds bench-store test-vllm
+.PHONY: demo test setup lint unit integration crds bench-store test-vllm check-rules
 
 setup:
 	@bash hack/setup.sh
@@ -31,3 +31,7 @@ test-vllm: setup
 	test -x .venv-vllm/bin/python || python3 -m venv .venv-vllm
 	.venv-vllm/bin/python -m pip install -q vllm pytest pytest-timeout -e .
 	.venv-vllm/bin/python -m pytest -m "vllm or torch" tests/vllm tests/torch
+
+# The chart's alert rules through promtool (built once from its Go module; slow the first time).
+check-rules: setup
+	KVTIER_PROMTOOL=$$(bash hack/build-promtool.sh) .venv/bin/python -m pytest tests/unit/test_alert_rules.py

@@ -454,6 +454,7 @@ def main(args: argparse.Namespace) -> int:
 
         # --- steady window: the API server's own counters, the operator's CPU and memory
         before, cpu0, writes0 = _apiserver_metrics(cp), _proc(op.pid)[0], dict(agents.writes)
+        load_start = os.getloadavg()[0]
         ops0 = _scrape(metrics_port)
         t0 = time.monotonic()
         time.sleep(args.window)
@@ -497,6 +498,7 @@ def main(args: argparse.Namespace) -> int:
             "command": "kvtier bench controlplane " + " ".join(args.argv_echo),
             "date": time.strftime("%Y-%m-%d"),
             "machine": f"{os.cpu_count()} CPUs, shared; etcd, kube-apiserver, the operator and the simulated agents on one machine",
+            "load_average_1m_window_start_and_report": [round(load_start, 1), round(os.getloadavg()[0], 1)],
             "nodes": n_nodes,
             "pools": n_pools,
             "agent_model": {
