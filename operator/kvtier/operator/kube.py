@@ -20,7 +20,7 @@ FIELD_MANAGER = "kvtier-operator"
 def api_client() -> client.ApiClient:
     # as many connections as handlers and status writers run at once (urllib3 discards the rest)
     configuration = api_client_from_environment(required=True).configuration
-    configuration.connection_pool_maxsize = 48
+    configuration.connection_pool_maxsize = 80
     return client.ApiClient(configuration)
 
 

@@ -128,10 +128,11 @@ def reconcile(body: kopf.Body, uid: str, meta: kopf.Meta, patch: kopf.Patch, **_
 
 
 # ---------------------------------------------------------------- indexes (watch-fed, in memory)
+# async: each runs for every event of its kind, and is too small to be worth a thread hop
 
 
 @kopf.index(*KVCACHENODES)
-def kvcachenodes_by_pool(body: kopf.Body, **_: Any) -> dict[str, api.KVCacheNode]:
+async def kvcachenodes_by_pool(body: kopf.Body, **_: Any) -> dict[str, api.KVCacheNode]:
     try:
         kvn = api.KVCacheNode.model_validate(dict(body))
     except ValidationError:
@@ -140,12 +141,12 @@ def kvcachenodes_by_pool(body: kopf.Body, **_: Any) -> dict[str, api.KVCacheNode
 
 
 @kopf.index(*NODES)
-def node_views(name: str, labels: kopf.Labels, spec: kopf.Spec, **_: Any) -> dict[str, NodeView]:
+async def node_views(name: str, labels: kopf.Labels, spec: kopf.Spec, **_: Any) -> dict[str, NodeView]:
     return {name: NodeView(dict(labels), bool(spec.get("unschedulable")))}
 
 
 @kopf.index(*POOLS)
-def pool_specs(body: kopf.Body, name: str, **_: Any) -> dict[str, api.KVCachePool]:
+async def pool_specs(body: kopf.Body, name: str, **_: Any) -> dict[str, api.KVCachePool]:
     try:
         return {name: api.KVCachePool.model_validate(dict(body))}
     except ValidationError:
