@@ -350,8 +350,22 @@ def _scrape(port: int) -> dict[str, float]:
         for f in text_string_to_metric_families(text)
         if f.name.startswith("kvtier_operator")
         for s in f.samples
-        if s.name.endswith("_total")
+        if s.name.endswith(("_total", "_bucket", "_count"))
     }
+
+
+def _operator_delay(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """The operator's own share of the change latencies (event in -> status written), from its
+    histogram: upper bounds of the buckets holding p50 and p99."""
+    name = "kvtier_operator_status_delay_seconds"
+    count = after.get(f"{name}_count{{}}", 0) - before.get(f"{name}_count{{}}", 0)
+    buckets = sorted(
+        (float(k.split("le=")[1].rstrip("}")), v - before.get(k, 0))
+        for k, v in after.items()
+        if k.startswith(f"{name}_bucket")
+    )
+    bound = lambda q: next((le for le, c in buckets if count and c >= q * count), None)  # noqa: E731
+    return {"n": int(count), "p50_le_s": bound(0.5), "p99_le_s": bound(0.99)}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -470,18 +484,21 @@ def main(args: argparse.Namespace) -> int:
 
         # --- steady window: the API server's own counters, the operator's CPU and memory
         before, cpu0, writes0 = _apiserver_metrics(cp), _proc(op.pid)[0], dict(agents.writes)
+        bench_cpu0 = _proc(os.getpid())[0]
         load_start = os.getloadavg()[0]
         ops0 = _scrape(metrics_port)
         t0 = time.monotonic()
         time.sleep(args.window)
         window = time.monotonic() - t0
         after, (cpu1, rss, hwm) = _apiserver_metrics(cp), _proc(op.pid)
+        bench_cpu = (_proc(os.getpid())[0] - bench_cpu0) / window
         ops1 = _scrape(metrics_port)
         load = _load(before, after, window)
         kvtier_rate = sum(r["per_s"] for r in load.values() if r["kvtier"])
         agent_writes = {k: round((agents.writes[k] - writes0.get(k, 0)) / window, 3) for k in agents.writes}
 
         # --- change latencies, under the same steady load
+        ops_probe0 = _scrape(metrics_port)
         say("node leaves its pool's selector -> pool status")
         changed: dict[str, float] = {}
         for k, name in enumerate(names):
@@ -509,6 +526,7 @@ def main(args: argparse.Namespace) -> int:
 
         got = pools_watch.wait(names, degraded, timeout=60)
         kvn_lat = [got[n] - changed[n] for n in names if n in got]
+        operator_delay = _operator_delay(ops_probe0, _scrape(metrics_port))
 
         report = {
             "command": "kvtier bench controlplane " + " ".join(args.argv_echo),
@@ -528,6 +546,7 @@ def main(args: argparse.Namespace) -> int:
             "apply_to_daemonset": _stats(apply_lat),
             "node_leaves_selector_to_pool_status": _stats(node_lat),
             "kvcachenode_unhealthy_to_pool_status": _stats(kvn_lat),
+            "operator_share_of_both": operator_delay,
             "steady": {
                 "window_s": round(window, 1),
                 "kvtier_requests_per_s": round(kvtier_rate, 3),
@@ -543,6 +562,7 @@ def main(args: argparse.Namespace) -> int:
                 "operator_rss_mib": round(rss / (1 << 20), 1),
                 "operator_peak_rss_mib": round(hwm / (1 << 20), 1),
                 "sim_agent_write_errors": agents.errors,
+                "bench_process_cpu_cores": round(bench_cpu, 3),
             },
             "setup": {
                 "create_nodes_s": round(nodes_s, 1),

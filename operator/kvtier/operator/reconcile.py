@@ -23,7 +23,7 @@ from kvtier.operator import kube
 from kvtier.operator.fleet import Fleet, NodeView
 from kvtier.operator.render import child_name, pool_secret, render_pool, secret_name, summary
 from kvtier.operator.status import aggregate, next_expiry, status_delta, usage_only
-from prometheus_client import Counter, Gauge, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from pydantic import ValidationError
 
 from kvtier.api import v1alpha1 as api
@@ -43,11 +43,17 @@ log = logging.getLogger("kvtier.operator")
 POOL_CONDITION = Gauge("kvtier_pool_condition", "1 when the pool's condition is True", ["pool", "condition"])
 POOL_NODES = Gauge("kvtier_pool_nodes", "Agents of the pool by state", ["pool", "state"])
 STATUS_WRITES = Counter("kvtier_operator_status_writes", "Pool status writes, by what changed", ["change"])
+STATUS_DELAY = Histogram(
+    "kvtier_operator_status_delay_seconds",
+    "From an event that changed a pool's node counts or conditions to its status write returning",
+    buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10),
+)
 
 # What each pool's status was computed from, and one wake-up per pool; touched only from the event
 # loop (async handlers), so no lock.
 FLEET = Fleet()
 WAKE: dict[str, asyncio.Event] = {}
+WOKEN: dict[str, float] = {}  # pool -> when the first event not yet acted on arrived (loop time)
 STATUS_WRITERS = ThreadPoolExecutor(32, thread_name_prefix="kvtier-status")  # a burst of pools at once
 
 
@@ -64,7 +70,9 @@ logging.getLogger("kopf.objects").addFilter(_QuietEventHandlers())
 
 
 def _wake(pools: set[str]) -> None:
+    now = asyncio.get_running_loop().time()
     for pool in pools:
+        WOKEN.setdefault(pool, now)
         WAKE.setdefault(pool, asyncio.Event()).set()
 
 
@@ -218,6 +226,7 @@ async def keep_status(
         except TimeoutError:
             pass
         wake.clear()
+        woken = WOKEN.pop(name, None)
         pool = _one(pool_specs, name)
         if pool is None or body.metadata.get("deletionTimestamp"):
             due = None
@@ -254,7 +263,12 @@ async def keep_status(
             continue
         if "tiers" in delta or "hitRatio" in delta:
             usage_written = loop.time()
-        STATUS_WRITES.labels("usage" if usage_only(delta) else "state").inc()
+        if usage_only(delta):
+            STATUS_WRITES.labels("usage").inc()
+        else:
+            STATUS_WRITES.labels("state").inc()
+            if woken is not None:
+                STATUS_DELAY.observe(loop.time() - woken)
         _warn_if_degraded(body, written, new)
 
 
