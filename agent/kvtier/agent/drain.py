@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -207,6 +206,7 @@ class NodeWatch:
         from kubernetes import client, watch
 
         core = client.CoreV1Api(self.api_client)
+        backoff = 1.0
         while not stop.is_set():
             try:
                 stream = watch.Watch().stream(
@@ -215,14 +215,14 @@ class NodeWatch:
                 for event in stream:
                     if stop.is_set():
                         return
-                    node = event["object"]
+                    node, backoff = event["object"], 1.0
                     if event["type"] in ("ADDED", "MODIFIED"):
                         self.drainer.want(
                             drain_reason(
                                 node.metadata.labels or {}, bool(node.spec.unschedulable), self.selector
                             )
                         )
-            except Exception as exc:  # the API being away must never stop the data path
-                log.warning("watching Node %s: %s", self.node, exc)
-                stop.wait(5)
-            time.sleep(0)
+            except Exception as exc:  # the API being away (or RBAC) must never stop the data path
+                log.warning("watching Node %s (retry in %.0fs): %s", self.node, backoff, exc)
+                stop.wait(backoff)
+                backoff = min(60.0, backoff * 2)
