@@ -15,6 +15,7 @@ import asyncio
 import datetime as dt
 import logging
 import os
+import random
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -216,7 +217,8 @@ async def keep_status(
     wake = WAKE.setdefault(name, asyncio.Event())
     wake.set()  # once at start (operator restart, new pool)
     loop = asyncio.get_running_loop()
-    usage_written = 0.0
+    # pools started together (an operator restart) must not write their usage numbers in step
+    usage_written = loop.time() - random.uniform(0, USAGE_INTERVAL)
     due: float | None = None
     while not stopped:
         timeout = None if due is None else max(0.0, due - loop.time())
