@@ -232,11 +232,12 @@ class SimKubelets:
 
 
 class PoolWatch:
-    """The latest status of every pool, from one watch (no polling)."""
+    """Every status each pool had, with the time the watch delivered it (no polling): a change's
+    latency is read from when its status arrived, however late the bench looks."""
 
     def __init__(self, custom) -> None:
         self.custom = custom
-        self.status: dict[str, dict[str, Any]] = {}
+        self.history: dict[str, list[tuple[float, dict[str, Any]]]] = defaultdict(list)
         self.changed = threading.Condition()
         self.stop = threading.Event()
         threading.Thread(target=self._run, daemon=True).start()
@@ -249,24 +250,30 @@ class PoolWatch:
                 for ev in watch.Watch().stream(
                     self.custom.list_cluster_custom_object, *POOLS, timeout_seconds=60
                 ):
-                    obj = ev["object"]
+                    obj, now = ev["object"], time.monotonic()
                     with self.changed:
-                        self.status[obj["metadata"]["name"]] = obj.get("status") or {}
+                        self.history[obj["metadata"]["name"]].append((now, obj.get("status") or {}))
                         self.changed.notify_all()
                     if self.stop.is_set():
                         return
             except Exception:
                 time.sleep(0.5)
 
-    def wait(self, names: list[str], check, timeout: float) -> dict[str, float]:
-        """{pool: monotonic time its status first satisfied check}."""
+    def wait(
+        self, names: list[str], check, timeout: float, since: dict[str, float] | None = None
+    ) -> dict[str, float]:
+        """{pool: monotonic time its status first satisfied check (at or after since[pool])}."""
         got: dict[str, float] = {}
         deadline = time.monotonic() + timeout
         with self.changed:
             while len(got) < len(names) and time.monotonic() < deadline:
                 for n in names:
-                    if n not in got and check(n, self.status.get(n) or {}):
-                        got[n] = time.monotonic()
+                    if n in got:
+                        continue
+                    t0 = (since or {}).get(n, 0.0)
+                    hit = next((t for t, st in self.history[n] if t >= t0 and check(n, st)), None)
+                    if hit is not None:
+                        got[n] = hit
                 self.changed.wait(timeout=0.05)
         return got
 
@@ -506,7 +513,10 @@ def main(args: argparse.Namespace) -> int:
             core.patch_node(_node_name(k), {"metadata": {"labels": {POOL_LABEL: "none"}}})
             time.sleep(0.02)
         got = pools_watch.wait(
-            names, lambda n, st: (st.get("nodes") or {}).get("desired") == per_pool[n] - 1, timeout=60
+            names,
+            lambda n, st: (st.get("nodes") or {}).get("desired") == per_pool[n] - 1,
+            timeout=60,
+            since=changed,
         )
         node_lat = [got[n] - changed[n] for n in names if n in got]
 
@@ -524,7 +534,7 @@ def main(args: argparse.Namespace) -> int:
         def degraded(_: str, st: dict) -> bool:
             return any(c["type"] == "Degraded" and c["status"] == "True" for c in st.get("conditions") or [])
 
-        got = pools_watch.wait(names, degraded, timeout=60)
+        got = pools_watch.wait(names, degraded, timeout=60, since=changed)
         kvn_lat = [got[n] - changed[n] for n in names if n in got]
         operator_delay = _operator_delay(ops_probe0, _scrape(metrics_port))
 
