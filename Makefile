@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both work on a fresh machine.
-.PHONY: demo test setup lint unit integration adversarial node image crds bench-store bench-chaos test-vllm
+.PHONY: demo test setup lint unit integration adversarial node image crds bench-store bench-chaos test-vllm check-rules
 
 setup:
 	@bash hack/setup.sh
@@ -55,3 +55,7 @@ test-vllm: setup
 	  echo "== vLLM $$v"; \
 	  HF_HUB_OFFLINE=1 $$venv/bin/python -m pytest -m "vllm or torch" tests/vllm tests/torch; \
 	done
+
+# The chart's alert rules through promtool (built once from its Go module; slow the first time).
+check-rules: setup
+	KVTIER_PROMTOOL=$$(bash hack/build-promtool.sh) .venv/bin/python -m pytest tests/unit/test_alert_rules.py

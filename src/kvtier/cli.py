@@ -257,11 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--frames", type=int, default=3000, help="fuzzed frames per socket (tenant, admin, peer)")
     b.add_argument("--kills", type=int, default=32, help="SIGKILLs of the agent under concurrent writers")
     b.set_defaults(func=_lazy("kvtier.bench.chaos"))
-    b = bench_sub.add_parser("controlplane", help="pools x nodes on the local control plane")
+    b = bench_sub.add_parser(
+        "controlplane", help="nodes and pools on the local control plane, simulated agents"
+    )
     b.add_argument("--out", default="bench-controlplane.json")
-    b.add_argument("--pools", type=int, default=100)
-    b.add_argument("--nodes", type=int, default=50)
-    b.add_argument("--status-interval", type=float, default=2.0, help="the operator's status timer (s)")
+    b.add_argument("--nodes", type=int, default=1000, help="Nodes, each running one simulated agent")
+    b.add_argument("--pools", type=int, default=100, help="pools; each selects nodes/pools of the Nodes")
+    b.add_argument("--window", type=float, default=120.0, help="steady-load window (s)")
+    b.add_argument("--heartbeat", type=float, default=60.0, help="the agents' heartbeat (s)")
     b.set_defaults(func=_lazy("kvtier.bench.controlplane"))
     b = bench_sub.add_parser(
         "transport", help="peer fetches over NIXL between two network namespaces vs raw TCP (needs root)"

@@ -42,7 +42,8 @@ def expected(fullname: str) -> dict[str, dict[tuple[str, str], set[str]]]:
             **{(r, ""): set(ALL) for r in ("configmaps", "services", "serviceaccounts", "secrets")},
         },
         "csi": {("kvcachepools.kvtier.io", ""): {"get"}, ("namespaces", ""): {"get"}},
-        "agent": {("kvcachenodes.kvtier.io", ""): {"get", "list", "create"}, ("kvcachenodes.kvtier.io/status", ""): {"patch"}},
+        "agent": {("kvcachenodes.kvtier.io", ""): {"get", "list", "create"}, ("kvcachenodes.kvtier.io/status", ""): {"patch"},
+                  ("nodes", ""): {"get", "list", "watch"}},
     }  # fmt: skip
 
 

@@ -235,7 +235,7 @@ def test_kvcachenodes_aggregate_into_pool_status_and_columns(kube, pool_name, co
     st = eventually(
         lambda: (s := status()).get("nodes", {}).get("ready") == 1 and s, message="one node ready"
     )
-    assert st["nodes"] == {"desired": 2, "ready": 1}
+    assert st["nodes"] == {"desired": 2, "ready": 1, "draining": 0}
     assert _condition({"status": st}, "Ready")["status"] == "False"
     assert _condition({"status": st}, "Progressing")["status"] == "True"
 

@@ -8,6 +8,7 @@ import os
 import pytest
 
 from kvtier.agent.tiers.manifest import Manifest, Record
+from kvtier.agent.tiers.nvme import ALIGN
 from kvtier.bench.diskfloor import read_extents, resident_bytes, tier_extents, tier_keys
 
 pytestmark = pytest.mark.unit
@@ -27,10 +28,12 @@ def test_floor_reads_the_new_blocks_extents_only(tmp_path):
     manifest.add(Record(b"new3", "t", 16 * MiB, 2 * MiB, 2 * MiB, 0))
     manifest.close()
     extents = tier_extents(manifest.path, before)
-    assert extents == [(8 * MiB, 10 * MiB)]  # neighbours merged, the old and the deleted block left out
+    assert extents == [
+        (ALIGN + 8 * MiB, 10 * MiB)
+    ]  # file offsets (after the header); neighbours merged, the old and the deleted block left out
     assert read_extents(data, extents, threads=4) > 0
     whole = tier_extents(manifest.path)
-    assert whole == [(0, 4 * MiB), (8 * MiB, 10 * MiB)]
+    assert whole == [(ALIGN, 4 * MiB), (ALIGN + 8 * MiB, 10 * MiB)]
 
 
 def test_resident_bytes_sees_the_page_cache(tmp_path):

@@ -10,7 +10,7 @@ import yaml
 from kvtier.api import v1alpha1 as api
 from kvtier.api.agentconfig import AgentConfig
 from kvtier.operator.render import render_pool
-from kvtier.operator.status import aggregate, conflicts
+from kvtier.operator.status import aggregate
 from tests.support import REPO
 
 pytestmark = pytest.mark.unit
@@ -92,7 +92,7 @@ def test_aggregate_counts_ready_nodes_and_flags_stale_ones():
     now = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.UTC)
     nodes = [_kvn("a", now), _kvn("b", now - dt.timedelta(minutes=2))]
     st = aggregate(_pool(), 3, nodes, ["a", "b"], {}, [], now)
-    assert st["nodes"] == {"desired": 2, "ready": 1}
+    assert st["nodes"] == {"desired": 2, "ready": 1, "draining": 0}
     assert st["display"]["nodes"] == "1/2" and st["display"]["hit"] == "90%"
     cond = {c["type"]: c for c in st["conditions"]}
     assert cond["Ready"]["status"] == "False" and cond["Degraded"]["status"] == "True"
@@ -108,13 +108,3 @@ def test_condition_transition_time_only_moves_on_change():
     ready = lambda st: next(c for c in st["conditions"] if c["type"] == "Ready")  # noqa: E731
     assert ready(first)["status"] == "True"
     assert ready(second)["lastTransitionTime"] == ready(first)["lastTransitionTime"]
-
-
-def test_conflicts_name_the_shared_nodes():
-    nodes = [
-        {"metadata": {"name": "n1", "labels": {"gpu": "h200"}}},
-        {"metadata": {"name": "n2", "labels": {}}},
-    ]
-    a = _pool(nodeSelector={"gpu": "h200"})
-    b = api.KVCachePool.model_validate({**a.model_dump(), "metadata": {"name": "other"}})
-    assert conflicts(a, [a, b], nodes) == {"n1": ["other"]}

@@ -19,6 +19,7 @@ from prometheus_client import start_http_server
 from kvtier import __version__
 from kvtier.agent.api.server import AgentAPI, Gate, ServerLimits
 from kvtier.agent.devices import gpu_inventory, numa_for_gpus, rdma
+from kvtier.agent.drain import Drainer, NodeWatch
 from kvtier.agent.metrics import Metrics
 from kvtier.agent.store.index import Store, load_secret
 from kvtier.agent.tiers.dram import DramTier
@@ -31,6 +32,7 @@ from kvtier.kubeapi import api_client_from_environment
 
 log = logging.getLogger("kvtier.agent")
 VERSION = __version__
+DRAIN_GRACE_S = 20.0  # of the pod's 30 s termination grace period
 
 
 class Agent:
@@ -89,6 +91,9 @@ class Agent:
             gate,
             self.metrics,
         )
+        if spec.tiers.nvme is not None:
+            self.metrics.nvme_available.set(1 if self.nvme else 0)
+        self.drainer = Drainer(self.store, spec.drain, self.metrics)
         self.numa = numa
         self.api = AgentAPI(
             Path(config.socketDir),
@@ -182,7 +187,10 @@ class Agent:
 
         if self.api_client is not None:
             self.reporter = NodeReporter(self, self.api_client)
+            self.drainer.changed = self.reporter.poke.set
             threading.Thread(target=self.reporter.run, args=(self._stop,), daemon=True).start()
+            watch = NodeWatch(self.api_client, self.node, self.config.spec.nodeSelector, self.drainer)
+            threading.Thread(target=watch.run, args=(self._stop,), daemon=True).start()
         else:
             log.info("not writing a KVCacheNode (no Kubernetes API)")
 
@@ -263,5 +271,7 @@ def main(args: argparse.Namespace) -> int:
         flush=True,
     )
     done.wait()
+    if not agent.drainer.wait(timeout=DRAIN_GRACE_S):  # a drain in progress gets to finish
+        log.warning("stopping before the drain finished")
     agent.stop()
     return 0

@@ -1,4 +1,9 @@
-"""Prometheus metrics of one agent (own registry, so several agents can live in one test process)."""
+"""Prometheus metrics of one agent (own registry, so several agents can live in one test process).
+
+Names follow Prometheus conventions (a test checks them): the unit at the end of the name
+(`_bytes`, `_seconds`, `_blocks`), counters exposed with `_total`, and labels drawn from small fixed
+sets (tier, direction, result, source, op), never keys, tenants or addresses.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,17 @@ import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Every label value the agent uses, by label name: bounded sets (the naming test checks the registry).
+LABEL_VALUES = {
+    "tier": {"dram", "nvme"},
+    "result": {"dram", "nvme", "miss"},
+    "direction": {"dram_to_nvme", "nvme_to_dram", "served", "fetched"},
+    "source": {"commit", "nvme", "peer"},
+    # the tenant socket's operations (api/server.py) and the store's own steps
+    "op": {"hello", "ping", "stats", "lookup", "allocate", "commit", "read", "prefetch", "release"}
+    | {"read_blocks", "promote", "persist"},
+}
 
 
 class LogThrottle:
@@ -43,16 +59,23 @@ class Metrics:
         r = self.registry = registry or CollectorRegistry()
         self.tier_bytes = Gauge("kvtier_tier_used_bytes", "Bytes held per tier", ["tier"], registry=r)
         self.tier_capacity = Gauge("kvtier_tier_capacity_bytes", "Capacity per tier", ["tier"], registry=r)
+        self.nvme_available = Gauge(
+            "kvtier_nvme_tier_available",
+            "1 when the pool's NVMe tier is serving, 0 when it could not start",
+            registry=r,
+        )
         self.lookups = Counter(
             "kvtier_block_reads", "Blocks read, by tier hit or miss", ["result"], registry=r
         )
         self.committed_blocks = Counter("kvtier_committed_blocks", "Blocks committed by clients", registry=r)
         self.committed_bytes = Counter("kvtier_committed_bytes", "Bytes committed by clients", registry=r)
-        self.evictions = Counter("kvtier_evictions", "Blocks dropped from a tier", ["tier"], registry=r)
-        self.demotions = Counter("kvtier_demotions", "DRAM copies dropped with an NVMe copy kept", registry=r)
-        self.promotions = Counter("kvtier_promotions", "NVMe blocks brought back to DRAM", registry=r)
+        self.evictions = Counter("kvtier_evicted_blocks", "Blocks dropped from a tier", ["tier"], registry=r)
+        self.demotions = Counter(
+            "kvtier_demoted_blocks", "DRAM copies dropped with an NVMe copy kept", registry=r
+        )
+        self.promotions = Counter("kvtier_promoted_blocks", "NVMe blocks brought back to DRAM", registry=r)
         self.bytes_moved = Counter(
-            "kvtier_bytes_moved", "Bytes moved between tiers", ["direction"], registry=r
+            "kvtier_tier_moved_bytes", "Bytes moved between tiers", ["direction"], registry=r
         )
         self.checksum_failures = Counter(
             "kvtier_checksum_failures",
@@ -64,7 +87,7 @@ class Metrics:
             "kvtier_alloc_failures", "Saves refused because the arena was full", registry=r
         )
         self.persist_failures = Counter(
-            "kvtier_persist_failures", "Blocks that found no room on NVMe", registry=r
+            "kvtier_persist_failures", "Blocks not written to NVMe (no room or an I/O error)", registry=r
         )
         self.protocol_errors = Counter("kvtier_protocol_errors", "Malformed requests", registry=r)
         self.io_errors = Counter(
@@ -87,10 +110,19 @@ class Metrics:
             "kvtier_prefetch_unused_blocks", "Prefetched blocks evicted before anyone read them", registry=r
         )
         self.prefetch_late = Counter(
-            "kvtier_prefetch_late", "Prefetches stopped at their deadline", registry=r
+            "kvtier_late_prefetches", "Prefetches stopped at their deadline", registry=r
+        )
+        self.draining = Gauge(
+            "kvtier_draining", "1 while the node is cordoned or leaving the pool (no new blocks)", registry=r
+        )
+        self.drain_moved_bytes = Counter(
+            "kvtier_drain_moved_bytes", "DRAM-only bytes written to NVMe by drains", registry=r
+        )
+        self.drain_skipped_bytes = Counter(
+            "kvtier_drain_skipped_bytes", "DRAM-only bytes a drain left out (over drain.maxBytes)", registry=r
         )
         self.latency = Histogram(
-            "kvtier_op_seconds",
+            "kvtier_op_duration_seconds",
             "Latency of agent operations",
             ["op"],
             buckets=(1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1, 3),

@@ -35,9 +35,9 @@ from typing import Any
 
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+
 from kvtier.agent.api import protocol
 from kvtier.agent.client import Client
-
 from kvtier.dev.agents import AgentProcess, local_agent_config, spawn_agent
 
 FP = "chaos;bf16;L2;H2;D64;B16;tp0/1"

@@ -20,16 +20,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from kvtier.agent.tiers.manifest import replay
-from kvtier.agent.tiers.nvme import CHUNK, open_direct
+from kvtier.agent.tiers.nvme import ALIGN, CHUNK, open_direct
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def tier_extents(manifest: Path, exclude: set[bytes] = frozenset()) -> list[tuple[int, int]]:
     """(offset, length) of every live block in an NVMe tier's manifest, minus `exclude`d keys
-    (blocks that were there before the context being measured), sorted, neighbours merged."""
+    (blocks that were there before the context being measured), sorted, neighbours merged. File
+    offsets: the tier's data starts after its one-page header."""
     live, _ = replay(manifest.read_bytes()) if manifest.exists() else ({}, 0)
-    extents = sorted((r.offset, r.length) for k, r in live.items() if k not in exclude)
+    extents = sorted((ALIGN + r.offset, r.length) for k, r in live.items() if k not in exclude)
     merged: list[tuple[int, int]] = []
     for off, n in extents:
         if merged and merged[-1][0] + merged[-1][1] == off:

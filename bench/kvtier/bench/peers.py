@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from kvtier.bench.diskfloor import cold
 
 PEERS = ("torch.save", "safetensors")

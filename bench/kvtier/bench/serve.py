@@ -29,7 +29,6 @@ from typing import Any
 from kvtier.agent.keys import KVLayout
 from kvtier.bench.serveloop import POLICIES, Scheduler, Workload, ratios, scripts, summarize, workload_dict
 from kvtier.bench.shapes import SHAPES
-
 from kvtier.dev.agents import AgentProcess, local_agent_config, spawn_agent
 
 GiB, MiB = 1 << 30, 1 << 20
@@ -87,6 +86,7 @@ def extend(model, kv, ids, start: int, chunk: int):
     that holds `start` tokens already; next-token logits after the last. A chunk that starts at 0
     attends with `is_causal` (flash), a later one with a `causal_lower_right` bias (tpmodel's path)."""
     import torch.nn.functional as F
+
     from kvtier.bench.tpmodel import causal_attention
 
     s = ids.shape[1]
@@ -227,6 +227,7 @@ class TorchEngine:
         Written for few dispatches per layer (fused QKV, one RoPE for q and k): at small batches a
         decode step from Python is bound by the cost of launching its kernels."""
         import torch.nn.functional as F
+
         from kvtier.bench.tpmodel import _rotate_half
 
         torch, m = self.torch, self.model

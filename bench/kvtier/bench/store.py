@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kvtier.agent.client import Client
 
+from kvtier.agent.client import Client
 from kvtier.dev.agents import local_agent_config, spawn_agent
 
 MiB = 1 << 20

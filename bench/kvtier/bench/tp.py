@@ -25,7 +25,6 @@ from typing import Any
 from kvtier.agent.keys import KVLayout
 from kvtier.bench.diskfloor import cold, io_lock, read_extents, tier_extents, tier_keys
 from kvtier.bench.ttft import GiB, print_table, row, start_pool_agent, write_partial
-
 from kvtier.dev.ports import free_port
 
 NVME_FILE = "kvtier-bench.cache"
@@ -34,6 +33,7 @@ NVME_FILE = "kvtier-bench.cache"
 def run_tp(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
     import torch
     import torch.multiprocessing as mp
+
     from kvtier.bench.shapes import SHAPES
 
     shape = SHAPES["tiny" if args.small else args.shape]
@@ -94,6 +94,7 @@ def run_tp(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
 def rank_main(index: int, plan: dict[str, Any], queue) -> None:
     import torch
     import torch.distributed as dist
+
     from kvtier.agent.client import Client, admin_call
     from kvtier.agent.connectors.gpu import measure_h2d
     from kvtier.agent.connectors.hf import HFKVCache, Timings

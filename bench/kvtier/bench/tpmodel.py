@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+
 from kvtier.bench.prefill import causal_attention
 from kvtier.bench.shapes import Shape
 

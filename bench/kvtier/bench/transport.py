@@ -23,7 +23,6 @@ from typing import Any
 
 from kvtier.agent.client import Client
 from kvtier.agent.transports.nixl import UCX_TCP_DEFAULTS
-
 from kvtier.dev.agents import AgentProcess, local_agent_config, spawn_agent
 from kvtier.dev.netns import NetnsUnavailable, Nodes, make_nodes
 

@@ -26,7 +26,6 @@ from kvtier.agent.client import Client
 from kvtier.agent.keys import KVLayout, block_keys
 from kvtier.bench.diskfloor import cold, io_lock, read_extents, tier_extents
 from kvtier.bench.shapes import SHAPES
-
 from kvtier.dev.agents import AgentProcess, local_agent_config, spawn_agent
 
 GiB = 1 << 30
@@ -186,11 +185,12 @@ def prefill_chunks(args: argparse.Namespace, L: int, planned: int | None) -> lis
 
 def run_hf(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
     import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
     from kvtier.agent.connectors.gpu import measure_h2d
     from kvtier.agent.connectors.hf import HFKVCache, Timings
     from kvtier.bench import peers
     from kvtier.bench import prefill as pf
-    from transformers import AutoModelForCausalLM, Qwen2Config
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
     on_gpu = device.type == "cuda"
@@ -437,6 +437,7 @@ def nvme_restore(agent, nvme_file: Path, before: set[bytes], kv_bytes: int, rest
 
 def run_numpy(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
     import numpy as np
+
     from kvtier.bench.tinymodel import TinyConfig, TinyModel, blocks_to_cache, cache_to_blocks
 
     cfg = TinyConfig()

@@ -11,6 +11,8 @@ import kopf
 import pydantic
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+
+from kvtier.api import v1alpha1 as api
 from kvtier.operator import kube
 from kvtier.operator.webhook import (
     POOL_ANNOTATION,
@@ -20,8 +22,6 @@ from kvtier.operator.webhook import (
     decide,
     name_problem,
 )
-
-from kvtier.api import v1alpha1 as api
 
 log = logging.getLogger("kvtier.webhook")
 HANDLER_ID = "kvtier-inject"  # kopf serves it at <root>/kvtier-inject

@@ -18,7 +18,17 @@ FIELD_MANAGER = "kvtier-operator"
 
 @functools.cache
 def api_client() -> client.ApiClient:
-    return api_client_from_environment(required=True)
+    # as many connections as handlers and status writers run at once (urllib3 discards the rest)
+    configuration = api_client_from_environment(required=True).configuration
+    configuration.connection_pool_maxsize = 80
+    return client.ApiClient(configuration)
+
+
+def warm_up(kinds: list[tuple[str, str]]) -> None:
+    """Resolve the kinds server-side apply will need, once, before handlers run: otherwise the first
+    burst of pools makes every worker thread run API discovery at the same time."""
+    for api_version, kind in kinds:
+        dynamic_client().resources.get(api_version=api_version, kind=kind)
 
 
 @functools.cache
@@ -73,31 +83,14 @@ _SNAPSHOT_LOCK = threading.Lock()
 
 
 def snapshot(name: str, fetch, max_age: float) -> Any:
-    """The cluster-wide lists every pool's timer needs (all pools, all Nodes), fetched at most once per
-    `max_age` seconds and shared by all timers: 100 pools must not mean 100 lists a tick."""
+    """A read that many handlers need (the agents' DaemonSets for every pool's drift check, a
+    namespace's labels for the webhook), fetched at most once per `max_age` seconds and shared."""
     with _SNAPSHOT_LOCK:
         stamp, value = _SNAPSHOTS.get(name, (0.0, None))
         if time.monotonic() - stamp > max_age:
             value = fetch()
             _SNAPSHOTS[name] = (time.monotonic(), value)
         return value
-
-
-def list_pools() -> list[api.KVCachePool]:
-    items = client.CustomObjectsApi(api_client()).list_cluster_custom_object(
-        api.GROUP, api.VERSION, "kvcachepools"
-    )["items"]
-    out = []
-    for item in items:
-        try:
-            out.append(api.KVCachePool.model_validate(item))
-        except ValueError:
-            continue
-    return out
-
-
-def list_nodes() -> list[dict[str, Any]]:
-    return [n.to_dict() for n in client.CoreV1Api(api_client()).list_node().items]
 
 
 def read_secret(name: str, namespace: str) -> dict[str, Any] | None:
@@ -149,3 +142,32 @@ def apply_crds(api_client_: client.ApiClient | None = None, timeout: float = 30)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"CRD {name} not established")
             time.sleep(0.1)
+
+
+def forget_snapshot(name: str) -> None:
+    with _SNAPSHOT_LOCK:
+        _SNAPSHOTS.pop(name, None)
+
+
+def daemonset_hashes(namespace: str) -> dict[str, str]:
+    """{DaemonSet name: its pod template's config hash} for kvtier's agents in `namespace`."""
+    items = (
+        client.AppsV1Api(api_client())
+        .list_namespaced_daemon_set(namespace, label_selector="app.kubernetes.io/name=kvtier-agent")
+        .items
+    )
+    return {
+        ds.metadata.name: (ds.spec.template.metadata.annotations or {}).get("kvtier.io/config-hash", "")
+        for ds in items
+    }
+
+
+def patch_pool_status(name: str, delta: dict[str, Any]) -> None:
+    """A merge patch of the pool's status subresource with only the fields that changed."""
+    try:
+        client.CustomObjectsApi(api_client()).patch_cluster_custom_object_status(
+            api.GROUP, api.VERSION, "kvcachepools", name, {"status": delta}
+        )
+    except ApiException as exc:
+        if exc.status != 404:  # deleted meanwhile: nothing to report on
+            raise

@@ -12,6 +12,7 @@ from pathlib import Path
 def main(args: argparse.Namespace) -> int:
     os.environ["KVTIER_NAMESPACE"] = args.namespace
     import kopf
+
     from kvtier.operator import reconcile  # (registers the handlers)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -213,11 +213,13 @@ def daemonset(
 
 def agent_rules() -> list[dict[str, Any]]:
     """What an agent does with the API: report its node (create, read, patch the status of its
-    KVCacheNode) and find its peers (list the pool's KVCacheNodes). Its pool Secret reaches it as a
-    mounted volume, so the account reads no Secret at all."""
+    KVCacheNode), find its peers (list the pool's KVCacheNodes) and watch its own Node for a cordon
+    (drain; RBAC cannot narrow a DaemonSet's watch to one node, the agent's field selector does). Its
+    pool Secret reaches it as a mounted volume, so the account reads no Secret at all."""
     return [
         {"apiGroups": [api.GROUP], "resources": ["kvcachenodes"], "verbs": ["get", "list", "create"]},
         {"apiGroups": [api.GROUP], "resources": ["kvcachenodes/status"], "verbs": ["patch"]},
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]},
     ]
 
 

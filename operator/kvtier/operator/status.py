@@ -1,4 +1,5 @@
-"""KVCacheNodes (+ cluster Nodes) -> a pool's status. Pure functions, called by the operator's timer."""
+"""KVCacheNodes (+ cluster Nodes) -> a pool's status. Pure functions, called by the operator when
+something a pool depends on changed (reconcile.py) or a heartbeat is due to expire."""
 
 from __future__ import annotations
 
@@ -7,8 +8,13 @@ from typing import Any
 
 from kvtier.api import v1alpha1 as api
 from kvtier.api.quantity import format_bytes
+from kvtier.kubeapi import condition, merge_patch
 
-STALE_AFTER = dt.timedelta(seconds=45)
+STALE_AFTER = dt.timedelta(seconds=45)  # the least: an agent is stale after this or 2.5 heartbeats
+MISSED_BEATS = 2.5
+# Fields that move with every heartbeat (usage, hit counts): written at most every so often.
+USAGE_FIELDS = frozenset({"tiers", "hitRatio", "lastUpdated"})
+USAGE_DISPLAY = frozenset({"dram", "nvme", "hit"})
 
 
 def _parse_time(value: str | None) -> dt.datetime | None:
@@ -24,30 +30,49 @@ def _iso(now: dt.datetime) -> str:
     return now.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def node_matches(selector: dict[str, str] | None, node_labels: dict[str, str]) -> bool:
-    return all(node_labels.get(k) == v for k, v in (selector or {}).items())
+def stale_after(st: api.KVCacheNodeStatus) -> dt.timedelta:
+    """How old a KVCacheNode's heartbeat may be: a few of the agent's own intervals."""
+    return max(STALE_AFTER, dt.timedelta(seconds=MISSED_BEATS * (st.heartbeatSeconds or 0)))
 
 
-def selected_nodes(pool: api.KVCachePool, nodes: list[dict[str, Any]]) -> list[str]:
-    return sorted(
-        n["metadata"]["name"]
-        for n in nodes
-        if node_matches(pool.spec.nodeSelector, n["metadata"].get("labels") or {})
+def is_draining(st: api.KVCacheNodeStatus) -> bool:
+    return any(c.type == "Draining" and c.status == "True" for c in st.conditions or [])
+
+
+def next_expiry(kvnodes: list[api.KVCacheNode], now: dt.datetime) -> dt.datetime | None:
+    """When the next fresh heartbeat goes stale: the pool's status must be recomputed then even if
+    no event arrives (a dead agent writes nothing)."""
+    times = []
+    for kvn in kvnodes:
+        st = kvn.status or api.KVCacheNodeStatus()
+        beat = _parse_time(st.heartbeat)
+        if beat is not None and beat + stale_after(st) >= now:
+            times.append(beat + stale_after(st) + dt.timedelta(seconds=1))
+    return min(times, default=None)
+
+
+def status_delta(written: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The merge patch from the last written status to `new`, carrying only what changed;
+    lastUpdated goes along only when something else changed."""
+    delta = merge_patch(written, new)
+    delta.pop("lastUpdated", None)
+    if delta and "lastUpdated" in new:
+        delta["lastUpdated"] = new["lastUpdated"]
+    return delta
+
+
+def usage_only(delta: dict[str, Any]) -> bool:
+    """True when a delta only moves usage numbers (written at most every so often), not node
+    counts or conditions (written at once)."""
+    return (
+        bool(delta)
+        and set(delta) <= USAGE_FIELDS | {"display"}
+        and set(delta.get("display") or {}) <= USAGE_DISPLAY
     )
 
 
-def conflicts(
-    pool: api.KVCachePool, others: list[api.KVCachePool], nodes: list[dict[str, Any]]
-) -> dict[str, list[str]]:
-    """Nodes this pool shares with other pools: {node: [other pools]}."""
-    mine = set(selected_nodes(pool, nodes))
-    out: dict[str, list[str]] = {}
-    for other in others:
-        if other.metadata.name == pool.metadata.name:
-            continue
-        for node in mine & set(selected_nodes(other, nodes)):
-            out.setdefault(node, []).append(other.metadata.name)
-    return out
+def node_matches(selector: dict[str, str] | None, node_labels: dict[str, str]) -> bool:
+    return all(node_labels.get(k) == v for k, v in (selector or {}).items())
 
 
 def _condition(
@@ -59,17 +84,9 @@ def _condition(
     previous: list[dict[str, Any]],
     now: str,
 ) -> dict[str, Any]:
-    status = "True" if ok else "False"
-    old = next((c for c in previous if c.get("type") == type_), None)
-    since = old["lastTransitionTime"] if old and old.get("status") == status else now
-    return api.Condition(
-        type=type_,
-        status=status,
-        reason=reason,
-        message=message,
-        observedGeneration=generation,
-        lastTransitionTime=since,
-    ).model_dump(exclude_none=True)
+    return api.Condition(**condition(type_, ok, reason, message, previous, now, generation)).model_dump(
+        exclude_none=True
+    )
 
 
 def aggregate(
@@ -84,12 +101,17 @@ def aggregate(
     """The pool's whole status from what its agents reported."""
     stamp = _iso(now)
     ready, stale, unhealthy = [], [], []
-    dram_cap = dram_used = nvme_cap = nvme_used = hits = misses = 0
+    dram_cap = dram_used = nvme_cap = nvme_used = hits = misses = draining = 0
     has_nvme = pool.spec.tiers.nvme is not None
+    wanted = set(desired_nodes)
     for kvn in kvnodes:
         st = kvn.status or api.KVCacheNodeStatus()
         beat = _parse_time(st.heartbeat)
-        if beat is None or now - beat > STALE_AFTER:
+        fresh = beat is not None and now - beat <= stale_after(st)
+        draining += fresh and is_draining(st)
+        if wanted and kvn.spec.node not in wanted:
+            continue  # the node left the pool: its agent drains and goes; it is not missing
+        if not fresh:
             stale.append(kvn.spec.node)
             continue
         if st.health != "Healthy":
@@ -152,7 +174,7 @@ def aggregate(
     status = api.KVCachePoolStatus(
         observedGeneration=generation,
         conditions=[api.Condition(**c) for c in conditions],
-        nodes=api.NodeCounts(desired=desired, ready=len(ready)),
+        nodes=api.NodeCounts(desired=desired, ready=len(ready), draining=draining),
         tiers=api.TierUsages(
             dram=api.TierUsage(capacityBytes=dram_cap, usedBytes=dram_used),
             nvme=api.TierUsage(capacityBytes=nvme_cap, usedBytes=nvme_used) if has_nvme else None,
@@ -160,7 +182,7 @@ def aggregate(
         hitRatio=round(hit_ratio, 4) if hit_ratio is not None else None,
         lastUpdated=stamp,
         display=api.PoolDisplay(
-            nodes=f"{len(ready)}/{desired}",
+            nodes=f"{len(ready)}/{desired}" + (f" ({draining} draining)" if draining else ""),
             dram=f"{format_bytes(dram_used)}/{format_bytes(dram_cap)}",
             nvme=f"{format_bytes(nvme_used)}/{format_bytes(nvme_cap)}" if has_nvme else "-",
             hit=f"{hit_ratio:.0%}" if hit_ratio is not None else "-",

@@ -41,7 +41,9 @@ class AgentConfig(Model):
     metricsPort: int = Field(9400, ge=0, lt=65536, description="Prometheus metrics (0: any free port).")
     nodeName: str | None = Field(None, description="Overridden by $NODE_NAME (the downward API sets it).")
     ioThreads: int = Field(8, ge=1, le=128, description="Parallel direct-I/O requests to the NVMe tier.")
-    heartbeatSeconds: float = Field(10.0, gt=0)
+    heartbeatSeconds: float = Field(
+        60.0, gt=0, description="KVCacheNode heartbeat (+-10 % jitter); changes are written when they happen."
+    )
 
     @property
     def dram_bytes(self) -> int:

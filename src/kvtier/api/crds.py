@@ -175,6 +175,8 @@ def kvcachenode_crd() -> dict[str, Any]:
         _column("Health", ".status.health"),
         _column("DRAM-Used", ".status.tiers.dram.usedBytes", "integer"),
         _column("Blocks", ".status.tiers.dram.blocks", "integer"),
+        _column("Draining", '.status.conditions[?(@.type=="Draining")].status'),
+        _column("Drain", ".status.drain.progress", description="moved/planned bytes of the drain"),
         _column("Heartbeat", ".status.heartbeat", "date"),
     ]
     return _crd("KVCacheNode", "kvcachenodes", "kvn", schema, columns)

@@ -289,6 +289,24 @@ class Prefetch(Model):
     transport: Literal["auto", "rdma", "tcp"] = "auto"
 
 
+class Drain(Model):
+    """What an agent does when its node is cordoned or leaves the pool's nodeSelector."""
+
+    enabled: bool = Field(
+        True, description="Stop taking new blocks and write DRAM-only blocks to NVMe, hottest first."
+    )
+    maxBytes: Quantity | None = Field(
+        None,
+        description="At most this much is written to NVMe by one drain (the hottest blocks); the rest "
+        "stays in DRAM only until the agent stops. Unset: every DRAM-only block.",
+    )
+
+    @field_validator("maxBytes")
+    @classmethod
+    def _max_positive(cls, value: int | str | None) -> int | str | None:
+        return None if value is None else _positive_quantity(value)
+
+
 class LabelSelectorRequirement(Model):
     key: str = Field(max_length=317)
     operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
@@ -421,6 +439,7 @@ class KVCachePoolSpec(Model):
     tenancy: Tenancy = Field(default_factory=Tenancy, json_schema_extra=_defaults_of(Tenancy))
     limits: Limits = Field(default_factory=Limits, json_schema_extra=_defaults_of(Limits))
     agent: AgentSpec = Field(default_factory=AgentSpec, json_schema_extra=_defaults_of(AgentSpec))
+    drain: Drain = Field(default_factory=Drain, json_schema_extra=_defaults_of(Drain))
 
     @field_validator("blockTokens")
     @classmethod
@@ -447,6 +466,7 @@ class Condition(Model):
 class NodeCounts(Model):
     desired: int = 0
     ready: int = 0
+    draining: int = Field(0, description="Agents draining (node cordoned or leaving the nodeSelector).")
 
 
 class TierUsage(Model):
@@ -576,6 +596,21 @@ class KVCacheNodeSpec(Model):
     node: str = Field(max_length=253)
 
 
+class DrainProgress(Model):
+    """The agent's drain: what it planned to write to NVMe and how far it got."""
+
+    reason: Literal["Cordoned", "LeftSelector"]
+    state: Literal["Flushing", "Flushed"] = "Flushing"
+    startedAt: str = Field(json_schema_extra={"format": "date-time"})
+    plannedBytes: int = Field(
+        0, description="DRAM-only bytes chosen to move (hottest first, up to maxBytes)."
+    )
+    movedBytes: int = 0
+    failedBytes: int = Field(0, description="Planned bytes that found no room or failed to write.")
+    skippedBytes: int = Field(0, description="DRAM-only bytes over the pool's drain.maxBytes.")
+    progress: str = Field("0%", max_length=8, description="movedBytes of plannedBytes, for kubectl.")
+
+
 class KVCacheNodeStatus(Model):
     model_config = ConfigDict(extra="ignore")
 
@@ -590,6 +625,16 @@ class KVCacheNodeStatus(Model):
     peerAddress: str | None = Field(None, description="host:port of the agent's peer control port.")
     transport: NodeTransport | None = None
     heartbeat: str | None = Field(None, json_schema_extra={"format": "date-time"})
+    heartbeatSeconds: float | None = Field(
+        None, description="The agent's heartbeat interval; the operator calls it stale after a few missed."
+    )
+    conditions: list[Condition] | None = Field(
+        None,
+        max_length=8,
+        description="Draining: True while the node is cordoned or leaving the pool.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    drain: DrainProgress | None = None
 
 
 class KVCacheNode(Model):

@@ -11,6 +11,7 @@ group's DMA runs on a second stream.
 from __future__ import annotations
 
 import torch
+
 from kvtier.agent.client import AgentConnection, Client
 from kvtier.agent.connectors.runs import GROUP_BYTES, HostRun, groups, runs, runs_in
 

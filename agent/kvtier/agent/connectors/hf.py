@@ -15,12 +15,13 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache  # at import, not on the first restore (importing takes seconds)
+from transformers.cache_utils import DynamicLayer
+
 from kvtier.agent.client import CONNECTION_LOST, Client
 from kvtier.agent.connectors.gpu import ArenaConnection, GpuArena, Staging, gpu_to_host, host_to_gpu
 from kvtier.agent.connectors.runs import GROUP_BYTES
 from kvtier.agent.keys import KVLayout, block_keys
-from transformers import DynamicCache  # at import, not on the first restore (importing takes seconds)
-from transformers.cache_utils import DynamicLayer
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from kvtier.agent.connectors.gpu import GpuArena, Staging, gpu_to_host, host_to_gpu
 
 

@@ -189,6 +189,7 @@ class Store:
         self._log = LogThrottle(log)
         self._closed = False
         self.pins = Pins()
+        self.refusing: str | None = None  # set while the node drains (drain.py): no new blocks
         self._salts: dict[str, bytes] = {}
         # promotions run beside the NVMe tier's own I/O pool (each one fans out into chunk reads there)
         self._promoters = ThreadPoolExecutor(
@@ -251,6 +252,8 @@ class Store:
         out = []
         deadline = time.monotonic() + wait
         with self.lock:
+            if self.refusing:
+                raise StoreError(self.refusing)
             owner = lease.namespace or lease.tenant
             for size in sizes:
                 got = self._allocate_dram(owner, size)
@@ -500,8 +503,11 @@ class Store:
                 self.pins.give(block)
 
     def reserve_for_peer(self, tenant: str, size: int) -> tuple[Segment, Extent] | None:
-        """Room in the tenant's segments for a block a peer is about to write (not indexed yet)."""
+        """Room in the tenant's segments for a block a peer is about to write (not indexed yet);
+        None when full or while the node drains."""
         with self.lock:
+            if self.refusing:
+                return None
             try:
                 # shared pools: straight into sealed memory, the agent's own mapping writes it
                 return self._allocate_dram(tenant, size, self.sealed)
@@ -516,7 +522,7 @@ class Store:
         """A peer's block, already landed in `ext` and verified there, becomes a local DRAM block.
         False (and the extent freed) when the key arrived meanwhile by another path."""
         with self.lock:
-            if ikey in self.blocks:
+            if ikey in self.blocks or self.refusing:
                 self.dram.free(seg, ext)
                 return False
             self.blocks[ikey] = Block(

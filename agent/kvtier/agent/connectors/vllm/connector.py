@@ -10,6 +10,12 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
 from kvtier.agent.client import CONNECTION_LOST
 from kvtier.agent.connectors.gpu import ArenaConnection
 from kvtier.agent.connectors.paged import UnsupportedLayout
@@ -17,11 +23,6 @@ from kvtier.agent.connectors.vllm import events
 from kvtier.agent.connectors.vllm.keys import block_keys
 from kvtier.agent.connectors.vllm.plan import Planner, Transfer
 from kvtier.agent.connectors.vllm.worker import Stored, Worker
-from vllm.distributed.kv_transfer.kv_connector.v1.base import (
-    KVConnectorBase_V1,
-    KVConnectorMetadata,
-    KVConnectorRole,
-)
 
 log = logging.getLogger("kvtier.vllm")
 DEFAULT_BLOCK_TOKENS = 256

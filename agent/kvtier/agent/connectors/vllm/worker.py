@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+
 from kvtier.agent.client import CONNECTION_LOST, Pinned
 from kvtier.agent.connectors.gpu import ArenaConnection, Staging
 from kvtier.agent.connectors.paged import LayerLoad, PagedCache
