@@ -57,6 +57,7 @@ def test_cordon_drains_hot_blocks_to_nvme_and_they_survive_a_restart(
             "nvme": {"size": "16Mi", "mode": "file", "path": str(tmp_path / "nvme.img")},
         },
         "eviction": {"policy": "lru"},
+        "tenancy": {"dramShare": 1, "nvmeShare": 1},  # one tenant: the whole arena is its share
         "drain": {"maxBytes": "8Mi"},
     }
     custom.create_cluster_custom_object(
