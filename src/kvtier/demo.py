@@ -287,10 +287,12 @@ def process_demo(args: argparse.Namespace) -> int:
         return 0 if w["dram_diff"] == 0 and w["nvme_diff"] == 0 and w["other_namespace_hits"] == 0 else 1
     finally:
         if not args.keep:
-            if agent:
-                agent.kill()
-            cp.stop()  # stops the operator it started too
-            shutil.rmtree(folder, ignore_errors=True)
+            try:
+                if agent:
+                    agent.kill()
+                cp.stop()  # stops the operator it started too
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def _injected_pod(api) -> str:

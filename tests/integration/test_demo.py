@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 
@@ -10,13 +12,23 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def test_demo_saves_and_restores_kv_through_the_operator_rendered_agent():
-    out = subprocess.run(
+def test_demo_saves_and_restores_kv_through_the_operator_rendered_agent(tmp_path):
+    # its folder (a 1 GiB NVMe file) under the test's own tmp, and its whole process group ended
+    # on a timeout: a killed demo cannot clean up after itself
+    proc = subprocess.Popen(
         [sys.executable, "-m", "kvtier.cli", "demo", "--processes"],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=240,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+        start_new_session=True,
     )
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+    out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     text = out.stdout
     assert "kvcachepool.kvtier.io/demo created" in text
