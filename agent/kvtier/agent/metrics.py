@@ -65,7 +65,7 @@ class Metrics:
             registry=r,
         )
         self.lookups = Counter(
-            "kvtier_block_reads", "Blocks asked for, by the tier that served them or miss", ["result"], registry=r
+            "kvtier_block_reads", "Blocks asked for, by serving tier or miss", ["result"], registry=r
         )
         self.committed_blocks = Counter("kvtier_committed_blocks", "Blocks committed by clients", registry=r)
         self.committed_bytes = Counter("kvtier_committed_bytes", "Bytes committed by clients", registry=r)
