@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import tempfile
 from pathlib import Path
 
+from kvtier import logs
+
 
 def main(args: argparse.Namespace) -> int:
+    logs.setup(args)
     os.environ["KVTIER_NAMESPACE"] = args.namespace
     import kopf
 
     from kvtier.operator import reconcile  # (registers the handlers)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.webhook_port:
         os.environ["KVTIER_WEBHOOK_ON_REFUSAL"] = args.webhook_on_refusal
         from kvtier.operator import admission  # noqa: F401  (registers the pod webhook)

@@ -37,7 +37,6 @@ POOLS = (api.GROUP, api.VERSION, "kvcachepools")
 KVCACHENODES = (api.GROUP, api.VERSION, "kvcachenodes")
 NODES = ("v1", "nodes")
 METRICS_PORT = int(os.environ.get("KVTIER_METRICS_PORT", "0"))  # 0: no metrics endpoint
-log = logging.getLogger("kvtier.operator")
 
 # The operator's own metrics: what Prometheus alerts on (KvtierPoolDegraded) and what a status
 # write costs the API server.
@@ -221,6 +220,7 @@ async def keep_status(
     kvcachenodes_by_pool: kopf.Index,
     pool_specs: kopf.Index,
     node_views: kopf.Index,
+    logger: kopf.Logger,
     **_: Any,
 ) -> None:
     """Recompute the pool's status when woken (debounced), when a heartbeat is due to go stale, or
@@ -271,7 +271,7 @@ async def keep_status(
         try:
             await loop.run_in_executor(STATUS_WRITERS, kube.patch_pool_status, name, delta)
         except Exception as exc:  # the API hiccuped: keep the daemon, try again shortly
-            log.warning("could not write the status of pool %s: %s", name, exc)
+            logger.warning("could not write the pool's status (retrying in 2 s): %s", exc)
             due = loop.time() + 2.0
             continue
         if "tiers" in delta or "hitRatio" in delta:
@@ -339,7 +339,7 @@ def repair_drift(body: kopf.Body, uid: str, name: str, **_: Any) -> None:
 
 
 @kopf.on.delete(*POOLS)
-def cleanup(body: kopf.Body, name: str, **_: Any) -> None:
+def cleanup(body: kopf.Body, name: str, logger: kopf.Logger, **_: Any) -> None:
     deleted = []
     for api_version, kind, namespaced in CHILD_KINDS:
         child = secret_name(name) if kind == "Secret" else child_name(name)
@@ -348,6 +348,4 @@ def cleanup(body: kopf.Body, name: str, **_: Any) -> None:
     for kvn in kube.list_kvcachenodes(name):
         kube.delete(api.API_VERSION, "KVCacheNode", kvn.metadata.name)
         deleted.append(f"KVCacheNode/{kvn.metadata.name}")
-    logging.getLogger("kvtier.operator").info(
-        "pool %s deleted: removed %s", name, ", ".join(deleted) or "nothing"
-    )
+    logger.info("pool deleted: removed %s", ", ".join(deleted) or "nothing")
