@@ -135,7 +135,7 @@ def _lazy(module: str, func: str = "main") -> Callable[[argparse.Namespace], int
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kvtier import __version__
+    from kvtier import __version__, logs
 
     parser = argparse.ArgumentParser(prog="kvtier", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"kvtier {__version__}")
@@ -202,10 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument(
         "--webhook-service", default="kvtier-webhook", help="self-managed: the Service the cert names"
     )
+    logs.add_arguments(op)
     op.set_defaults(func=_lazy("kvtier.operator.main"))
 
     agent = sub.add_parser("agent", help="run a node agent for one pool")
     agent.add_argument("--config", required=True, help="the agent configuration the operator rendered")
+    logs.add_arguments(agent)
     agent.set_defaults(func=_lazy("kvtier.agent.main"))
 
     csi = sub.add_parser("csi", help="the CSI node plugin for csi.kvtier.io (delivers agent sockets to pods)")
@@ -220,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     csi.add_argument(
         "--state-dir", default="/csi", help="where it records its own publishes (kept across restarts)"
     )
+    logs.add_arguments(csi)
     csi.set_defaults(func=_lazy("kvtier.agent.csi.server"))
 
     side = sub.add_parser(
@@ -235,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     side.add_argument("--token-file", default=None, help="the bearer token the public endpoint requires")
     side.add_argument("--deadline", type=float, default=2.0, help="seconds, for hints that give none")
+    logs.add_arguments(side)
     side.set_defaults(func=_lazy("kvtier.agent.sidecar"))
 
     demo = sub.add_parser("demo", help="the whole path on this machine, with a summary")

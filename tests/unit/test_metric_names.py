@@ -5,12 +5,14 @@ write-behind, promotion, a corrupt block)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import re
 import time
 
 import pytest
 
+from kvtier import __version__
 from kvtier.agent.api.server import TenantHandler
 from kvtier.agent.metrics import LABEL_VALUES, Metrics
 from kvtier.agent.store.index import Lease, Store
@@ -95,3 +97,9 @@ def test_agent_metric_names_and_labels_follow_prometheus_conventions(tmp_path):
 def test_operation_label_values_are_the_agents_own_operations():
     ops = {name[3:] for name in dir(TenantHandler) if name.startswith("op_")}
     assert ops <= LABEL_VALUES["op"], "every socket operation is a declared label value"
+
+
+def test_build_info_says_the_version_with_a_constant_one():
+    samples = [s for f in Metrics().registry.collect() if f.name == "kvtier_build_info" for s in f.samples]
+    assert [(s.labels, s.value) for s in samples] == [({"version": __version__}, 1.0)]
+    assert __version__ == importlib.metadata.version("kvtier")

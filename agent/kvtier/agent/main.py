@@ -16,7 +16,7 @@ from pathlib import Path
 
 from prometheus_client import start_http_server
 
-from kvtier import __version__
+from kvtier import __version__, logs
 from kvtier.agent.api.server import AgentAPI, Gate, ServerLimits
 from kvtier.agent.devices import gpu_inventory, numa_for_gpus, rdma
 from kvtier.agent.drain import Drainer, NodeWatch
@@ -255,7 +255,7 @@ class NodeService:
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=os.environ.get("KVTIER_LOG", "INFO"), format="%(asctime)s %(name)s %(message)s")
+    logs.setup(args)
     config = AgentConfig.from_file(args.config)
     agent = Agent(config)
     agent.start_reporter()

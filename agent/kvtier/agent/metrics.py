@@ -14,6 +14,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from kvtier import __version__
+
 # Every label value the agent uses, by label name: bounded sets (the naming test checks the registry).
 LABEL_VALUES = {
     "tier": {"dram", "nvme"},
@@ -23,6 +25,7 @@ LABEL_VALUES = {
     # the tenant socket's operations (api/server.py) and the store's own steps
     "op": {"hello", "ping", "stats", "lookup", "allocate", "commit", "read", "prefetch", "release"}
     | {"read_blocks", "promote", "persist"},
+    "version": {__version__},  # one value per build: kvtier_build_info
 }
 
 
@@ -65,7 +68,7 @@ class Metrics:
             registry=r,
         )
         self.lookups = Counter(
-            "kvtier_block_reads", "Blocks read, by tier hit or miss", ["result"], registry=r
+            "kvtier_block_reads", "Blocks asked for, by serving tier or miss", ["result"], registry=r
         )
         self.committed_blocks = Counter("kvtier_committed_blocks", "Blocks committed by clients", registry=r)
         self.committed_bytes = Counter("kvtier_committed_bytes", "Bytes committed by clients", registry=r)
@@ -143,6 +146,11 @@ class Metrics:
         self.rdma_port_gids = Gauge(
             "kvtier_rdma_port_gids", "Populated GID entries per RDMA port", ["device", "port"], registry=r
         )
+        # the convention for "which build is this": a constant 1, the version in its label
+        self.build_info = Gauge(
+            "kvtier_build_info", "The agent's kvtier version (1)", ["version"], registry=r
+        )
+        self.build_info.labels(__version__).set(1)
 
     def report_transport(self, status: Any) -> None:
         """The agent's NodeTransport (see kvtier.api.v1alpha1) as info gauges."""

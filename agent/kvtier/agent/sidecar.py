@@ -26,7 +26,6 @@ import hmac
 import json
 import logging
 import math
-import os
 import queue
 import threading
 import time
@@ -37,6 +36,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
+from kvtier import logs
 from kvtier.agent.api.protocol import AgentError
 from kvtier.agent.client import CONNECTION_LOST, AgentConnection, Client
 from kvtier.agent.keys import block_keys
@@ -336,7 +336,7 @@ def read_token(path: str) -> bytes:
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=os.environ.get("KVTIER_LOG", "INFO"), format="%(asctime)s %(name)s %(message)s")
+    logs.setup(args)
     sidecar = Sidecar(args.socket, args.deadline)
     servers = [Server((args.host, args.port), make_handler(sidecar))]
     if args.probe_port is not None:

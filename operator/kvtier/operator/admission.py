@@ -4,7 +4,6 @@ the pure `webhook.decide`. Imported only when the operator runs with --webhook-p
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import kopf
@@ -14,6 +13,7 @@ from kubernetes.client.exceptions import ApiException
 
 from kvtier.api import v1alpha1 as api
 from kvtier.operator import kube
+from kvtier.operator.settings import OperatorSettings
 from kvtier.operator.webhook import (
     POOL_ANNOTATION,
     Decision,
@@ -25,10 +25,11 @@ from kvtier.operator.webhook import (
 
 log = logging.getLogger("kvtier.webhook")
 HANDLER_ID = "kvtier-inject"  # kopf serves it at <root>/kvtier-inject
-SETTINGS = InjectSettings(
-    image=os.environ.get("KVTIER_IMAGE", api.DEFAULT_AGENT_IMAGE),
-    on_refusal=os.environ.get("KVTIER_WEBHOOK_ON_REFUSAL", "deny"),
-)
+
+
+def inject_settings(ours: OperatorSettings) -> InjectSettings:
+    """What the pure decision needs from the operator's settings."""
+    return InjectSettings(image=ours.image or api.DEFAULT_AGENT_IMAGE, on_refusal=ours.webhook_on_refusal)
 
 
 class LookupFailed(Exception):
@@ -61,8 +62,9 @@ def _namespace_labels(name: str) -> dict[str, str]:
         raise LookupFailed(f"could not read namespace {name!r}: {exc.status} {exc.reason}") from None
 
 
-@kopf.on.mutate("v1", "pods", id=HANDLER_ID, operation="CREATE", side_effects=False)
-def inject(body: kopf.Body, patch: kopf.Patch, warnings: list[str], **_: Any) -> None:
+@kopf.on.mutate("v1", "pods", id=HANDLER_ID, operations={"CREATE"}, side_effects=False)
+def inject(body: kopf.Body, patch: kopf.Patch, warnings: list[str], memo: kopf.Memo, **_: Any) -> None:
+    settings = inject_settings(memo.settings)
     pod = dict(body)
     namespace = body.metadata.namespace or (body.get("metadata") or {}).get("namespace") or "default"
     pool_name = (body.metadata.annotations or {}).get(POOL_ANNOTATION)
@@ -75,13 +77,14 @@ def inject(body: kopf.Body, patch: kopf.Patch, warnings: list[str], **_: Any) ->
             pool_name,
             namespace,
             _namespace_labels(namespace),
-            SETTINGS,
+            settings,
         )
     except LookupFailed as exc:
         decision = Decision(False, message=str(exc), code=403)
-        if SETTINGS.on_refusal == "warn":
+        if settings.on_refusal == "warn":
             decision = Decision(True, message=str(exc), warnings=[f"kvtier: not injected: {exc}"])
     except Exception as exc:  # never a 500 with a traceback: a short reason
+        # the module's logger, not kopf's per-object one: the pod being admitted does not exist yet
         log.exception("admission of a pod in %s failed", namespace)
         raise kopf.AdmissionError(f"kvtier: the webhook failed: {type(exc).__name__}", code=400) from None
     if not decision.allowed:

@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import tempfile
 from pathlib import Path
 
+from kvtier import logs
+from kvtier.operator.settings import OperatorSettings
+
 
 def main(args: argparse.Namespace) -> int:
-    os.environ["KVTIER_NAMESPACE"] = args.namespace
+    logs.setup(args)
+    # Read once, here; handlers get it as kopf's memo.settings.
+    settings = OperatorSettings.from_environment(
+        namespace=args.namespace, webhook_on_refusal=args.webhook_on_refusal
+    )
     import kopf
 
     from kvtier.operator import reconcile  # (registers the handlers)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    reconcile.register(settings)
     if args.webhook_port:
-        os.environ["KVTIER_WEBHOOK_ON_REFUSAL"] = args.webhook_on_refusal
         from kvtier.operator import admission  # noqa: F401  (registers the pod webhook)
 
         @kopf.on.startup()
-        def webhook_server(settings: kopf.OperatorSettings, **_: object) -> None:
+        def webhook_server(settings: kopf.OperatorSettings, **_: object) -> None:  # kopf's own settings
             # The MutatingWebhookConfiguration comes from the chart (or the test): not managed here.
             certfile, pkeyfile = args.webhook_cert, args.webhook_key
             if args.webhook_tls_secret:
@@ -42,8 +46,8 @@ def main(args: argparse.Namespace) -> int:
                 pkeyfile=pkeyfile,
             )
 
-    del reconcile
     kopf.run(
+        memo=kopf.Memo(settings=settings),
         clusterwide=True,
         standalone=True,  # one replica (Recreate); no peering objects
         liveness_endpoint=args.liveness or None,

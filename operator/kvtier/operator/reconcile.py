@@ -3,9 +3,8 @@
 Create/update/resume apply the pool's children (server-side apply). KVCacheNodes, Nodes and pools
 live in watch-fed indexes; an event marks the pools it concerns (fleet.py) and each pool's daemon
 recomputes its status from the indexes, a short debounce after the last event, and writes only what
-changed (usage numbers at most every KVTIER_STATUS_INTERVAL s; node counts and conditions at once).
-Nothing is listed on a timer except one DaemonSet list every KVTIER_RESYNC_SECONDS that repairs
-drift. Deletion removes the children and the KVCacheNodes explicitly (finalizer), so the operator is
+changed (usage numbers at most every `status_interval` s; node counts and conditions at once).
+Nothing is listed on a timer except one DaemonSet list every `resync_seconds` that repairs drift. Deletion removes the children and the KVCacheNodes explicitly (finalizer), so the operator is
 correct with or without a garbage collector.
 """
 
@@ -27,17 +26,12 @@ from kvtier.api import v1alpha1 as api
 from kvtier.operator import kube
 from kvtier.operator.fleet import Fleet, NodeView
 from kvtier.operator.render import child_name, pool_secret, render_pool, secret_name, summary
+from kvtier.operator.settings import OperatorSettings
 from kvtier.operator.status import aggregate, next_expiry, status_delta, usage_only
 
-NAMESPACE = os.environ.get("KVTIER_NAMESPACE", "kvtier-system")
-USAGE_INTERVAL = float(os.environ.get("KVTIER_STATUS_INTERVAL", "30"))  # usage-only writes, per pool
-DEBOUNCE = float(os.environ.get("KVTIER_STATUS_DEBOUNCE", "0.1"))
-RESYNC_SECONDS = float(os.environ.get("KVTIER_RESYNC_SECONDS", "60"))
 POOLS = (api.GROUP, api.VERSION, "kvcachepools")
 KVCACHENODES = (api.GROUP, api.VERSION, "kvcachenodes")
 NODES = ("v1", "nodes")
-METRICS_PORT = int(os.environ.get("KVTIER_METRICS_PORT", "0"))  # 0: no metrics endpoint
-log = logging.getLogger("kvtier.operator")
 
 # The operator's own metrics: what Prometheus alerts on (KvtierPoolDegraded) and what a status
 # write costs the API server.
@@ -89,7 +83,7 @@ CHILD_KINDS = [  # what render_pool produces, to delete on pool deletion
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.persistence.finalizer = "kvtier.io/finalizer"
     # progress and diff-base in annotations: the pool's status holds only declared fields
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kvtier.io")
@@ -103,10 +97,11 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.INFO
     settings.execution.max_workers = 32
     settings.watching.reconnect_backoff = 1.0
-    kube.ensure_namespace(NAMESPACE)
+    ours: OperatorSettings = memo.settings
+    kube.ensure_namespace(ours.namespace)
     kube.warm_up([(api_version, kind) for api_version, kind, _ in CHILD_KINDS])
-    if METRICS_PORT:
-        start_http_server(METRICS_PORT)
+    if ours.metrics_port:
+        start_http_server(ours.metrics_port)
 
 
 def parse_pool(body: kopf.Body) -> api.KVCachePool:
@@ -117,21 +112,21 @@ def parse_pool(body: kopf.Body) -> api.KVCachePool:
         raise kopf.PermanentError(f"invalid KVCachePool: {exc}") from None
 
 
-def with_operator_image(pool: api.KVCachePool) -> api.KVCachePool:
+def with_operator_image(pool: api.KVCachePool, image: str | None) -> api.KVCachePool:
     """A pool that keeps the default agent image runs the operator's own (the chart's image
     setting): the API server fills the default in, so the default value stands for "unset"."""
-    image = os.environ.get("KVTIER_IMAGE")
     if not image or pool.spec.agent.image != api.DEFAULT_AGENT_IMAGE:
         return pool
     agent = pool.spec.agent.model_copy(update={"image": image})
     return pool.model_copy(update={"spec": pool.spec.model_copy(update={"agent": agent})})
 
 
-def apply_children(body: kopf.Body, pool: api.KVCachePool, uid: str) -> list[dict[str, Any]]:
-    pool = with_operator_image(pool)
-    if kube.read_secret(secret_name(pool.metadata.name), NAMESPACE) is None:
-        kube.apply(pool_secret(pool, uid, NAMESPACE, os.urandom(32)))  # once: salts must stay stable
-    manifests = render_pool(pool, uid, NAMESPACE)
+def apply_children(pool: api.KVCachePool, uid: str, ours: OperatorSettings) -> list[dict[str, Any]]:
+    pool = with_operator_image(pool, ours.image)
+    namespace = ours.namespace
+    if kube.read_secret(secret_name(pool.metadata.name), namespace) is None:
+        kube.apply(pool_secret(pool, uid, namespace, os.urandom(32)))  # once: salts must stay stable
+    manifests = render_pool(pool, uid, namespace)
     for manifest in manifests:
         kube.apply(manifest)
     return manifests
@@ -140,9 +135,11 @@ def apply_children(body: kopf.Body, pool: api.KVCachePool, uid: str) -> list[dic
 @kopf.on.resume(*POOLS)
 @kopf.on.create(*POOLS)
 @kopf.on.update(*POOLS, field="spec")
-def reconcile(body: kopf.Body, uid: str, meta: kopf.Meta, patch: kopf.Patch, **_: Any) -> None:
+def reconcile(
+    body: kopf.Body, uid: str, meta: kopf.Meta, patch: kopf.Patch, memo: kopf.Memo, **_: Any
+) -> None:
     pool = parse_pool(body)
-    manifests = apply_children(body, pool, uid)
+    manifests = apply_children(pool, uid, memo.settings)
     patch.status["observedGeneration"] = meta.get("generation")
     kopf.info(body, reason="Applied", message=f"applied {summary(manifests)}")
 
@@ -221,21 +218,24 @@ async def keep_status(
     kvcachenodes_by_pool: kopf.Index,
     pool_specs: kopf.Index,
     node_views: kopf.Index,
+    logger: kopf.Logger,
+    memo: kopf.Memo,
     **_: Any,
 ) -> None:
     """Recompute the pool's status when woken (debounced), when a heartbeat is due to go stale, or
     when postponed usage numbers are due; write the changed fields through the status subresource."""
+    usage_interval, debounce = memo.settings.status_interval, memo.settings.status_debounce
     wake = WAKE.setdefault(name, asyncio.Event())
     wake.set()  # once at start (operator restart, new pool)
     loop = asyncio.get_running_loop()
     # pools started together (an operator restart) must not write their usage numbers in step
-    usage_written = loop.time() - random.uniform(0, USAGE_INTERVAL)
+    usage_written = loop.time() - random.uniform(0, usage_interval)
     due: float | None = None
     while not stopped:
         timeout = None if due is None else max(0.0, due - loop.time())
         try:
             await asyncio.wait_for(wake.wait(), timeout)
-            await asyncio.sleep(DEBOUNCE)  # a burst of events becomes one computation
+            await asyncio.sleep(debounce)  # a burst of events becomes one computation
         except TimeoutError:
             pass
         wake.clear()
@@ -264,14 +264,14 @@ async def keep_status(
         delta = status_delta(written, new)
         if not delta:
             continue
-        if usage_only(delta) and loop.time() - usage_written < USAGE_INTERVAL:
-            later = usage_written + USAGE_INTERVAL
+        if usage_only(delta) and loop.time() - usage_written < usage_interval:
+            later = usage_written + usage_interval
             due = later if due is None else min(due, later)
             continue
         try:
             await loop.run_in_executor(STATUS_WRITERS, kube.patch_pool_status, name, delta)
         except Exception as exc:  # the API hiccuped: keep the daemon, try again shortly
-            log.warning("could not write the status of pool %s: %s", name, exc)
+            logger.warning("could not write the pool's status (retrying in 2 s): %s", exc)
             due = loop.time() + 2.0
             continue
         if "tiers" in delta or "hitRatio" in delta:
@@ -319,35 +319,43 @@ def _warn_if_degraded(body: kopf.Body, written: dict[str, Any], new: dict[str, A
 # ------------------------------------------------------------------------------- drift repair
 
 
-@kopf.timer(*POOLS, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS, idle=None)
-def repair_drift(body: kopf.Body, uid: str, name: str, **_: Any) -> None:
+def repair_drift(body: kopf.Body, uid: str, name: str, memo: kopf.Memo, **_: Any) -> None:
     """Level-based: re-apply the children when the pool's DaemonSet is missing or renders
     differently (one shared DaemonSet list per interval for all pools, not a read per pool)."""
     if body.metadata.get("deletionTimestamp"):
         return  # being deleted: the delete handler owns the children now
+    ours: OperatorSettings = memo.settings
     pool = parse_pool(body)
-    hashes = kube.snapshot("daemonsets", lambda: kube.daemonset_hashes(NAMESPACE), RESYNC_SECONDS / 2)
+    hashes = kube.snapshot(
+        "daemonsets", lambda: kube.daemonset_hashes(ours.namespace), ours.resync_seconds / 2
+    )
     wanted = next(
         m["spec"]["template"]["metadata"]["annotations"]["kvtier.io/config-hash"]
-        for m in render_pool(pool, uid, NAMESPACE)
+        for m in render_pool(pool, uid, ours.namespace)
         if m["kind"] == "DaemonSet"
     )
     if hashes.get(child_name(name)) != wanted:
-        apply_children(body, pool, uid)
+        apply_children(pool, uid, ours)
         kube.forget_snapshot("daemonsets")
         kopf.info(body, reason="Repaired", message="re-applied the pool's children (DaemonSet drifted)")
 
 
 @kopf.on.delete(*POOLS)
-def cleanup(body: kopf.Body, name: str, **_: Any) -> None:
+def cleanup(name: str, logger: kopf.Logger, memo: kopf.Memo, **_: Any) -> None:
     deleted = []
     for api_version, kind, namespaced in CHILD_KINDS:
         child = secret_name(name) if kind == "Secret" else child_name(name)
-        if kube.delete(api_version, kind, child, NAMESPACE if namespaced else None):
+        if kube.delete(api_version, kind, child, memo.settings.namespace if namespaced else None):
             deleted.append(f"{kind}/{child}")
     for kvn in kube.list_kvcachenodes(name):
         kube.delete(api.API_VERSION, "KVCacheNode", kvn.metadata.name)
         deleted.append(f"KVCacheNode/{kvn.metadata.name}")
-    logging.getLogger("kvtier.operator").info(
-        "pool %s deleted: removed %s", name, ", ".join(deleted) or "nothing"
+    logger.info("pool deleted: removed %s", ", ".join(deleted) or "nothing")
+
+
+def register(ours: OperatorSettings) -> None:
+    """The one handler whose registration needs a setting: drift repair every `resync_seconds`.
+    The operator's entry point calls this once with the settings it read at start."""
+    kopf.timer(*POOLS, interval=ours.resync_seconds, initial_delay=ours.resync_seconds, idle=None)(
+        repair_drift
     )

@@ -127,6 +127,7 @@ def aggregate(
         misses += st.misses
     # Without Node objects (the local control plane) the agents that report are the desired set.
     desired = len(desired_nodes) if desired_nodes else len(kvnodes)
+    # Agents count hits and misses per block, so this is blocks served over blocks asked.
     hit_ratio = hits / (hits + misses) if hits + misses else None
 
     problems = []

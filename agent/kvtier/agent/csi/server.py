@@ -23,7 +23,7 @@ from pathlib import Path
 
 import grpc
 
-from kvtier import __version__
+from kvtier import __version__, logs
 from kvtier.agent.api.protocol import AgentError, ProtocolError
 from kvtier.agent.client import admin_call
 from kvtier.agent.csi._generated import csi_pb2, csi_pb2_grpc
@@ -466,7 +466,7 @@ def serve(
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=os.environ.get("KVTIER_LOG", "INFO"), format="%(asctime)s %(name)s %(message)s")
+    logs.setup(args)
     from kvtier.kubeapi import api_client_from_environment
 
     api_client = api_client_from_environment()

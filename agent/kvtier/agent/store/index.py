@@ -411,10 +411,13 @@ class Store:
                 self.metrics.lookups.labels(tier).inc()
                 block.last_used = now
                 self.dram_policy.touch(block.key)
+            # Hits and misses both count blocks (blocks served / blocks asked): a read that stops at
+            # the first absent key misses every key from there on, as the engine recomputes them.
+            missed = len(keys) - len(pinned)
             self.hits[lease.tenant] += len(pinned)
-            if len(pinned) < len(keys):
-                self.misses[lease.tenant] += 1
-                self.metrics.lookups.labels("miss").inc()
+            self.misses[lease.tenant] += missed
+            if missed:
+                self.metrics.lookups.labels("miss").inc(missed)
         self.metrics.latency.labels("read_blocks").observe(time.perf_counter() - t0)
         return [(b.seg, b.extent, b) for b in pinned]  # type: ignore[misc]
 
