@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 pytestmark = pytest.mark.integration
 
 
-def test_demo_saves_and_restores_kv_through_the_operator_rendered_agent(tmp_path):
-    # its folder (a 1 GiB NVMe file) under the test's own tmp, and its whole process group ended
-    # on a timeout: a killed demo cannot clean up after itself
+def test_demo_saves_and_restores_kv_through_the_operator_rendered_agent():
+    # its folder (a 1 GiB NVMe file) in one the test removes, and its whole process group ended on
+    # a timeout: a killed demo cannot clean up after itself (short path: sockets live there)
+    scratch = tempfile.mkdtemp(prefix="kvd-", dir="/tmp")
     proc = subprocess.Popen(
         [sys.executable, "-m", "kvtier.cli", "demo", "--processes"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "TMPDIR": str(tmp_path)},
+        env={**os.environ, "TMPDIR": scratch},
         start_new_session=True,
     )
     try:
@@ -28,6 +31,8 @@ def test_demo_saves_and_restores_kv_through_the_operator_rendered_agent(tmp_path
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     text = out.stdout
