@@ -86,5 +86,5 @@ def test_pool_names_that_would_break_child_names_are_refused(kube, crds_installe
     assert refusal is not None and "at most 50 characters" in refusal, refusal
     with pytest.raises(ValidationError, match="at most 50 characters"):
         api.KVCachePool.model_validate(body)
-    ok = _body("a" * 50, _dram("1Gi"))
+    ok = _body("a" * 44 + uuid.uuid4().hex[:6], _dram("1Gi"))  # 50 characters, unique per case
     assert _api_server_refusal(kube, ok) is None
