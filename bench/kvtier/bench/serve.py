@@ -29,7 +29,8 @@ from typing import Any
 from kvtier.agent.keys import KVLayout
 from kvtier.bench.serveloop import POLICIES, Scheduler, Workload, ratios, scripts, summarize, workload_dict
 from kvtier.bench.shapes import SHAPES
-from kvtier.dev.agents import AgentProcess, local_agent_config, spawn_agent
+from kvtier.bench.ttft import start_bench_agent
+from kvtier.dev.agents import AgentProcess
 
 GiB, MiB = 1 << 30, 1 << 20
 # A public on-demand list price for one H200 (SXM, 141 GB), per GPU-hour; --gpu-hour-usd overrides it.
@@ -313,16 +314,7 @@ class TorchEngine:
 def start_agent(
     work: Path, dram_bytes: int, nvme_bytes: int, block_tokens: int, nvme_dir: Path
 ) -> AgentProcess:
-    spec = {
-        "tiers": {
-            "dram": {"size": dram_bytes},
-            "nvme": {"size": nvme_bytes, "mode": "file", "path": str(nvme_dir / "kvtier-serve.cache")},
-        },
-        "tenancy": {"dramShare": 1, "nvmeShare": 1},  # one tenant: the whole pool is its share
-        "blockTokens": block_tokens,
-    }
-    cfg = local_agent_config(work, "serve", spec, segment_bytes=min(GiB, dram_bytes), ioThreads=32)
-    return spawn_agent(cfg, work / "agent.yaml", log=work / "agent.log")
+    return start_bench_agent(work, dram_bytes, nvme_bytes, block_tokens, nvme_dir / "kvtier-serve.cache", 32)
 
 
 def start_sidecar(socket_path: str) -> tuple[ThreadingHTTPServer, str]:

@@ -35,20 +35,41 @@ IO_THREADS = 32  # the agent's NVMe queue depth
 # --------------------------------------------------------------------------------- shared parts
 
 
-def start_pool_agent(work: Path, kv_bytes: int, block_tokens: int, nvme_dir: Path) -> AgentProcess:
-    """A fresh agent sized for one context: DRAM and NVMe tiers a little larger than its KV."""
-    size = ((int(kv_bytes * 1.08) + GiB) // GiB) * GiB
-    spec = {
+def start_bench_agent(
+    work: Path,
+    dram_bytes: int,
+    nvme_bytes: int,
+    block_tokens: int,
+    nvme_path: Path,
+    io_threads: int = IO_THREADS,
+    **spec: Any,
+) -> AgentProcess:
+    """A fresh local agent for one benchmark: a single tenant owning the whole pool, DRAM and an
+    NVMe file tier of the given sizes; `spec` adds pool fields (eviction, ...)."""
+    pool = {
         "tiers": {
-            "dram": {"size": size},
-            "nvme": {"size": size, "mode": "file", "path": str(nvme_dir / "kvtier-bench.cache")},
+            "dram": {"size": dram_bytes},
+            "nvme": {"size": nvme_bytes, "mode": "file", "path": str(nvme_path)},
         },
         "tenancy": {"dramShare": 1, "nvmeShare": 1},  # one tenant: the whole pool is its share
         "blockTokens": block_tokens,
-        "eviction": {"highWatermark": 1.0, "lowWatermark": 0.95},
+        **spec,
     }
-    cfg = local_agent_config(work, "bench", spec, segment_bytes=min(GiB, size), ioThreads=IO_THREADS)
+    cfg = local_agent_config(work, "bench", pool, segment_bytes=min(GiB, dram_bytes), ioThreads=io_threads)
     return spawn_agent(cfg, work / "agent.yaml", log=work / "agent.log")
+
+
+def start_pool_agent(work: Path, kv_bytes: int, block_tokens: int, nvme_dir: Path) -> AgentProcess:
+    """An agent sized for one context: DRAM and NVMe tiers a little larger than its KV."""
+    size = ((int(kv_bytes * 1.08) + GiB) // GiB) * GiB
+    return start_bench_agent(
+        work,
+        size,
+        size,
+        block_tokens,
+        nvme_dir / "kvtier-bench.cache",
+        eviction={"highWatermark": 1.0, "lowWatermark": 0.95},
+    )
 
 
 def memcpy_bandwidth(nbytes: int = 256 << 20) -> float:
