@@ -1,5 +1,5 @@
-"""The sidecar in a pod's own network namespace (root: `ip netns`, a veth pair to a second
-namespace standing for another pod): the hint endpoint answers the pod's own loopback and refuses
+"""The sidecar in a pod's own network namespace (root: two namespaces on a private bridge,
+`kvtier.dev.netns`, the second standing for another pod): the hint endpoint answers the pod's own loopback and refuses
 the other pod, which reaches only the probes and, with the token, the public endpoint's bare 202."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import os
 import shutil
 import subprocess
 import sys
-import uuid
 
 import pytest
 
 from kvtier.agent.client import Client
+from kvtier.dev.netns import NetnsUnavailable, make_nodes
 from tests.integration.test_agent import FP, blobs, chain
 from tests.support import agent_config, eventually
 
@@ -23,7 +23,6 @@ pytestmark = [
         os.geteuid() != 0 or not shutil.which("ip"), reason="network namespaces need root and ip"
     ),
 ]
-POD_IP, PEER_IP = "10.77.0.1", "10.77.0.2"
 TOKEN = "gateway-token-0123456789abcdef"
 PROBE = """
 import json, socket, sys
@@ -42,25 +41,15 @@ print(json.dumps({"status": int(head.split()[1]), "reply": json.loads(reply or b
 """
 
 
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
-
-
 @pytest.fixture
 def pods():
-    tag = uuid.uuid4().hex[:6]
-    pod, peer = f"kvs-{tag}-pod", f"kvs-{tag}-peer"
-    for ns in (pod, peer):
-        ip("netns", "add", ns)
-        ip("-n", ns, "link", "set", "lo", "up")
-    ip("link", "add", f"kvs{tag}a", "netns", pod, "type", "veth", "peer", "name", f"kvs{tag}b", "netns", peer)
-    ip("-n", pod, "addr", "add", f"{POD_IP}/30", "dev", f"kvs{tag}a")
-    ip("-n", peer, "addr", "add", f"{PEER_IP}/30", "dev", f"kvs{tag}b")
-    ip("-n", pod, "link", "set", f"kvs{tag}a", "up")
-    ip("-n", peer, "link", "set", f"kvs{tag}b", "up")
-    yield pod, peer
-    for ns in (pod, peer):
-        subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+    """Two namespaces on one private bridge: the engine pod (0) and another pod (1)."""
+    try:
+        nodes = make_nodes(2)
+    except NetnsUnavailable as exc:
+        pytest.skip(str(exc))
+    yield nodes
+    nodes.close()
 
 
 def send(netns: str, host: str, port: int, body: dict, auth: str = "") -> dict:
@@ -72,7 +61,8 @@ def send(netns: str, host: str, port: int, body: dict, auth: str = "") -> dict:
 
 
 def test_only_the_pod_itself_gets_hint_replies(pods, agent, tmp_path):
-    pod, peer = pods
+    pod, peer = pods.names
+    pod_ip = pods.addresses[0]
     a = agent(agent_config(tmp_path, dram="16Mi", nvme="64Mi"))
     keys = chain(2)
     with Client(a.tenant("team-a")) as c:
@@ -90,10 +80,10 @@ def test_only_the_pod_itself_gets_hint_replies(pods, agent, tmp_path):
         hint = {"fingerprint": FP, "keys": [k.hex() for k in keys], "deadline_ms": 5000}
         own = send(pod, "127.0.0.1", 8765, hint)
         assert own["status"] == 200 and own["reply"]["dram"] == 2, "the pod's own engine gets the details"
-        assert "refused" in send(peer, POD_IP, 8765, hint), "another pod cannot reach the hint endpoint"
-        assert send(peer, POD_IP, 8766, hint)["status"] == 404, "the probe port takes no hints"
-        assert send(peer, POD_IP, 8767, hint)["status"] == 401, "the public endpoint needs the token"
-        public = send(peer, POD_IP, 8767, hint, f"Authorization: Bearer {TOKEN}\r\n")
+        assert "refused" in send(peer, pod_ip, 8765, hint), "another pod cannot reach the hint endpoint"
+        assert send(peer, pod_ip, 8766, hint)["status"] == 404, "the probe port takes no hints"
+        assert send(peer, pod_ip, 8767, hint)["status"] == 401, "the public endpoint needs the token"
+        public = send(peer, pod_ip, 8767, hint, f"Authorization: Bearer {TOKEN}\r\n")
         assert public == {"status": 202, "reply": {"accepted": True}}, "and then says nothing about the cache"
     finally:
         proc.terminate()
