@@ -2,8 +2,8 @@
 
 The agent's manifest says where each block lies in the tier's file; the floor reads those extents
 (nothing else: not the file's first N bytes, which may hold other contexts' blocks or holes that
-read back without touching the disk) with O_DIRECT, 4 MiB requests, as many in flight as the agent
-issues. Before every cold read the page cache is dropped and then checked with mincore(2): the
+read back without touching the disk) with O_DIRECT, at the request size and depth this disk reads
+fastest (a sweep once per run that includes the agent's own 4 MiB x 8). Before every cold read the page cache is dropped and then checked with mincore(2): the
 bytes counted as resident must be zero, or the row says so.
 """
 
@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from kvtier.agent.tiers.manifest import replay
-from kvtier.agent.tiers.nvme import ALIGN, CHUNK, open_direct
+from kvtier.agent.tiers.nvme import ALIGN, open_direct
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -45,16 +45,18 @@ def tier_keys(manifest: Path) -> set[bytes]:
     return set(live)
 
 
-def read_extents(path: Path, extents: list[tuple[int, int]], threads: int = 64) -> float:
-    """Bytes/s reading `extents` of a file with O_DIRECT: 4 MiB requests kept `threads` deep without
-    pause (a ring of buffers; a slot is reused once its read is done). Twice the agent's queue depth
-    by default, so the floor is the disk's best, not the agent's."""
+def read_extents(path: Path, extents: list[tuple[int, int]], config: tuple[int, int] | None = None) -> float:
+    """Bytes/s reading `extents` of a file with O_DIRECT: `config` = (requests in flight, request
+    bytes), kept that deep without pause (a ring of buffers; a slot is reused once its read is done).
+    Default: the disk's best configuration (`best_config`), so the floor is the disk's, not the
+    agent's."""
+    threads, chunk = config or best_config(path, extents)
     total = sum(n for _, n in extents)
     if total == 0:
         return 0.0
     fd, _ = open_direct(path)
     slots = 2 * threads
-    buf = mmap.mmap(-1, slots * CHUNK)
+    buf = mmap.mmap(-1, slots * chunk)
     view = memoryview(buf)
     try:
         with ThreadPoolExecutor(threads) as pool:
@@ -62,12 +64,12 @@ def read_extents(path: Path, extents: list[tuple[int, int]], threads: int = 64) 
             i = 0
             t0 = time.perf_counter()
             for off, n in extents:
-                for pos in range(0, n, CHUNK):
+                for pos in range(0, n, chunk):
                     slot = i % slots
                     if ring[slot] is not None:
                         ring[slot].result()
-                    size = min(CHUNK, n - pos)
-                    dst = view[slot * CHUNK : slot * CHUNK + size]
+                    size = min(chunk, n - pos)
+                    dst = view[slot * chunk : slot * chunk + size]
                     ring[slot] = pool.submit(_pread_full, fd, dst, off + pos)
                     i += 1
             for f in ring:
@@ -76,6 +78,40 @@ def read_extents(path: Path, extents: list[tuple[int, int]], threads: int = 64) 
             return total / (time.perf_counter() - t0)
     finally:
         os.close(fd)  # the buffer goes with its last view (slices may still be referenced here)
+
+
+# (requests in flight, request bytes) tried once per process; the agent itself reads 4 MiB requests
+# 8 deep per tier, so that configuration is always among them and the floor can never be below it
+CONFIGS = [(d, c << 20) for d in (4, 8, 16, 32, 64) for c in (1, 4, 16)]
+SWEEP_BYTES = 2 << 30
+_best: dict[str, object] = {}
+
+
+def best_config(path: Path, extents: list[tuple[int, int]]) -> tuple[int, int]:
+    """The fastest (depth, request size) for cold direct reads on this disk, from a sweep over the
+    first SWEEP_BYTES of `extents` (once per process; `sweep_report()` says what each gave)."""
+    if "config" not in _best:
+        prefix, left = [], SWEEP_BYTES
+        for off, n in extents:
+            if left <= 0:
+                break
+            prefix.append((off, min(n, left)))
+            left -= n
+        gbps = {}
+        for cfg in CONFIGS:
+            cold(path, prefix)
+            gbps[f"{cfg[0]}x{cfg[1] >> 20}MiB"] = round(read_extents(path, prefix, cfg) / 1e9, 3)
+        best = max(CONFIGS, key=lambda c: gbps[f"{c[0]}x{c[1] >> 20}MiB"])
+        _best.update(config=best, report={"bytes": sum(n for _, n in prefix), "gbps": gbps})
+    return _best["config"]  # type: ignore[return-value]
+
+
+def sweep_report() -> dict[str, object]:
+    """The sweep behind `best_config`: bytes read and GB/s per 'depth x request size', and the pick."""
+    if "config" not in _best:
+        return {}
+    depth, size = _best["config"]  # type: ignore[misc]
+    return {**_best["report"], "best": f"{depth}x{size >> 20}MiB"}  # type: ignore[dict-item]
 
 
 def _pread_full(fd: int, buf: memoryview, offset: int) -> None:

@@ -106,7 +106,7 @@ def bench_arena(agent, block: int, total: int, memcpy: float, batch: int = 1024)
         nvme_file = Path(agent.config.spec.tiers.nvme.path)
         extents = tier_extents(nvme_file.with_name(nvme_file.name + ".manifest"))
         cold(nvme_file, extents)
-        raw = read_extents(nvme_file, extents, threads=agent.config.ioThreads)
+        raw = read_extents(nvme_file, extents)
         rows.append(
             _row("nvme", "get", block, total / t_nvme / 1e9, raw / 1e9, ceiling_kind="raw O_DIRECT read")
         )

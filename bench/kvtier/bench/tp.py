@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtier.agent.keys import KVLayout
-from kvtier.bench.diskfloor import cold, io_lock, read_extents, tier_extents, tier_keys
+from kvtier.bench.diskfloor import cold, io_lock, read_extents, sweep_report, tier_extents, tier_keys
 from kvtier.bench.ttft import GiB, print_table, row, start_pool_agent, write_partial
 from kvtier.dev.ports import free_port
 
@@ -256,15 +256,20 @@ def rank_main(index: int, plan: dict[str, Any], queue) -> None:
                     checks = [cold(nvme_file, extents)]
                     raw_before = read_extents(nvme_file, extents)
                     checks.append(cold(nvme_file, extents))
+                    stats_before = admin_call(Path(plan["admin_dir"]), "stats")["stats"]
                 dist.barrier()
                 nvme = gather(restore())
                 if index == 0:
+                    stats_after = admin_call(Path(plan["admin_dir"]), "stats")["stats"]
                     checks.append(cold(nvme_file, extents))
                     raw_after = read_extents(nvme_file, extents)
                     disk = {
                         "raw": (raw_before, raw_after),
                         "bytes": sum(n for _, n in extents),
                         "extents": len(extents),
+                        "sweep": sweep_report(),
+                        # what the restore read from each tier: a row faster than its floor shows why
+                        "agent_stats_before_after": [stats_before, stats_after],
                         "page_cache_dropped": all(c["page_cache_dropped"] for c in checks),
                         "resident": [c["resident_bytes"] for c in checks],
                     }
@@ -372,6 +377,8 @@ def summarize(L, shard_bytes, world, tp, per_rank, nvme, disk, shared=False) -> 
         raw_read_before_after_gbps=[round(x / 1e9, 2) for x in disk["raw"]],
         raw_read_bytes=disk["bytes"],
         raw_read_extents=disk["extents"],
+        raw_read_sweep=disk["sweep"],
+        agent_stats_before_after=disk["agent_stats_before_after"],
         page_cache_dropped=disk["page_cache_dropped"],
         page_cache_resident_bytes_before_reads=disk["resident"],
         per_rank_restore_s=[round(d["restore_s"], 4) for d in nvme],

@@ -24,7 +24,7 @@ from typing import Any
 
 from kvtier.agent.client import Client
 from kvtier.agent.keys import KVLayout, block_keys
-from kvtier.bench.diskfloor import cold, io_lock, read_extents, tier_extents
+from kvtier.bench.diskfloor import cold, io_lock, read_extents, sweep_report, tier_extents
 from kvtier.bench.shapes import SHAPES
 from kvtier.dev.agents import AgentProcess, local_agent_config, spawn_agent
 
@@ -445,6 +445,7 @@ def nvme_restore(agent, nvme_file: Path, before: set[bytes], kv_bytes: int, rest
         "raw_read_before_after_gbps": [round(raw_before / 1e9, 2), round(raw_after / 1e9, 2)],
         "raw_read_bytes": sum(n for _, n in extents),
         "raw_read_extents": len(extents),
+        "raw_read_sweep": sweep_report(),
         "page_cache_dropped": all(c["page_cache_dropped"] for c in (cold_before, cold_restore, cold_after)),
         "page_cache_resident_bytes_before_reads": [
             c["resident_bytes"] for c in (cold_before, cold_restore, cold_after)
