@@ -43,6 +43,15 @@ def test_the_hottest_blocks_of_any_tier_up_to_the_bound_grouped_by_tenant():
     assert sorted(b.key[-1] for _, bs in everything for b in bs) == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_chain_saved_or_read_together_is_offered_head_first():
+    """Commit stamps each block of a chain a little later than the one before; an offer cut by
+    the bound still takes the chain's head (what an engine's prefix lookup needs)."""
+    chain = [_block(i, "team-a", 100.0 + i * 1e-6) for i in range(8)]
+    older = [_block(10 + i, "team-a", 50.0 + i) for i in range(4)]
+    ((tenant, chosen),) = offer_plan(older + chain, 3 * MiB)
+    assert tenant == "team-a" and [b.key[-1] for b in chosen] == [0, 1, 2]
+
+
 def _offer(**overrides) -> dict:
     return {
         "op": "offer",

@@ -53,10 +53,15 @@ class Plan:
         return sum(b.size for b in self.skipped)
 
 
-def plan(dram_only: list[Block], max_bytes: int | None) -> Plan:
-    """Hottest first (most recently used), as many as fit in `max_bytes` (None: all)."""
+def plan(dram_only: list[Block], max_bytes: int | None, granule_s: float = 0.0) -> Plan:
+    """Hottest first (most recently used), as many as fit in `max_bytes` (None: all). With a
+    granule, blocks last used within the same one keep the order they are given in."""
+
+    def hotness(block: Block) -> float:
+        return block.last_used // granule_s if granule_s else block.last_used
+
     move, skipped, total = [], [], 0
-    for block in sorted(dram_only, key=lambda b: b.last_used, reverse=True):
+    for block in sorted(dram_only, key=hotness, reverse=True):
         if max_bytes is None or total + block.size <= max_bytes:
             move.append(block)
             total += block.size
@@ -65,11 +70,18 @@ def plan(dram_only: list[Block], max_bytes: int | None) -> Plan:
     return Plan(move, skipped)
 
 
+# Blocks used within the same second count as equally hot and keep the store's order, which is the
+# order they were saved in: a chain's head before its tail. Engines look up prefixes, so a peer
+# holding the tail of a chain without its head would hold blocks nobody can hit.
+OFFER_GRANULE_S = 1.0
+
+
 def offer_plan(blocks: list[Block], max_bytes: int) -> list[tuple[str, list[Block]]]:
     """The hottest blocks of any tier up to `max_bytes`, by tenant: tenants in the order of their
-    hottest block, each tenant's blocks hottest first (the order peers pull them in)."""
+    hottest block, each tenant's blocks hottest first (the order peers pull them in). `blocks` in
+    the store's (saved) order."""
     groups: dict[str, list[Block]] = {}
-    for block in plan(blocks, max_bytes).move:
+    for block in plan(blocks, max_bytes, OFFER_GRANULE_S).move:
         groups.setdefault(block.tenant, []).append(block)
     return list(groups.items())
 
