@@ -144,3 +144,103 @@ def test_cordon_drains_hot_blocks_to_nvme_and_they_survive_a_restart(
                 delete()
             except ApiException:
                 pass
+
+
+def test_a_drained_node_hands_its_hottest_blocks_to_a_peer_and_engines_there_hit_them(
+    control_plane, kube, crds_installed, tmp_path
+):
+    """Two real agents of one pool on two Nodes, peers over NIXL (UCX tcp on loopback), finding
+    each other through their KVCacheNodes. Node A is cordoned: it offers its hottest 8 MiB
+    (drain.offerBytes); B pulls the blocks of the tenant it serves, and team-a's engine client on B
+    hits the hot head of its chain there, byte for byte, and nothing past the bound."""
+    import os
+
+    from kvtier.agent.transports.control import ControlClient
+
+    core, custom = client.CoreV1Api(kube), client.CustomObjectsApi(kube)
+    tag = uuid.uuid4().hex[:6]
+    pool, selector = f"offer-{tag}", {"kvtier.test/offer": tag}
+    node_a, node_b = f"gpu-a-{tag}", f"gpu-b-{tag}"
+    for node in (node_a, node_b):
+        core.create_node({"metadata": {"name": node, "labels": selector}})
+    secret = tmp_path / "pool-secret"
+    secret.write_bytes(os.urandom(32))
+    spec = {
+        "nodeSelector": selector,
+        "tiers": {"dram": {"size": "64Mi"}},
+        "prefetch": {"transport": "tcp"},
+        "drain": {"offerBytes": "8Mi"},
+    }
+    env = {"KUBECONFIG": str(control_plane.kubeconfig)}
+    agents = {}
+
+    def start(node: str):
+        config = local_agent_config(
+            tmp_path / node, pool, spec, segment_bytes=8 * MiB, nodeName=node,
+            secretFile=str(secret), heartbeatSeconds=30,
+        )  # fmt: skip
+        agents[node] = spawn_agent(config, tmp_path / node / "agent.yaml", env=env)
+        return agents[node]
+
+    def kvn_status(node: str) -> dict:
+        return custom.get_cluster_custom_object(*KVN, api.kvcachenode_name(pool, node)).get("status", {})
+
+    try:
+        a, b = start(node_a), start(node_b)
+        for node in (node_a, node_b):
+            eventually(lambda n=node: kvn_status(n).get("peerAddress"), message=f"{node}'s KVCacheNode")
+        keys, data = chain(12), blobs(12)
+        b_keys, b_data = chain(4, "team-b"), blobs(4, seed=5)
+        with Client(a.tenant("team-a")) as on_a:
+            assert on_a.put(FP, keys, data) == 12
+        with Client(a.tenant("team-b")) as on_a:
+            assert on_a.put(FP, b_keys, b_data) == 4
+        time.sleep(1.2)  # what the engines read next is hotter than what was only saved
+        with Client(a.tenant("team-a")) as on_a:
+            assert on_a.get(FP, keys[:6]) == data[:6]
+        with Client(a.tenant("team-b")) as on_a:
+            assert on_a.get(FP, b_keys[:2]) == b_data[:2]
+        on_b = Client(b.tenant("team-a"))  # B serves team-a (its socket exists there), not team-b
+
+        # a pool member's hostile offers are refused whole, and cost B nothing
+        used = b.stats()["dram"]["usedBytes"]
+        with ControlClient(b.peer, secret.read_bytes(), timeout=5) as control:
+            for bad, why in (
+                ({"tenant": "team-b", "keys": ["ab" * 24], "sizes": [MiB]}, "not a tenant this agent serves"),
+                ({"keys": ["ab" * 24], "sizes": [-1]}, "sizes must be"),
+                ({"keys": [k.hex()[:48] for k in chain(9, "x")], "sizes": [MiB] * 9}, "drain.offerBytes is"),
+                ({"from": "127.0.0.1:1", "keys": ["ab" * 24], "sizes": [MiB]}, "not a known peer"),
+            ):
+                offer = {"op": "offer", "from": a.peer, "tenant": "team-a", **bad}
+                reply = control.call(offer, 5)
+                assert reply["ok"] is False and why in reply["error"], (bad, reply)
+        assert b.stats()["dram"]["usedBytes"] == used
+
+        core.patch_node(node_a, {"spec": {"unschedulable": True}})
+        st = eventually(
+            lambda: (
+                (s := kvn_status(node_a)).get("drain", {}).get("offer", {}).get("state") == "Offered" and s
+            ),
+            timeout=60,
+            message="node A's offer done",
+        )
+        offer = st["drain"]["offer"]
+        assert offer["plannedBytes"] == 8 * MiB, "the hottest blocks, up to drain.offerBytes"
+        assert offer["takenBytes"] == 6 * MiB and offer["peers"] == 1, "team-a's six hot blocks"
+        assert offer["declinedBytes"] == 2 * MiB, "team-b's two: B does not serve team-b"
+        assert offer["progress"] == "100%" and "offered to peers" in _condition(st, "Draining")["message"]
+
+        with on_b:
+            assert on_b.lookup(FP, keys) == 6, "the engine on B hits the chain's hot head"
+            assert on_b.get(FP, keys[:6]) == data[:6], "byte for byte what A held"
+        with Client(b.tenant("team-b")) as c:
+            assert c.lookup(FP, b_keys) == 0, "blocks of a tenant B did not serve stayed on A"
+        assert b.stats()["pinned"] == 0 and a.stats()["pinned"] == 0
+    finally:
+        for proc in agents.values():
+            proc.kill(signal.SIGTERM)
+        for node in (node_a, node_b):
+            try:
+                core.delete_node(node)
+            except ApiException:
+                pass

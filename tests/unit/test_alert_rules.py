@@ -97,3 +97,63 @@ def test_promtool_checks_the_rules_and_their_unit_tests_pass():
     )
     assert tests.returncode == 0, tests.stdout + tests.stderr
     assert "SUCCESS" in tests.stdout
+
+
+def _label_names() -> dict[str, set[str]]:
+    """Series name -> the label names it carries once scraped (the ServiceMonitor adds pool and
+    node to agent series; Prometheus adds job and instance)."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from kvtier.operator import reconcile
+
+    scraped = {"pool", "node", "job", "instance"}
+    out: dict[str, set[str]] = {"up": scraped}
+    agent = [m for m in vars(Metrics()).values() if isinstance(m, MetricWrapperBase)]
+    for metric in (*agent, reconcile.POOL_CONDITION, reconcile.POOL_NODES, reconcile.STATUS_WRITES):
+        names = set(metric._labelnames) | scraped
+        kind = metric._type
+        for suffix in {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(kind, [""]):
+            out[metric._name + suffix] = names | ({"le"} if suffix == "_bucket" else set())
+    return out
+
+
+def test_dashboard_is_well_formed_for_grafana():
+    """What Grafana needs to load the dashboard as the sidecar hands it over (it was never rendered
+    here: no Grafana server can be installed from the registries this project reaches): unique
+    panel ids on a 24-column grid without overlaps, every panel and query on the `datasource`
+    variable, pool and node variables chained, every selector naming labels the series carries
+    and fixed values kvtier exports, and legends drawing on labels the query keeps."""
+    from kvtier.agent.metrics import LABEL_VALUES
+
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["uid"] and dash["title"] and isinstance(dash["schemaVersion"], int)
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert (
+        variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    )
+    assert "$pool" in variables["node"]["query"]["query"], "node choices follow the pool chosen"
+    on_variable = {"type": "prometheus", "uid": "${datasource}"}
+    panels = dash["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    cells: set[tuple[int, int]] = set()
+    labels_of = _label_names()
+    for panel in panels:
+        g = panel["gridPos"]
+        assert panel["type"] in {"stat", "timeseries"} and g["x"] + g["w"] <= 24, panel["title"]
+        mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        assert not mine & cells, f"{panel['title']} overlaps another panel"
+        cells |= mine
+        assert panel["datasource"] == on_variable, panel["title"]
+        assert len({t["refId"] for t in panel["targets"]}) == len(panel["targets"]), panel["title"]
+        for target in panel["targets"]:
+            expr = target["expr"]
+            assert target["datasource"] == on_variable and 'pool=~"$pool"' in expr, (panel["title"], expr)
+            for name, body in re.findall(r"\b((?:kvtier_|up\b)[a-z0-9_]*)\{([^}]*)\}", expr):
+                for label, value in re.findall(r'(\w+)\s*(?:=~|!~|!=|=)\s*"([^"]*)"', body):
+                    assert label in labels_of[name], (panel["title"], name, label)
+                    if label in LABEL_VALUES and "$" not in value:
+                        assert set(value.split("|")) <= LABEL_VALUES[label], (panel["title"], label, value)
+            grouped = re.findall(r"by \(([^)]*)\)", expr)
+            kept = {label.strip() for by in grouped for label in by.split(",")}
+            for label in re.findall(r"\{\{(\w+)\}\}", target.get("legendFormat", "")):
+                assert not grouped or label in kept, (panel["title"], label, kept)

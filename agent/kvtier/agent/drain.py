@@ -1,10 +1,12 @@
 """Drain on cordon: when the agent's node is cordoned or leaves the pool's nodeSelector, the agent
 stops taking new blocks and writes the blocks that exist only in DRAM to NVMe, hottest first, up to
-the pool's `drain.maxBytes`, so the node's cache survives the maintenance that follows.
+the pool's `drain.maxBytes`, so the node's cache survives the maintenance that follows. Then, when
+the pool sets `drain.offerBytes`, it offers its hottest blocks (any tier) up to that bound to the
+pool's other agents, which pull the ones of tenants they serve (`transports/offers.py`), so engines
+on other nodes keep hitting them while this node is away.
 
 The agent learns of it through the API (a watch on its own Node object, `NodeWatch`); the
 KVCacheNode shows a `Draining` condition and `status.drain` with the progress (report.py).
-Offering hot blocks to peer agents before the node goes is not done here.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 from kvtier.agent.metrics import Metrics
 from kvtier.agent.store.index import Block, Store
+from kvtier.agent.transports.offers import OfferOutcome
 from kvtier.api import v1alpha1 as api
 from kvtier.api.quantity import parse_quantity
 from kvtier.kubeapi import condition
@@ -50,16 +53,44 @@ class Plan:
         return sum(b.size for b in self.skipped)
 
 
-def plan(dram_only: list[Block], max_bytes: int | None) -> Plan:
-    """Hottest first (most recently used), as many as fit in `max_bytes` (None: all)."""
+def plan(dram_only: list[Block], max_bytes: int | None, granule_s: float = 0.0) -> Plan:
+    """Hottest first (most recently used), as many as fit in `max_bytes` (None: all). With a
+    granule, blocks last used within the same one keep the order they are given in."""
+
+    def hotness(block: Block) -> float:
+        return block.last_used // granule_s if granule_s else block.last_used
+
     move, skipped, total = [], [], 0
-    for block in sorted(dram_only, key=lambda b: b.last_used, reverse=True):
+    for block in sorted(dram_only, key=hotness, reverse=True):
         if max_bytes is None or total + block.size <= max_bytes:
             move.append(block)
             total += block.size
         else:
             skipped.append(block)
     return Plan(move, skipped)
+
+
+# Blocks used within the same second count as equally hot and keep the store's order, which is the
+# order they were saved in: a chain's head before its tail. Engines look up prefixes, so a peer
+# holding the tail of a chain without its head would hold blocks nobody can hit.
+OFFER_GRANULE_S = 1.0
+
+
+def offer_plan(blocks: list[Block], max_bytes: int) -> list[tuple[str, list[Block]]]:
+    """The hottest blocks of any tier up to `max_bytes`, by tenant: tenants in the order of their
+    hottest block, each tenant's blocks hottest first (the order peers pull them in). `blocks` in
+    the store's (saved) order."""
+    groups: dict[str, list[Block]] = {}
+    for block in plan(blocks, max_bytes, OFFER_GRANULE_S).move:
+        groups.setdefault(block.tenant, []).append(block)
+    return list(groups.items())
+
+
+# (tenant groups, progress callback, cancelled) -> outcome: transports.offers.offer_blocks, bound
+# to this agent's address, secret and peers by main.py
+Offer = Callable[
+    [list[tuple[str, list[Block]]], Callable[[OfferOutcome], None], Callable[[], bool]], OfferOutcome
+]
 
 
 def _iso(t: dt.datetime) -> str:
@@ -73,6 +104,7 @@ class Drainer:
         self, store: Store, spec: api.Drain, metrics: Metrics, changed: Callable[[], None] = lambda: None
     ) -> None:
         self.store, self.spec, self.metrics, self.changed = store, spec, metrics, changed
+        self.offer: Offer | None = None  # set by the agent when it has peers to offer to
         self.reason: str | None = None
         self.progress: api.DrainProgress | None = None
         self._conditions: list[dict[str, Any]] = []
@@ -125,6 +157,8 @@ class Drainer:
             state = p.state if p else "Flushing"
             ok, why = True, self.reason
             message = f"{state}: {p.progress if p else '0%'} of DRAM-only blocks written to NVMe"
+            if p is not None and p.offer is not None:
+                message += f"; {p.offer.state}: {p.offer.progress} of the hottest blocks offered to peers"
         self._conditions = [condition("Draining", ok, why, message, self._conditions, _iso(now))]
         return self._conditions
 
@@ -165,6 +199,39 @@ class Drainer:
             moved = self._update(chosen, done=True)
             self.metrics.drain_moved_bytes.inc(moved)
             log.info("drain flushed: %s", self.progress)
+        if not cancel.is_set() and self.offer is not None and self.spec.offerBytes is not None:
+            self._offer(self.offer, parse_quantity(self.spec.offerBytes), cancel)
+
+    def _offer(self, offer: Offer, max_bytes: int, cancel: threading.Event) -> None:
+        with self.store.lock:
+            groups = offer_plan(list(self.store.blocks.values()), max_bytes)
+        planned = sum(b.size for _, blocks in groups for b in blocks)
+        self._offer_progress(OfferOutcome(planned), done=False)
+        log.info(
+            "offering the %d hottest blocks (%d bytes) to peers", sum(len(b) for _, b in groups), planned
+        )
+        outcome = offer(groups, lambda o: self._offer_progress(o, done=False), cancel.is_set)
+        self.metrics.drain_offered_bytes.labels("taken").inc(outcome.taken)
+        self.metrics.drain_offered_bytes.labels("declined").inc(outcome.declined)
+        if not cancel.is_set():
+            self._offer_progress(outcome, done=True)
+            log.info("offer done: %s", self.progress.offer if self.progress else None)
+
+    def _offer_progress(self, outcome: OfferOutcome, done: bool) -> None:
+        settled = outcome.taken + outcome.declined
+        with self._lock:
+            if self.progress is None:
+                return
+            offer = api.DrainOffer(
+                state="Offered" if done else "Offering",
+                plannedBytes=outcome.planned,
+                takenBytes=outcome.taken,
+                declinedBytes=outcome.declined,
+                peers=len(outcome.peers),
+                progress=f"{100 * settled // outcome.planned if outcome.planned else 100}%",
+            )
+            self.progress = self.progress.model_copy(update={"offer": offer})
+        self.changed()
 
     def _update(self, chosen: Plan, done: bool) -> int:
         with self.store.lock:

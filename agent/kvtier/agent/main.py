@@ -25,9 +25,11 @@ from kvtier.agent.store.index import Store, load_secret
 from kvtier.agent.tiers.dram import DramTier
 from kvtier.agent.tiers.nvme import NotOurs, NvmeTier
 from kvtier.agent.transports import open_transport
-from kvtier.agent.transports.control import ControlServer
+from kvtier.agent.transports.control import ControlServer, Session
+from kvtier.agent.transports.offers import OfferingSession, OfferTaker, offer_blocks
 from kvtier.api.agentconfig import AgentConfig
-from kvtier.api.v1alpha1 import NvmeDevice, parse_duration
+from kvtier.api.quantity import parse_quantity
+from kvtier.api.v1alpha1 import Drain, NvmeDevice, parse_duration
 from kvtier.kubeapi import api_client_from_environment
 
 log = logging.getLogger("kvtier.agent")
@@ -82,11 +84,13 @@ class Agent:
             rdma_reason,
         )
         self.metrics.report_transport(self.transport_status)
+        self.secret = secret
+        self.offers: OfferTaker | None = None  # drain offers from peers, taken once the API is up
         self.peer = ControlServer(
             secret,
             config.peerHost,
             config.peerPort,
-            self.transport.new_session,
+            self._peer_session,
             self.limits,
             gate,
             self.metrics,
@@ -112,6 +116,7 @@ class Agent:
         # one API client (or None off-cluster) for the KVCacheNode reporter and the peer directory
         self.api_client = api_client_from_environment()
         self.api.prefetcher = self._prefetcher()
+        self._wire_offers(spec.drain)
         self.metrics_port = self._serve_metrics()
         self.reporter = None
         self._stop = threading.Event()
@@ -172,6 +177,27 @@ class Agent:
 
         directory = PeerDirectory(self.config.pool, self.peer_address, self.config.peers, self.api_client)
         return Prefetcher(self.store, self.transport, directory)
+
+    def _peer_session(self) -> Session:
+        session = self.transport.new_session()
+        return OfferingSession(session, self.offers) if self.offers else session
+
+    def _wire_offers(self, drain: Drain) -> None:
+        """Drain offers both ways: this agent takes peers' hottest blocks for the tenants it serves
+        (those with a socket here), and offers its own when its node drains."""
+        offer_bytes = None if drain.offerBytes is None else parse_quantity(drain.offerBytes)
+        directory = self.api.prefetcher.directory
+        self.offers = OfferTaker(
+            self.store,
+            self.transport,
+            directory,
+            lambda: {self.store.tenant_of(ns) for ns in list(self.api.tenants)},
+            offer_bytes,
+        )
+        if offer_bytes is not None and self.transport.name == "nixl":
+            self.drainer.offer = lambda groups, progress, cancelled: offer_blocks(
+                groups, self.peer_address, self.secret, directory.peers(), progress, cancelled
+            )
 
     def _serve_metrics(self) -> int:
         port = self.config.metricsPort

@@ -25,6 +25,7 @@ LABEL_VALUES = {
     # the tenant socket's operations (api/server.py) and the store's own steps
     "op": {"hello", "ping", "stats", "lookup", "allocate", "commit", "read", "prefetch", "release"}
     | {"read_blocks", "promote", "persist"},
+    "outcome": {"taken", "declined"},  # a drain's offer of its hottest blocks to peers
     "version": {__version__},  # one value per build: kvtier_build_info
 }
 
@@ -123,6 +124,12 @@ class Metrics:
         )
         self.drain_skipped_bytes = Counter(
             "kvtier_drain_skipped_bytes", "DRAM-only bytes a drain left out (over drain.maxBytes)", registry=r
+        )
+        self.drain_offered_bytes = Counter(
+            "kvtier_drain_offered_bytes",
+            "Hottest bytes a drain offered to peers, by outcome (taken by a peer or declined by all)",
+            ["outcome"],
+            registry=r,
         )
         self.latency = Histogram(
             "kvtier_op_duration_seconds",

@@ -177,6 +177,7 @@ def kvcachenode_crd() -> dict[str, Any]:
         _column("Blocks", ".status.tiers.dram.blocks", "integer"),
         _column("Draining", '.status.conditions[?(@.type=="Draining")].status'),
         _column("Drain", ".status.drain.progress", description="moved/planned bytes of the drain"),
+        _column("Offered", ".status.drain.offer.progress", description="hottest blocks settled with peers"),
         _column("Heartbeat", ".status.heartbeat", "date"),
     ]
     return _crd("KVCacheNode", "kvcachenodes", "kvn", schema, columns)

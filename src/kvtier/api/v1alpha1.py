@@ -289,8 +289,21 @@ class Prefetch(Model):
     transport: Literal["auto", "rdma", "tcp"] = "auto"
 
 
+OFFER_NEEDS_DRAIN = "offerBytes needs enabled: true (blocks are offered to peers during a drain)"
+
+
 class Drain(Model):
     """What an agent does when its node is cordoned or leaves the pool's nodeSelector."""
+
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            cel(
+                "!has(self.offerBytes) || !has(self.enabled) || self.enabled",
+                OFFER_NEEDS_DRAIN,
+                fieldPath=".offerBytes",
+            )
+        )
+    )
 
     enabled: bool = Field(
         True, description="Stop taking new blocks and write DRAM-only blocks to NVMe, hottest first."
@@ -301,10 +314,24 @@ class Drain(Model):
         "stays in DRAM only until the agent stops. Unset: every DRAM-only block.",
     )
 
-    @field_validator("maxBytes")
+    offerBytes: Quantity | None = Field(
+        None,
+        description="At most this much of the hottest blocks (any tier, most recently used first) is "
+        "offered to the pool's other agents by one drain; each takes the blocks of tenants it serves, "
+        "pulled over the peer transport and checksummed. The same bound caps what an agent accepts "
+        "from one offer. Unset: nothing is offered.",
+    )
+
+    @field_validator("maxBytes", "offerBytes")
     @classmethod
     def _max_positive(cls, value: int | str | None) -> int | str | None:
         return None if value is None else _positive_quantity(value)
+
+    @model_validator(mode="after")
+    def _offer_needs_drain(self) -> Drain:
+        if self.offerBytes is not None and not self.enabled:
+            raise ValueError(OFFER_NEEDS_DRAIN)
+        return self
 
 
 class LabelSelectorRequirement(Model):
@@ -596,6 +623,19 @@ class KVCacheNodeSpec(Model):
     node: str = Field(max_length=253)
 
 
+class DrainOffer(Model):
+    """The drain's offer of its hottest blocks to the pool's other agents."""
+
+    state: Literal["Offering", "Offered"] = "Offering"
+    plannedBytes: int = Field(0, description="The hottest blocks chosen, up to drain.offerBytes.")
+    takenBytes: int = Field(0, description="Bytes peers pulled, verified and now hold.")
+    declinedBytes: int = Field(
+        0, description="Offered bytes no peer took (a tenant it does not serve, no room, unreachable)."
+    )
+    peers: int = Field(0, description="Peers that took at least one block.")
+    progress: str = Field("0%", max_length=8, description="(taken + declined) of planned, for kubectl.")
+
+
 class DrainProgress(Model):
     """The agent's drain: what it planned to write to NVMe and how far it got."""
 
@@ -609,6 +649,9 @@ class DrainProgress(Model):
     failedBytes: int = Field(0, description="Planned bytes that found no room or failed to write.")
     skippedBytes: int = Field(0, description="DRAM-only bytes over the pool's drain.maxBytes.")
     progress: str = Field("0%", max_length=8, description="movedBytes of plannedBytes, for kubectl.")
+    offer: DrainOffer | None = Field(
+        None, description="The hottest blocks offered to peer agents (when the pool sets drain.offerBytes)."
+    )
 
 
 class KVCacheNodeStatus(Model):
