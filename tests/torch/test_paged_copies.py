@@ -62,6 +62,8 @@ def test_pages_saved_as_blocks_come_back_into_other_pages(agent, tmp_path, layou
         if layerwise:
             views = [arena.host[b.segment][b.offset : b.offset + b.size] for b in pinned]
             load = LayerLoad(target, views, dst_pages, [i >= skip for i in range(len(dst_pages))])
+            # blocks allocated together sit back to back: one 2-D DMA per layer on a GPU
+            assert [(r.first, r.count) for r in load.runs] == [(0, blocks)]
             for li in reversed(range(LAYERS)):  # any order; each layer once
                 load.wait(li)
             load.finish()

@@ -13,7 +13,9 @@ Per context length, with a real agent process holding the blocks in DRAM:
   CUDA-registered arena (the link's floor; `measure_h2d`'s 1 GiB copy is reported beside it);
 - `hf`: the HF path's restore (`HFKVCache.restore`) of the same KV, saved in its own block layout;
 - `whole`: the worker loading every layer before the forward (`layerwise: false`);
-- `layerwise`: the worker loading layer by layer (`wait_for_layer_load`'s path), no forward between;
+- `layerwise`: the worker loading layer by layer (`wait_for_layer_load`'s path), no forward between
+  (`layerwise-per-block`: the same with one copy per block and layer instead of one 2-D DMA per run
+  of adjacent blocks);
 - per --new-tokens N, a simulated forward over N new tokens (per layer: a GEMM over the layer's
   weights, and attention of the N tokens over the whole context), timed alone (`forward`), after a
   whole load (`whole+fwd`), and interleaved with the layer-wise load (`layerwise+fwd`: each layer's
@@ -43,7 +45,8 @@ from typing import Any
 import torch
 
 from kvtier.agent.client import Client
-from kvtier.agent.connectors.gpu import ArenaConnection, measure_h2d
+from kvtier.agent.connectors.gpu import ArenaConnection, host_rows_available, measure_h2d
+from kvtier.agent.connectors.paged import LayerLoad
 from kvtier.agent.connectors.runs import runs
 from kvtier.agent.connectors.vllm.plan import Transfer
 from kvtier.agent.connectors.vllm.worker import Worker
@@ -225,7 +228,7 @@ class Context:
 
 def start_agent(work: Path, kv_bytes: int, block_tokens: int) -> AgentProcess:
     """A DRAM-only agent, one tenant owning it all, room for the context twice (worker and HF blocks)."""
-    dram = ((int(2 * kv_bytes * 1.05) + GiB) // GiB) * GiB
+    dram = ((int(2.2 * kv_bytes) + 2 * GiB) // GiB) * GiB  # whole blocks per 1 GiB segment: slack
     pool = {
         "tiers": {"dram": {"size": dram}},
         "tenancy": {"dramShare": 1},
@@ -411,12 +414,22 @@ def run_length(ctx: Context, args: argparse.Namespace, report: dict[str, Any]) -
             if worker.take_load_errors():
                 raise RuntimeError("the worker reported failed loads")
 
-        for layerwise, mode in ((False, "whole"), (True, "layerwise")):
+        # layer-wise loads move each run of adjacent blocks' layer parts as one 2-D DMA; the
+        # per-block variant (one copy per block and layer) shows what that is worth
+        for layerwise, strided, mode in (
+            (False, True, "whole"),
+            (True, True, "layerwise"),
+            (True, False, "layerwise-per-block"),
+        ):
             best = float("inf")
-            for _ in range(repeats):
-                zero_pages(target, pages)
-                s, _ = best_of(lambda lw=layerwise: restore(lw), 1, device)
-                best = min(best, s)
+            LayerLoad.strided = strided
+            try:
+                for _ in range(repeats):
+                    zero_pages(target, pages)
+                    s, _ = best_of(lambda lw=layerwise: restore(lw), 1, device)
+                    best = min(best, s)
+            finally:
+                LayerLoad.strided = True
             row = add(mode, best, layout=layout, equal=equal_pages(target, pages, source, src_pages))
             judged(row, hf_s)
         for n, fwd in forwards.items():
@@ -531,6 +544,7 @@ def main(args: argparse.Namespace) -> int:
         "layouts": args.layouts.split(","),
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
+        "layerwise_2d_dma": device.type == "cuda" and host_rows_available(),
         "vllm_allocation": "vLLM 0.33 allocate_kv_cache / create_kv_cache_views, reproduced (see the module)",
         "rows": [],
     }
