@@ -583,7 +583,6 @@ def main(args: argparse.Namespace) -> int:
         "layouts": args.layouts.split(","),
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
-        "layerwise_2d_dma": device.type == "cuda" and host_rows_available(),
         "vllm_allocation": "vLLM 0.33 allocate_kv_cache / create_kv_cache_views, reproduced (see the module)",
         "rows": [],
     }
@@ -613,6 +612,8 @@ def main(args: argparse.Namespace) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         report["seconds"] = round(time.perf_counter() - started, 1)
+        # layer-wise loads moved runs of blocks as 2-D DMAs (false: the runtime refused, or a CPU)
+        report["layerwise_2d_dma"] = device.type == "cuda" and host_rows_available()
         (out / "vllm-worker.json").write_text(json.dumps(report, indent=2, default=str))
     print_table(report["rows"])
     bad = [r for r in report["rows"] if r.get("equal") is False]

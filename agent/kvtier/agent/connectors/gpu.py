@@ -11,6 +11,7 @@ group's DMA runs on a second stream.
 from __future__ import annotations
 
 import ctypes
+import logging
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ import torch
 from kvtier.agent.client import AgentConnection, Client
 from kvtier.agent.connectors.runs import GROUP_BYTES, HostRun, groups, runs, runs_in
 
+log = logging.getLogger("kvtier.gpu")
 _REGISTER_READ_ONLY = 0x08  # cudaHostRegisterReadOnly
 _HOST_TO_DEVICE = 1  # cudaMemcpyHostToDevice
 
@@ -195,8 +197,11 @@ def host_rows_to_gpu(
     if not fn:
         return False
     err = fn(dst.data_ptr(), width, src_address, src_pitch, width, rows, _HOST_TO_DEVICE, stream.cuda_stream)
-    if err != 0:
-        raise RuntimeError(f"cudaMemcpy2DAsync failed ({err})")
+    if err != 0:  # an argument the runtime refuses (nothing was copied): copies row by row from now on
+        global _cudart_2d
+        _cudart_2d = False
+        log.warning("cudaMemcpy2DAsync refused a copy (error %d): layer-wise loads copy block by block", err)
+        return False
     return True
 
 
