@@ -279,6 +279,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--transport", default="auto", choices=["auto", "rdma", "tcp"])
     b.set_defaults(func=_lazy("kvtier.bench.transport"))
+    b = bench_sub.add_parser(
+        "vllm-worker",
+        help="the vLLM connector's loads into vLLM's paged KV cache (whole, layer-wise) vs the link's floor "
+        "and the HF path (no vLLM needed)",
+    )
+    b.add_argument("out", help="folder for vllm-worker.json")
+    b.add_argument("--small", action="store_true", help="a tiny model shape on the CPU (tests)")
+    b.add_argument("--tokens", default=None, help="context lengths (16384,65536,131072; --small: 1024,4096)")
+    b.add_argument("--block-tokens", type=int, default=None, help="kvtier block (256; --small: 64)")
+    b.add_argument("--layouts", default=None, help="vLLM KV cache layouts to load into (LBNHC,BLNHC)")
+    b.add_argument(
+        "--new-tokens", default=None, help="tokens the simulated forward computes (1,512,4096; --small: 1,16)"
+    )
+    b.add_argument("--repeats", type=int, default=3, help="timings per mode (the fastest is reported)")
+    b.set_defaults(func=_lazy("kvtier.bench.vllmworker"))
     b = bench_sub.add_parser("ttft", help="restore TTFT vs recompute (GPU, or a small model on CPU)")
     b.add_argument("--out", default="bench-ttft.json")
     b.add_argument("--plot", default=None)

@@ -62,6 +62,8 @@ def test_pages_saved_as_blocks_come_back_into_other_pages(agent, tmp_path, layou
         if layerwise:
             views = [arena.host[b.segment][b.offset : b.offset + b.size] for b in pinned]
             load = LayerLoad(target, views, dst_pages, [i >= skip for i in range(len(dst_pages))])
+            # blocks allocated together sit back to back: one 2-D DMA per layer on a GPU
+            assert [(r.first, r.count) for r in load.runs] == [(0, blocks)]
             for li in reversed(range(LAYERS)):  # any order; each layer once
                 load.wait(li)
             load.finish()
@@ -92,3 +94,43 @@ def test_layouts_that_are_not_pages_are_refused():
         PagedCache.of(
             [torch.zeros(PAGES, H, PAGE, 2 * D), torch.zeros(PAGES, 1, PAGE, 2 * D)], PAGE, B, PAGES
         )
+
+
+def test_layer_wise_2d_copies_address_each_blocks_layer_part(agent, tmp_path, monkeypatch):
+    """The 2-D DMA a layer-wise load issues per run of adjacent blocks (rows `block_bytes` apart, one
+    layer part wide) reads exactly the layer parts a block-by-block copy reads: the runtime's copy is
+    emulated row by row on the CPU, so the addresses are checked where there is no GPU."""
+    import ctypes
+
+    from kvtier.agent.client import Client
+    from kvtier.agent.connectors import paged as paged_module
+    from kvtier.agent.connectors.gpu import GpuArena
+    from kvtier.agent.connectors.paged import LayerLoad, PagedCache
+
+    def rows_by_memmove(dst, src_address, src_pitch, width, rows, stream) -> bool:
+        for r in range(rows):
+            ctypes.memmove(dst.data_ptr() + r * width, src_address + r * src_pitch, width)
+        return True
+
+    monkeypatch.setattr(paged_module, "host_rows_to_gpu", rows_by_memmove)
+    a = agent(agent_config(tmp_path, nvme=None))
+    client = Client(a.tenant("team-a"))
+    source = PagedCache.of(caches("pages-heads-tokens-kv", "cpu", fill=True), PAGE, B, PAGES)
+    arena = GpuArena(client, pin=False)
+    first, second = client.allocate([source.block_bytes] * 3), client.allocate([source.block_bytes] * 2)
+    arena.sync()
+    slots = [first[0], second[0], first[1], first[2], second[1]]  # two runs, interleaved
+    g = torch.Generator().manual_seed(5)
+    for s in slots:  # random bytes: a row read from the wrong block or layer differs
+        block = torch.randint(0, 256, (source.block_bytes,), dtype=torch.uint8, generator=g)
+        arena.host[s.segment][s.offset : s.offset + source.block_bytes] = block
+    views = [arena.host[s.segment][s.offset : s.offset + source.block_bytes] for s in slots]
+    load = LayerLoad(source, views, list(range(5 * (B // PAGE))), [True] * (5 * (B // PAGE)))
+    assert [(r.first, r.count) for r in load.runs] == [(0, 1), (1, 1), (2, 2), (4, 1)]
+    load.stream = None  # a CPU load has no copy stream; the emulated copy needs none
+    for li in range(LAYERS):
+        buf = torch.zeros(len(views), source.layer_bytes, dtype=torch.uint8)
+        assert load._issue_rows(li, buf)
+        assert torch.equal(buf, torch.stack(load._host_parts(li)))
+    arena.close()
+    client.close()

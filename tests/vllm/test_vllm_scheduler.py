@@ -391,3 +391,28 @@ def test_a_hung_agent_never_holds_up_the_scheduler(agent, tmp_path):
             break
     assert got == (B, False), "the agent answers again: hits"
     one.close()
+
+
+@pytest.mark.parametrize("layout", ["LBNHC", "LBHNC", "BLNHC", "BLHNC"])
+def test_the_gpu_benchmarks_caches_are_the_ones_vllm_allocates(layout):
+    """`kvtier bench vllm-worker` runs without vLLM (its GPU machine has none): the per-layer caches
+    it builds have vLLM's shapes, strides, dtype and places in one buffer, layout by layout."""
+    import torch
+
+    from kvtier.bench.shapes import Shape
+    from kvtier.bench.vllmworker import vllm_kv_caches
+    from tests.vllm.engine import allocate, kv_cache_configs, vllm_config
+
+    config = vllm_config("/nonexistent.sock", layout=layout, max_len=63 * PAGE)
+    worker_cfg, _ = kv_cache_configs(config, 64)
+    theirs = allocate(config, worker_cfg)
+    shape = Shape("tiny-llama", 64, 3, 4, 2, 16, 128, 256, 1e4, False)  # tests/vllm/tiny-llama: 3x2x16
+    ours = vllm_kv_caches(shape, 64, layout, torch.device("cpu"))
+    assert list(ours) == list(theirs)
+    base_t = next(iter(theirs.values())).untyped_storage().data_ptr()
+    base_o = next(iter(ours.values())).untyped_storage().data_ptr()
+    for name, t in theirs.items():
+        o = ours[name]
+        assert (o.shape, o.stride(), o.dtype) == (t.shape, t.stride(), t.dtype), name
+        assert o.data_ptr() - base_o == t.data_ptr() - base_t, name
+        assert o.untyped_storage().nbytes() == t.untyped_storage().nbytes()

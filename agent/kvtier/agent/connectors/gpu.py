@@ -10,12 +10,18 @@ group's DMA runs on a second stream.
 
 from __future__ import annotations
 
+import ctypes
+import logging
+from typing import Any
+
 import torch
 
 from kvtier.agent.client import AgentConnection, Client
 from kvtier.agent.connectors.runs import GROUP_BYTES, HostRun, groups, runs, runs_in
 
+log = logging.getLogger("kvtier.gpu")
 _REGISTER_READ_ONLY = 0x08  # cudaHostRegisterReadOnly
+_HOST_TO_DEVICE = 1  # cudaMemcpyHostToDevice
 
 
 class GpuArena:
@@ -144,6 +150,59 @@ def gpu_to_host(
             dst.copy_(staged[(lo - start) * block_bytes : (hi - start) * block_bytes], non_blocking=True)
         if staged.is_cuda:
             torch.cuda.current_stream().synchronize()  # staging is reused by the next group
+
+
+_cudart_2d: Any = None  # cudaMemcpy2DAsync from the CUDA runtime torch loaded, False where none is found
+
+
+def _memcpy2d() -> Any:
+    """cudaMemcpy2DAsync from the CUDA runtime library torch loaded (torch does not expose it)."""
+    global _cudart_2d
+    if _cudart_2d is None:
+        _cudart_2d = False
+        try:
+            with open("/proc/self/maps") as maps:
+                paths = [line.split()[-1] for line in maps if "/libcudart.so" in line]
+            if paths:
+                fn = ctypes.CDLL(paths[0]).cudaMemcpy2DAsync
+                size = ctypes.c_size_t
+                fn.argtypes = [
+                    ctypes.c_void_p,
+                    size,
+                    ctypes.c_void_p,
+                    size,
+                    size,
+                    size,
+                    ctypes.c_int,
+                    ctypes.c_void_p,
+                ]
+                fn.restype = ctypes.c_int
+                _cudart_2d = fn
+        except (OSError, AttributeError):
+            pass
+    return _cudart_2d
+
+
+def host_rows_available() -> bool:
+    return bool(_memcpy2d())
+
+
+def host_rows_to_gpu(
+    dst: torch.Tensor, src_address: int, src_pitch: int, width: int, rows: int, stream: torch.cuda.Stream
+) -> bool:
+    """`rows` rows of `width` bytes, `src_pitch` apart in registered host memory, into the contiguous
+    rows of `dst` (uint8, on the GPU), as one DMA on `stream`. False where the CUDA runtime's 2-D
+    copy is not reachable (the caller copies row by row)."""
+    fn = _memcpy2d()
+    if not fn:
+        return False
+    err = fn(dst.data_ptr(), width, src_address, src_pitch, width, rows, _HOST_TO_DEVICE, stream.cuda_stream)
+    if err != 0:  # an argument the runtime refuses (nothing was copied): copies row by row from now on
+        global _cudart_2d
+        _cudart_2d = False
+        log.warning("cudaMemcpy2DAsync refused a copy (error %d): layer-wise loads copy block by block", err)
+        return False
+    return True
 
 
 def measure_h2d(arena: GpuArena, nbytes: int, device: torch.device, repeats: int = 5) -> float:

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvtier.agent.connectors.gpu import GpuArena, Staging, gpu_to_host, host_to_gpu
+from kvtier.agent.connectors.gpu import GpuArena, Staging, gpu_to_host, host_rows_to_gpu, host_to_gpu
+from kvtier.agent.connectors.runs import runs
 
 
 class UnsupportedLayout(ValueError):
@@ -170,11 +171,17 @@ class PagedCache:
 class LayerLoad:
     """A load that lands layer by layer: layer i's parts of every block are copied to the device on a
     copy stream while layer i-1 computes, and scattered into the pages when the model reaches layer
-    i (`wait(i)`). Two layer buffers; on the CPU the parts are scattered straight from the arena."""
+    i (`wait(i)`). Two layer buffers; on the CPU the parts are scattered straight from the arena.
+    Blocks that sit back to back in the arena move as one 2-D DMA per layer (their layer parts are
+    rows `block_bytes` apart), not one copy per block: a 128k-token context is 512 blocks."""
+
+    strided = True  # 2-D copies of adjacent blocks' layer parts (False: one copy per block)
 
     def __init__(self, paged: PagedCache, blocks: list[torch.Tensor], page_ids: list[int], keep: list[bool]):
         self.paged = paged
         self.blocks = blocks  # host views of whole blocks, in page order
+        # adjacent blocks of one arena segment (a view's storage is its whole segment)
+        self.runs = runs([(b.untyped_storage().data_ptr(), b.data_ptr()) for b in blocks], paged.block_bytes)
         self.pages, self.keep = paged.targets(page_ids, keep)
         self.done: set[int] = set()
         self.cuda = paged.device.type == "cuda"
@@ -200,11 +207,21 @@ class LayerLoad:
         buf = self.buffers[li % 2]
         self.stream.wait_event(self.free[li % 2])
         with torch.cuda.stream(self.stream):
-            for bi, part in enumerate(self._host_parts(li)):
-                buf[bi].copy_(part, non_blocking=True)
+            if not (self.strided and self._issue_rows(li, buf)):
+                for bi, part in enumerate(self._host_parts(li)):
+                    buf[bi].copy_(part, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record(self.stream)
         self.issued[li] = (buf, ready)
+
+    def _issue_rows(self, li: int, buf: torch.Tensor) -> bool:
+        """Layer `li`'s parts of each run of adjacent blocks: one 2-D DMA a run (False: unavailable)."""
+        lb, bb = self.paged.layer_bytes, self.paged.block_bytes
+        for run in self.runs:
+            dst = buf[run.first : run.first + run.count]
+            if not host_rows_to_gpu(dst, run.offset + li * lb, bb, lb, run.count, self.stream):
+                return False
+        return True
 
     def wait(self, li: int) -> None:
         """Layer `li` (and every layer before it) is in its pages once this returns (in stream order
