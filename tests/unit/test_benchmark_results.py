@@ -12,9 +12,14 @@ from kvtier.cli import main
 
 pytestmark = pytest.mark.unit
 RESULTS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks"
+TABLE = RESULTS / "ttft-h200-16k-410k.json"  # single GPU: also the TP=1 group of the Qwen2.5-7B shape
+MILLION = RESULTS / "ttft-h200-1m.json"
 TP_RUNS = [
-    RESULTS / f"ttft-h200-{name}-131k.json"
-    for name in ("tp1-qwen7b", "tp2rank0-qwen7b", "tp2rank0-70b", "tp4rank0-70b", "tp8rank0-70b")
+    TABLE,
+    RESULTS / "ttft-h200-tp2-qwen7b.json",
+    RESULTS / "ttft-h200-tp2-70b-131k.json",
+    RESULTS / "ttft-h200-tp4rank0-70b-131k.json",  # one rank alone: no four-GPU machine was lent
+    RESULTS / "ttft-h200-tp8rank0-70b-131k.json",
 ]
 
 
@@ -25,13 +30,18 @@ def test_tensor_parallel_results_reproduce_their_summary(tmp_path):
     committed = json.loads((RESULTS / "ttft-h200-tp.json").read_text())["summary"]
     key = lambda r: (r["model"], r["tp"], r["tokens"])  # noqa: E731
     assert sorted(summary, key=key) == sorted(committed, key=key)
-    shapes = {(r["model"].split("-shaped")[0], r["tp"]) for r in summary}
-    assert ("DeepSeek-R1-Distill-Llama-70B", 2) in shapes and ("Qwen2.5-7B", 1) in shapes
+    groups = {(r["model"].split("-shaped")[0], r["tp"], len(r["ranks"])) for r in summary}
+    assert {("DeepSeek-R1-Distill-Llama-70B", 2, 2), ("Qwen2.5-7B", 2, 2), ("Qwen2.5-7B", 1, 1)} <= groups
     for r in summary:
         assert r["kv_bitwise_equal"], r
-        assert r["dram_vs_floor"] <= 1.15, r
-        assert r["n_x_h2d_over_aggregate"] <= 1.15, r
-        assert r["tokens"] == 131072 and r["speedup"] > 50, r
+    # the docs' claims: whole TP=2 Qwen groups within 1.2x of the per-GPU floor at 131k-410k, the 70B
+    # group at 1.33x (an open item), and two links adding up to within 1.07x of twice one link
+    qwen2 = [r for r in summary if r["tp"] == 2 and r["model"].startswith("Qwen")]
+    assert [r["tokens"] for r in qwen2] == [131072, 262144, 419840]
+    assert all(r["dram_vs_floor"] <= 1.2 and r["n_x_h2d_over_aggregate"] <= 1.07 for r in qwen2), qwen2
+    tp1 = {r["tokens"]: r for r in summary if r["tp"] == 1}
+    for r in qwen2:  # the same context restores faster on two links than on one
+        assert r["dram_restore_s"] < tp1[r["tokens"]]["dram_restore_s"], r
 
 
 def test_two_ranks_restore_their_shards_at_once_on_a_gpu():
@@ -56,26 +66,25 @@ def test_chaos_run_lost_and_corrupted_nothing():
     assert run["wrong_bytes"] == 0
 
 
-FASTEST = RESULTS / "ttft-h200-fastest-16k-256k.json"
-
-
 def test_single_gpu_rows_divide_by_the_fastest_recompute_measured(tmp_path):
-    """The README's table: `kvtier bench report` over the committed run reproduces the merged file;
-    each length's recompute is the fastest prefill mode timed, and every DRAM restore sits within
-    1.15x of its same-run floor; every file peer is slower than kvtier's restore from the same place."""
+    """The README's table: `kvtier bench report` over the committed runs reproduces the merged file;
+    each length's recompute is the fastest prefill mode timed, every restore is bit-exact and every
+    DRAM restore sits within 1.15x of its same-run floor; every file peer is slower than kvtier's
+    restore from the same place."""
     out = tmp_path / "ttft.json"
-    assert main(["bench", "report", str(FASTEST), "--out", str(out)]) == 0
+    assert main(["bench", "report", str(TABLE), str(MILLION), "--out", str(out)]) == 0
     merged = json.loads(out.read_text())
     committed = json.loads((RESULTS / "ttft-h200.json").read_text())
     assert merged["results"] == committed["results"] and merged["prefill"] == committed["prefill"]
-    run = json.loads(FASTEST.read_text())
-    assert "H200" in run["device"] and run["source"] and run["known_defects"]
-    for r in run["results"]:
-        modes = run["prefill"][str(r["tokens"])]["modes_s"]
+    for r in merged["results"]:
+        modes = merged["prefill"][str(r["tokens"])]["modes_s"]
         assert r["recompute_s"] == pytest.approx(min(modes.values()), abs=0.01), r
         assert r["prefill_mode"] == min(modes, key=modes.get), r
+        assert r["kv_bitwise_equal_sampled"] and r["logits_diff_vs_decode_from_original_kv"] < 0.1, r
+    run = merged
+    assert "H200" in run["device"]
     dram = [r for r in run["results"] if r["tier"] == "dram"]
-    assert [r["tokens"] for r in dram] == [16384, 65536, 131072, 262144]
+    assert [r["tokens"] for r in dram] == [16384, 65536, 131072, 262144, 419840, 1015808]
     for r in dram:
         assert r["vs_floor"] <= 1.15, r
     kvtier = {(r["tokens"], r["tier"]): r["restore_s"] for r in run["results"]}
@@ -84,9 +93,13 @@ def test_single_gpu_rows_divide_by_the_fastest_recompute_measured(tmp_path):
         f"{p}:{w}" for p in ("torch.save", "safetensors") for w in ("tmpfs", "disk")
     }
     for r in peers:
-        same_place = "dram" if r["where"] == "tmpfs" else "nvme"
+        same_place = "dram" if r["tier"].endswith(":tmpfs") else "nvme"
         assert r["restore_s"] > kvtier[(r["tokens"], same_place)], r
-    # one-shot where it fits; a chunked mode was timed beside it up to 128k
-    for tokens in ("16384", "65536", "131072"):
-        assert any(m.startswith("chunked") for m in run["prefill"][tokens]["modes_s"])
+    # both modes timed up to 410k (chunks won from 128k on); at 1.01M only chunks fit
+    for tokens in ("16384", "65536", "131072", "262144", "419840"):
+        assert (
+            set(run["prefill"][tokens]["modes_s"]) >= {"one-shot"}
+            and len(run["prefill"][tokens]["modes_s"]) == 2
+        )
+    assert run["prefill"]["419840"]["fastest"].startswith("chunked")
     assert run["prefill"]["1015808"]["fastest"].startswith("chunked")

@@ -370,7 +370,9 @@ def summarize(L, shard_bytes, world, tp, per_rank, nvme, disk, shared=False) -> 
         total,
         recompute,
         max(d["restore_s"] for d in nvme),
-        total / raw_read + max(d["decode_s"] for d in nvme),
+        # the decode step as measured after the DRAM restore: after an NVMe restore a rank's "decode"
+        # also holds its wait in the all-reduce for the slower rank's read, which is restore time
+        total / raw_read + max(d["decode_s"] for d in dram),
         max(d["diff"] for d in nvme),
         **common,
         raw_read_gbps=round(raw_read / 1e9, 2),
@@ -395,7 +397,8 @@ def summarize(L, shard_bytes, world, tp, per_rank, nvme, disk, shared=False) -> 
 def summary_rows(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One line per run and context length: recompute, DRAM and NVMe restore, their floors, scaling."""
     out = []
-    for p in parts:
+    for p in parts:  # a single-GPU `bench ttft` run (no "tp") is the TP=1 group of the same shape
+        ranks = p.get("ranks", [0])
         by_tier = {(r["tokens"], r["tier"]): r for r in p["results"]}
         for (tokens, tier), dram in sorted(by_tier.items()):
             if tier != "dram":
@@ -404,22 +407,27 @@ def summary_rows(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
             out.append(
                 {
                     "model": p["model"],
-                    "tp": p["tp"],
-                    "ranks": p["ranks"],
+                    "tp": p.get("tp", 1),
+                    "ranks": ranks,
                     "tokens": tokens,
-                    "kv_gb_per_rank": round(dram["kv_bytes"] / len(p["ranks"]) / 1e9, 2),
+                    "kv_gb_per_rank": round(dram["kv_bytes"] / len(ranks) / 1e9, 2),
                     "recompute_s": dram["recompute_s"],
                     "dram_restore_s": dram["restore_s"],
                     "dram_vs_floor": dram["vs_floor"],
                     "speedup": dram["speedup"],
                     "nvme_restore_s": nvme.get("restore_s"),
                     "nvme_vs_floor": nvme.get("vs_floor"),
-                    "n_x_h2d_over_aggregate": dram["n_x_h2d_over_aggregate"],
-                    "kv_bitwise_equal": dram["kv_bitwise_equal"] and nvme.get("kv_bitwise_equal", True),
+                    "n_x_h2d_over_aggregate": dram.get("n_x_h2d_over_aggregate"),
+                    "kv_bitwise_equal": _equal(dram) and _equal(nvme),
                     "command": p.get("command"),
                 }
             )
     return out
+
+
+def _equal(row: dict[str, Any]) -> bool:
+    """A row's KV check (whole groups compare every rank's sample; single-GPU runs name it _sampled)."""
+    return bool(row.get("kv_bitwise_equal", row.get("kv_bitwise_equal_sampled", True)))
 
 
 def report_tp(parts: list[dict[str, Any]], out: str, plot_path: str | None) -> None:
