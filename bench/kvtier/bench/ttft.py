@@ -294,7 +294,7 @@ def run_hf(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
                     ref_decode = ref_decode.logits[0, -1].float()
                     cache.crop(L)  # the decode appended one position; back to the L context tokens
                     stored = (
-                        peers.save_all(cache, work, nvme_dir, L)
+                        peers.save_all(cache, work, nvme_dir, L, lmcache=args.lmcache)
                         if args.peers and args.peers_upto >= L
                         else []
                     )
@@ -394,6 +394,8 @@ def run_hf(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
                                 kv_bitwise_equal_sampled=got["kv_equal"],
                                 logits_diff_vs_decode_from_original_kv=got["decode_diff"],
                                 vs_kvtier=round(got["restore_s"] / kvtier[peer["where"]]["restore_s"], 2),
+                                **peer.get("row", {}),
+                                **got.get("row", {}),
                             )
                         )
                     ceilings = {
@@ -420,6 +422,7 @@ def run_hf(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
         "block_tokens": B,
         "prefill": prefill_report,
         "chunked_attention": chunked_attention,
+        "lmcache": peers.lmcache_peer.describe() if args.peers and args.lmcache else None,
         "ceilings": ceilings,
         "results": results,
     }
