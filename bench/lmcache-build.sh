@@ -48,9 +48,12 @@ build)
     "$PYTHON" -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
     for d in /usr/local/cuda/bin /usr/local/cuda-13*/bin; do [ -x "$d/nvcc" ] && PATH="$PATH:$d"; done
     export PATH
-    command -v nvcc >/dev/null || { echo "nvcc not found: LMCache's CUDA profile needs it"; exit 1; }
-    nvcc --version | tail -2
-    export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
+    if [ "${NO_GPU_EXT:-0}" != 1 ]; then # NO_GPU_EXT=1: LMCache's C++ extensions only (no CUDA ops)
+        command -v nvcc >/dev/null || { echo "nvcc not found: LMCache's CUDA profile needs it"; exit 1; }
+        nvcc --version | tail -2
+        export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
+        export BUILD_WITH_CUDA=1
+    fi
     rm -rf "$out/src" "$out/site" "$out/deps" "$out/buildtools"
     mkdir -p "$out/src" "$out/site" "$out/deps" "$out/buildtools"
     tar xzf "$sdist" -C "$out/src"
@@ -67,8 +70,8 @@ build)
     cd "$src"
     export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
     export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-    export BUILD_WITH_CUDA=1 ENABLE_CXX11_ABI=1
-    echo "== TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS CUDA_HOME=$CUDA_HOME"
+    export ENABLE_CXX11_ABI=1
+    echo "== TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS CUDA_HOME=${CUDA_HOME:-}"
     t0=$(date +%s)
     PYTHONPATH="$out/buildtools" "$PYTHON" setup.py build_ext --inplace
     echo "== compiled in $(($(date +%s) - t0)) s"

@@ -98,6 +98,11 @@ def fingerprint(t: torch.Tensor) -> tuple[int, int]:
     return int(words.sum()), int((words * (pos % 65521 + 1)).sum())
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _slot_mapping(tokens: int, device) -> torch.Tensor:
     return torch.arange(tokens, dtype=torch.int64, device=device)
 
@@ -106,7 +111,9 @@ def _disk_files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file()]
 
 
-def _build_engine(L: int, layers: int, kv_heads: int, head_dim: int, dtype, kv_bytes: int, disk: Path):
+def _build_engine(
+    L: int, layers: int, kv_heads: int, head_dim: int, dtype, kv_bytes: int, disk: Path, connector=None
+):
     from lmcache.utils import EngineType
     from lmcache.v1.cache_engine import LMCacheEngineBuilder
     from lmcache.v1.config import LMCacheEngineConfig
@@ -125,7 +132,8 @@ def _build_engine(L: int, layers: int, kv_heads: int, head_dim: int, dtype, kv_b
         kv_shape=(layers, 2, CHUNK_TOKENS, kv_heads, head_dim),
         chunk_size=CHUNK_TOKENS,
     )
-    connector = CreateGPUConnector(config, metadata, EngineType.VLLM, layout_hints={"kv_layout": "HND"})
+    if connector is None:  # the one LMCache builds for vLLM
+        connector = CreateGPUConnector(config, metadata, EngineType.VLLM, layout_hints={"kv_layout": "HND"})
     instance = f"kvtier-bench-{os.getpid()}-{L}"
     engine = LMCacheEngineBuilder.get_or_create(
         instance, config, metadata, connector, lambda t, src: None, lambda o, src: o
@@ -134,10 +142,11 @@ def _build_engine(L: int, layers: int, kv_heads: int, head_dim: int, dtype, kv_b
     return instance, engine, fields, type(connector).__name__
 
 
-def save(cache, work: Path, disk_dir: Path, L: int) -> list[dict[str, Any]]:
+def save(cache, work: Path, disk_dir: Path, L: int, connector=None) -> list[dict[str, Any]]:
     """Store the cache's first L tokens through LMCache; one entry per backend to restore from
-    (none, with the reason printed, when LMCache cannot run here or the store fails)."""
-    why = unavailable()
+    (none, with the reason printed, when LMCache cannot run here or the store fails). `connector`:
+    another GPU connector than the one LMCache makes for vLLM (a CPU one in tests)."""
+    why = unavailable() if connector is None else None
     if why:
         print(f"peer {PEER}: {why}; skipped")
         return []
@@ -153,7 +162,7 @@ def save(cache, work: Path, disk_dir: Path, L: int) -> list[dict[str, Any]]:
     _engines[L] = state
     try:
         instance, engine, fields, connector = _build_engine(
-            L, layers, kv_heads, head_dim, dtype, kv_bytes, disk
+            L, layers, kv_heads, head_dim, dtype, kv_bytes, disk, connector
         )
         state.update(instance=instance, engine=engine)
         # The engine's paged buffer: the stored KV goes in through it, the retrieved comes out into it.
@@ -164,7 +173,7 @@ def save(cache, work: Path, disk_dir: Path, L: int) -> list[dict[str, Any]]:
         prints = [fingerprint(buf[i]) for i in range(layers)]
         tokens = state["tokens"] = _context_tokens(L)
         slots = _slot_mapping(L, device)
-        torch.cuda.synchronize(device)
+        _sync(device)
         t0 = time.perf_counter()
         engine.store(tokens, kvcaches=list(buf), slot_mapping=slots)
         deadline = time.monotonic() + 60 + kv_bytes / 0.2e9  # the disk backend writes behind
@@ -230,7 +239,7 @@ def _retrieve(state: dict[str, Any], device: torch.device) -> tuple[int, float]:
     engine, buf, tokens = state["engine"], state["buf"], state["tokens"]
     t0 = time.perf_counter()
     mask = engine.retrieve(tokens, kvcaches=list(buf), slot_mapping=state["slots"])
-    torch.cuda.synchronize(device)
+    _sync(device)
     return int(mask.sum()), time.perf_counter() - t0
 
 
@@ -255,13 +264,13 @@ def restore(stored: dict[str, Any], model, ids: torch.Tensor, L: int, device: to
         buf.zero_()  # a retrieve that writes nothing cannot pass for one that worked
         got["first_retrieve_s"] = round(_retrieve(state, device)[1], 4)
     buf.zero_()
-    torch.cuda.synchronize(device)
+    _sync(device)
     t0 = time.perf_counter()
     n, retrieve_s = _retrieve(state, device)
     cache = as_dynamic_cache([(buf[i, 0], buf[i, 1]) for i in range(buf.shape[0])])
     t1 = time.perf_counter()
     out = model(input_ids=ids[:, L:], past_key_values=cache, use_cache=True, logits_to_keep=1)
-    torch.cuda.synchronize(device)
+    _sync(device)
     t2 = time.perf_counter()
     got.update(check(cache, out))
     got["retrieved_tokens"] = n
