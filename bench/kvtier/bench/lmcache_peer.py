@@ -41,8 +41,15 @@ CPU_BACKEND, DISK_BACKEND = "LocalCPUBackend", "LocalDiskBackend"
 _engines: dict[int, dict[str, Any]] = {}  # context length -> what the peer keeps between store and restores
 
 
+def _no_telemetry() -> None:
+    """LMCache reports usage to its authors' server by default; a benchmark does not (set before its
+    first import, which starts the reporting)."""
+    os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
+
+
 def unavailable() -> str | None:
     """Why LMCache cannot be a peer here (None: it can). Never raises."""
+    _no_telemetry()
     try:
         import lmcache
     except Exception as exc:  # an install missing a dependency raises anything at import
@@ -90,12 +97,24 @@ def layer_buffers(num_layers: int, kv_heads: int, tokens: int, head_dim: int, dt
     return torch.empty((num_layers, 2, 1, kv_heads, tokens, head_dim), dtype=dtype, device=device)
 
 
-def fingerprint(t: torch.Tensor) -> tuple[int, int]:
-    """Two position-weighted sums of a tensor's 16-bit words: equal KV gives equal prints; a changed,
-    moved or missing word changes them (bar a 1 in 2^61-ish coincidence)."""
-    words = t.contiguous().view(torch.int16).view(-1).to(torch.int64)
-    pos = torch.arange(words.numel(), device=t.device, dtype=torch.int64)
-    return int(words.sum()), int((words * (pos % 65521 + 1)).sum())
+def fingerprint(t: torch.Tensor, piece: int = 1 << 26) -> tuple[int, int]:
+    """Two sums of a tensor's 16-bit words, one weighted by position: equal KV gives equal prints; a
+    changed, moved or missing word changes them. In pieces, so the int64 temporaries stay small."""
+    words = t.contiguous().view(torch.int16).view(-1)
+    plain = weighted = 0
+    for first in range(0, words.numel(), piece):
+        w = words[first : first + piece].to(torch.int64)
+        pos = torch.arange(first, first + w.numel(), device=t.device, dtype=torch.int64)
+        plain += int(w.sum())
+        weighted += int((w * (pos % 65521 + 1)).sum())
+    return plain, weighted
+
+
+def _host_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 1 << 62
 
 
 def _sync(device: torch.device) -> None:
@@ -114,6 +133,7 @@ def _disk_files(folder: Path) -> list[Path]:
 def _build_engine(
     L: int, layers: int, kv_heads: int, head_dim: int, dtype, kv_bytes: int, disk: Path, connector=None
 ):
+    _no_telemetry()
     from lmcache.utils import EngineType
     from lmcache.v1.cache_engine import LMCacheEngineBuilder
     from lmcache.v1.config import LMCacheEngineConfig
@@ -157,6 +177,9 @@ def save(cache, work: Path, disk_dir: Path, L: int, connector=None) -> list[dict
     disk = disk_dir / f"kvtier-bench-lmcache-{os.getpid()}-{L}"
     if shutil.disk_usage(disk_dir).free < kv_bytes * 1.1 + GiB:
         print(f"peer {PEER}: not enough room in {disk_dir} for {kv_bytes / 1e9:.1f} GB; skipped")
+        return []
+    if _host_available() < kv_bytes * 1.15 + 8 * GiB:  # its CPU backend pins that much host memory
+        print(f"peer {PEER}: not enough free host memory for {kv_bytes / 1e9:.1f} GB pinned; skipped")
         return []
     state: dict[str, Any] = {"disk": disk}
     _engines[L] = state
@@ -286,18 +309,29 @@ def restore(stored: dict[str, Any], model, ids: torch.Tensor, L: int, device: to
     got["restore_s"] = t2 - t0
     got["phases"] = {"retrieve": round(retrieve_s, 6), "load": round(t1 - t0, 6), "decode": round(t2 - t1, 6)}
     del cache, out
+    if stored["where"] == "disk":  # the last of its restores: give back its GPU buffer and pinned memory
+        _close(state)
     return got
+
+
+def _close(state: dict[str, Any]) -> None:
+    """Destroy the engine (it holds the paged buffer and the pinned host memory)."""
+    state.pop("buf", None)
+    state.pop("engine", None)
+    instance = state.pop("instance", None)
+    if instance is None:
+        return
+    try:
+        from lmcache.v1.cache_engine import LMCacheEngineBuilder
+
+        LMCacheEngineBuilder.destroy(instance)
+    except Exception as exc:
+        print(f"peer {PEER}: closing the engine: {type(exc).__name__}: {exc}")
 
 
 def remove_all(work: Path, disk_dir: Path, L: int) -> None:
     state = _engines.pop(L, None)
     if not state:
         return
-    if "instance" in state:
-        try:
-            from lmcache.v1.cache_engine import LMCacheEngineBuilder
-
-            LMCacheEngineBuilder.destroy(state["instance"])
-        except Exception as exc:
-            print(f"peer {PEER}: closing the engine: {type(exc).__name__}: {exc}")
+    _close(state)
     shutil.rmtree(state["disk"], ignore_errors=True)

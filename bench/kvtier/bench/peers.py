@@ -36,7 +36,7 @@ def _path(where: Path, peer: str, L: int) -> Path:
 def save_all(cache, work: Path, disk_dir: Path, L: int, lmcache: bool = True) -> list[dict[str, Any]]:
     """Write the cache in each format to each place (fsynced), and store it through LMCache; what
     `restore` needs to load it back."""
-    out = lmcache_peer.save(cache, work, disk_dir, L) if lmcache else []
+    out = []
     kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
     for where, folder in _places(work, disk_dir).items():
         for peer in PEERS:
@@ -63,6 +63,8 @@ def save_all(cache, work: Path, disk_dir: Path, L: int, lmcache: bool = True) ->
                     "save_s": round(time.perf_counter() - t0, 3),
                 }
             )
+    if lmcache:  # last: it pins host memory for the context, and checks that the files left room for it
+        out += lmcache_peer.save(cache, work, disk_dir, L)
     return out
 
 
