@@ -46,8 +46,11 @@ build)
     sdist=$(ls "$wheels"/lmcache-*.tar.gz | head -1)
     echo "== $(date -u +%FT%TZ) building $(basename "$sdist") into $out"
     "$PYTHON" -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
+    # nvcc from the CUDA toolkit; ninja (parallel compiles) from the Python environment's own bin
     for d in /usr/local/cuda/bin /usr/local/cuda-13*/bin; do [ -x "$d/nvcc" ] && PATH="$PATH:$d"; done
+    PATH="$(dirname "$(readlink -f "$(command -v "$PYTHON")")"):$(dirname "$(command -v "$PYTHON")"):$PATH"
     export PATH
+    echo "ninja: $(command -v ninja || echo 'not found: compiles run one at a time')"
     if [ "${NO_GPU_EXT:-0}" != 1 ]; then # NO_GPU_EXT=1: LMCache's C++ extensions only (no CUDA ops)
         command -v nvcc >/dev/null || { echo "nvcc not found: LMCache's CUDA profile needs it"; exit 1; }
         nvcc --version | tail -2
@@ -58,11 +61,16 @@ build)
     mkdir -p "$out/src" "$out/site" "$out/deps" "$out/buildtools"
     tar xzf "$sdist" -C "$out/src"
     src=$(ls -d "$out"/src/lmcache-*)
-    # build-only tools the machine lacks (setuptools_scm reads the version from the sdist's PKG-INFO)
-    "$PYTHON" -m pip install -q --no-deps --no-index --target "$out/buildtools" \
-        "$wheels"/setuptools_scm-*.whl "$wheels"/vcs_versioning-*.whl
+    # build-only tools the machine lacks (setuptools_scm reads the version from the sdist's PKG-INFO),
+    # and setuptools itself where the machine's is outside the range LMCache builds with (>=77,<81)
+    tools=("$wheels"/setuptools_scm-*.whl "$wheels"/vcs_versioning-*.whl)
+    if ! "$PYTHON" -c 'import setuptools, sys; v = tuple(int(x) for x in setuptools.__version__.split(".")[:2]); sys.exit(not (77, 0) <= v < (81, 0))'; then
+        tools+=("$wheels"/setuptools-*.whl)
+    fi
+    "$PYTHON" -m pip install -q --no-deps --no-index --target "$out/buildtools" "${tools[@]}"
+    PYTHONPATH="$out/buildtools" "$PYTHON" -c 'import setuptools, setuptools_scm; print("setuptools", setuptools.__version__, setuptools.__file__)'
     # the runtime dependencies LMCache imports that the machine lacks
-    deps=$(ls "$wheels"/*.whl | grep -v -e setuptools_scm- -e vcs_versioning- || true)
+    deps=$(ls "$wheels"/*.whl | grep -v -e setuptools_scm- -e vcs_versioning- -e /setuptools- || true)
     [ -z "$deps" ] || "$PYTHON" -m pip install -q --no-deps --no-index --target "$out/deps" $deps
     # `build_ext --inplace` compiles the extensions (lmcache.cuda_ops, lmcache_native, lmcache_fs,
     # lmcache_redis) without the wheel's build_py step, which generates gRPC stubs for the
