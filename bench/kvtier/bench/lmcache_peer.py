@@ -140,8 +140,14 @@ def _build_engine(
     from lmcache.v1.gpu_connector import CreateGPUConnector
     from lmcache.v1.metadata import LMCacheMetadata
 
-    fields = config_fields(kv_bytes, disk)
-    config = LMCacheEngineConfig.from_defaults(**fields)
+    # LMCache's own LMCACHE_* environment variables apply on top, as they do for its users
+    config = LMCacheEngineConfig.from_defaults(**config_fields(kv_bytes, disk)).update_config_from_env()
+    fields = {
+        **{k: getattr(config, k) for k in config_fields(kv_bytes, disk)},
+        "extra_config": config.extra_config,
+        "use_gpu_connector_v3": config.use_gpu_connector_v3,
+        "environment": {k: v for k, v in os.environ.items() if k.startswith("LMCACHE_")},
+    }
     metadata = LMCacheMetadata(
         model_name="kvtier-bench",
         world_size=1,
