@@ -8,13 +8,16 @@
 #   bench/lmcache-build.sh start WHEELS OUT   the same, detached (its own session), log in OUT/build.log
 #   bench/lmcache-build.sh status OUT         running / ok / failed, and the log's tail
 #   bench/lmcache-build.sh check OUT          does lmcache import, and do its CUDA ops load?
+#   bench/lmcache-build.sh pack OUT TARBALL   the built package and its dependencies in one file (debug
+#                                             symbols stripped), to unpack into OUT on another machine
+#                                             with the same torch: tar xzf TARBALL -C OUT
 #
 # Afterwards: PYTHONPATH=OUT/site:OUT/deps (the built package, and the dependencies it imports).
 # Environment: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default: cores).
 set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
-cmd=${1:?usage: $0 build|start|status|check ...}
+cmd=${1:?usage: $0 build|start|status|check|pack ...}
 
 abs() { mkdir -p "$1" && cd "$1" && pwd; }
 
@@ -104,8 +107,15 @@ status)
 check)
     check "$(abs "${2:?output folder}")"
     ;;
+pack)
+    out=$(abs "${2:?output folder}")
+    tarball=${3:?tarball}
+    find "$out/site" "$out/deps" -name '*.so' -exec strip --strip-debug {} +
+    tar czf "$tarball" -C "$out" site deps
+    ls -la "$tarball"
+    ;;
 *)
-    echo "usage: $0 build|start|status|check ..." >&2
+    echo "usage: $0 build|start|status|check|pack ..." >&2
     exit 2
     ;;
 esac

@@ -253,7 +253,7 @@ def _wait_stored(engine, tokens: torch.Tensor, backend: str, t0: float, deadline
     while (held := engine.lookup(tokens, search_range=[backend])) < len(tokens):
         if time.monotonic() > deadline:
             raise TimeoutError(f"LMCache's {backend} holds {held} of {len(tokens)} tokens")
-        time.sleep(0.01)
+        time.sleep(0.05)  # a lookup hashes the whole context: poll gently
     return time.perf_counter() - t0
 
 
