@@ -1,10 +1,11 @@
-"""The LMCache peer on the CPU, through LMCache's own engine and its local CPU and local disk backends:
-a transformers model's DynamicCache stored, retrieved from each backend bit for bit, and the decode
+"""The LMCache peer through LMCache's own engine and its local CPU and local disk backends: a
+transformers model's DynamicCache stored, retrieved from each backend bit for bit, and the decode
 step after it gives the logits of the same step from the original cache.
 
-LMCache's CUDA connector needs a GPU, so here a CPU connector of LMCache's interface moves the bytes
-between the paged buffer and LMCache's memory objects (the GPU run uses LMCache's own). Skipped
-where LMCache is not installed (it is not a dependency of kvtier)."""
+On the CPU, LMCache's CUDA connector cannot run, so a CPU connector of LMCache's interface moves the
+bytes between the paged buffer and LMCache's memory objects; on a GPU (where LMCache's compiled CUDA
+ops load) the peer uses LMCache's own connector, as the benchmark does. Skipped where LMCache is not
+installed (it is not a dependency of kvtier)."""
 
 from __future__ import annotations
 
@@ -49,20 +50,32 @@ def cpu_connector(layers: int, kv_heads: int, head_dim: int):
     return CPUConnector()
 
 
-def test_lmcache_stores_and_restores_a_dynamic_cache_from_cpu_and_disk(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_lmcache_stores_and_restores_a_dynamic_cache_from_cpu_and_disk(device, tmp_path):
     pytest.importorskip("lmcache.v1.cache_engine")
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     from kvtier.bench import lmcache_peer, peers
     from kvtier.bench import prefill as pf
-    from kvtier.bench.shapes import SHAPES
 
-    shape = SHAPES["tiny-qwen2"]
-    config = Qwen2Config(**shape.hf_config())
+    if device == "cuda" and (why := lmcache_peer.unavailable()):
+        pytest.skip(why)
+    # the benchmark's head_dim (128) and grouped KV heads, two layers
+    kv_heads, head_dim = 2, 128
+    config = Qwen2Config(
+        hidden_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=1024,
+        vocab_size=2048,
+    )
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
     L = 640  # two full 256-token chunks and a partial one
-    ids = torch.randint(0, config.vocab_size, (1, L + 1))
+    ids = torch.randint(0, config.vocab_size, (1, L + 1), device=device)
     disk = tmp_path / "disk"
     disk.mkdir()
     with torch.inference_mode():
@@ -72,10 +85,12 @@ def test_lmcache_stores_and_restores_a_dynamic_cache_from_cpu_and_disk(tmp_path)
         ref = model(input_ids=ids[:, L:], past_key_values=cache, use_cache=True, logits_to_keep=1)
         ref = ref.logits[0, -1].float()
         cache.crop(-1)  # the decode step appended one
-        connector = cpu_connector(len(cache.layers), shape.kv_heads, shape.head_dim)
+        connector = cpu_connector(len(cache.layers), kv_heads, head_dim) if device == "cpu" else None
         stored = lmcache_peer.save(cache, tmp_path, disk, L, connector=connector)
         assert [s["tier"] for s in stored] == ["lmcache:cpu", "lmcache:disk"]
         assert stored[1]["file_bytes"] >= stored[0]["file_bytes"] > 0  # the disk backend holds it all
+        if device == "cuda":  # the connector LMCache makes for vLLM, its compiled kernels underneath
+            assert stored[0]["row"]["lmcache"]["gpu_connector"] == "VLLMPagedMemGPUConnectorV2"
 
         def check(rc, out):
             return {
@@ -87,7 +102,7 @@ def test_lmcache_stores_and_restores_a_dynamic_cache_from_cpu_and_disk(tmp_path)
             }
 
         for s in stored:
-            got = peers.restore(s, model, ids, L, torch.device("cpu"), check)
+            got = peers.restore(s, model, ids, L, torch.device(device), check)
             assert got["retrieved_tokens"] == L and got["kv_equal"] and got["kv_bitwise_equal_all"], s["tier"]
             assert got["diff"] == 0.0
             assert set(got["phases"]) == {"retrieve", "load", "decode"}
