@@ -51,6 +51,10 @@ build)
     "$PYTHON" -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
     # nvcc from the CUDA toolkit; ninja (parallel compiles) from the Python environment's own bin
     for d in /usr/local/cuda/bin /usr/local/cuda-13*/bin; do [ -x "$d/nvcc" ] && PATH="$PATH:$d"; done
+    if ! command -v nvcc >/dev/null; then # a toolkit from pip (nvidia/cu13/bin/nvcc next to torch)
+        d=$("$PYTHON" -c 'import glob, site; print(([f for p in site.getsitepackages() for f in glob.glob(p + "/nvidia/*/bin/nvcc")] or [""])[0])')
+        [ -n "$d" ] && PATH="$PATH:$(dirname "$d")"
+    fi
     PATH="$(dirname "$(readlink -f "$(command -v "$PYTHON")")"):$(dirname "$(command -v "$PYTHON")"):$PATH"
     export PATH
     echo "ninja: $(command -v ninja || echo 'not found: compiles run one at a time')"
