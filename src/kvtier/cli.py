@@ -321,6 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time torch.save and safetensors of the DynamicCache from tmpfs and disk (HF path)",
     )
     b.add_argument("--peers-upto", type=int, default=1 << 30, help="time the file peers up to this length")
+    b.add_argument(
+        "--lmcache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --peers: also time LMCache's local CPU and local disk backends (when it is installed)",
+    )
     b.add_argument("--nvme-tokens", default=None, help="context lengths that get NVMe rows (default: all)")
     b.add_argument(
         "--io-lock",

@@ -1,7 +1,8 @@
 """What a transformers user does without kvtier: save the DynamicCache to a file, load it back.
 
 Two formats (`torch.save` of the DynamicCache object, and safetensors of its per-layer K and V) in
-two places (tmpfs, i.e. host memory, and the disk the NVMe tier uses). A restore is load to the GPU,
+two places (tmpfs, i.e. host memory, and the disk the NVMe tier uses); and LMCache, the KV-cache
+layer, from its local CPU and local disk backends (`lmcache_peer`). A restore is load to the GPU,
 rebuild the cache, one decode step; its KV and logits are checked like kvtier's. Disk loads start
 cold: the page cache is dropped and checked first (the write before it went through the cache).
 """
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 
+from kvtier.bench import lmcache_peer
 from kvtier.bench.diskfloor import cold
 
 PEERS = ("torch.save", "safetensors")
@@ -31,8 +33,9 @@ def _path(where: Path, peer: str, L: int) -> Path:
     return where / f"kvtier-bench-peer-{os.getpid()}-{L}.{'pt' if peer == 'torch.save' else 'safetensors'}"
 
 
-def save_all(cache, work: Path, disk_dir: Path, L: int) -> list[dict[str, Any]]:
-    """Write the cache in each format to each place (fsynced); what `restore` needs to load it."""
+def save_all(cache, work: Path, disk_dir: Path, L: int, lmcache: bool = True) -> list[dict[str, Any]]:
+    """Write the cache in each format to each place (fsynced), and store it through LMCache; what
+    `restore` needs to load it back."""
     out = []
     kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
     for where, folder in _places(work, disk_dir).items():
@@ -60,6 +63,8 @@ def save_all(cache, work: Path, disk_dir: Path, L: int) -> list[dict[str, Any]]:
                     "save_s": round(time.perf_counter() - t0, 3),
                 }
             )
+    if lmcache:  # last: it pins host memory for the context, and checks that the files left room for it
+        out += lmcache_peer.save(cache, work, disk_dir, L)
     return out
 
 
@@ -86,17 +91,24 @@ def load(peer: str, path: Path, device: torch.device):
     if peer == "torch.save":
         return torch.load(path, map_location=device, weights_only=False)  # a pickled DynamicCache
     from safetensors.torch import load_file
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
 
     where = "cpu"
     if device.type == "cuda":  # safetensors wants an indexed CUDA device
         where = f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
     tensors = load_file(str(path), device=where)
+    return as_dynamic_cache(
+        [(tensors[f"{i}.keys"], tensors[f"{i}.values"]) for i in range(len(tensors) // 2)]
+    )
+
+
+def as_dynamic_cache(layers: list[tuple[torch.Tensor, torch.Tensor]]):
+    """A DynamicCache over these per-layer K and V tensors, used as they are (no copy)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
     cache = DynamicCache()
-    for i in range(len(tensors) // 2):
+    for k, v in layers:
         layer = DynamicLayer()  # filled in place, as kvtier's connector does (update() would copy)
-        k, v = tensors[f"{i}.keys"], tensors[f"{i}.values"]
         layer.lazy_initialization(k, v)
         layer.keys, layer.values = k, v
         cache.layers.append(layer)
@@ -105,6 +117,8 @@ def load(peer: str, path: Path, device: torch.device):
 
 def restore(stored: dict[str, Any], model, ids: torch.Tensor, L: int, device: torch.device, check) -> dict:
     """Time load + one decode step (the TTFT a user of this peer sees); `check(cache, out)` -> dict."""
+    if stored["peer"] == lmcache_peer.PEER:
+        return lmcache_peer.restore(stored, model, ids, L, device, check)
     got: dict[str, Any] = {}
     if stored["where"] == "disk":
         got["page_cache"] = cold(stored["path"])
@@ -125,6 +139,7 @@ def restore(stored: dict[str, Any], model, ids: torch.Tensor, L: int, device: to
 
 
 def remove_all(work: Path, disk_dir: Path, L: int) -> None:
+    lmcache_peer.remove_all(work, disk_dir, L)
     for folder in _places(work, disk_dir).values():
         for peer in PEERS:
             _path(folder, peer, L).unlink(missing_ok=True)

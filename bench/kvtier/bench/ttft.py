@@ -232,7 +232,7 @@ def run_hf(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
     nvme_file = nvme_dir / "kvtier-bench.cache"
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
 
-    results, ceilings, prefill_report = [], {}, {}
+    results, ceilings, prefill_report, peer_errors = [], {}, {}, []
     with torch.inference_mode():
         warm = torch.randint(0, config.vocab_size, (1, 2048), device=device)
         pf.hf_prefill(model, warm)  # warm-up: kernels, cuBLAS handles
@@ -294,7 +294,7 @@ def run_hf(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
                     ref_decode = ref_decode.logits[0, -1].float()
                     cache.crop(L)  # the decode appended one position; back to the L context tokens
                     stored = (
-                        peers.save_all(cache, work, nvme_dir, L)
+                        peers.save_all(cache, work, nvme_dir, L, lmcache=args.lmcache)
                         if args.peers and args.peers_upto >= L
                         else []
                     )
@@ -373,9 +373,14 @@ def run_hf(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
                     kvtier = {"tmpfs": results[-2], "disk": results[-1]}  # the tier each peer competes with
                     floors = {where: r["floor_s"] for where, r in kvtier.items()}
                     for peer in stored:
-                        got = peers.restore(
-                            peer, model, ids, L, device, lambda rc, out: check(rc, out, ref_decode)
-                        )
+                        try:
+                            got = peers.restore(
+                                peer, model, ids, L, device, lambda rc, out: check(rc, out, ref_decode)
+                            )
+                        except Exception as exc:  # a peer that fails is a finding, not the run's end
+                            print(f"peer {peer['tier']}: restore failed: {type(exc).__name__}: {exc}")
+                            peer_errors.append({"tokens": L, "tier": peer["tier"], "error": repr(exc)})
+                            continue
                         results.append(
                             row(
                                 L,
@@ -394,6 +399,8 @@ def run_hf(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
                                 kv_bitwise_equal_sampled=got["kv_equal"],
                                 logits_diff_vs_decode_from_original_kv=got["decode_diff"],
                                 vs_kvtier=round(got["restore_s"] / kvtier[peer["where"]]["restore_s"], 2),
+                                **peer.get("row", {}),
+                                **got.get("row", {}),
                             )
                         )
                     ceilings = {
@@ -420,6 +427,8 @@ def run_hf(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
         "block_tokens": B,
         "prefill": prefill_report,
         "chunked_attention": chunked_attention,
+        "lmcache": peers.lmcache_peer.describe() if args.peers and args.lmcache else None,
+        "peer_errors": peer_errors,
         "ceilings": ceilings,
         "results": results,
     }
