@@ -279,6 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--transport", default="auto", choices=["auto", "rdma", "tcp"])
     b.set_defaults(func=_lazy("kvtier.bench.transport"))
+    b = bench_sub.add_parser("nixl-gpu", help="host->GPU through NIXL vs the connectors' copy path (one GPU)")
+    from kvtier.bench.nixlgpu import add_arguments as nixl_gpu_arguments
+
+    nixl_gpu_arguments(b)
+    b.set_defaults(func=_lazy("kvtier.bench.nixlgpu"))
     b = bench_sub.add_parser("ttft", help="restore TTFT vs recompute (GPU, or a small model on CPU)")
     b.add_argument("--out", default="bench-ttft.json")
     b.add_argument("--plot", default=None)
