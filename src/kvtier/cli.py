@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="bench-transport.json")
     b.add_argument("--block-mib", default="0.25,1,4,16", help="block sizes in MiB, comma-separated")
     b.add_argument("--total-mib", type=int, default=256, help="bytes fetched per block size")
-    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--repeats", type=int, default=7, help="(raw stream, fetch) pairs per block size")
     b.add_argument("--transport", default="auto", choices=["auto", "rdma", "tcp"])
     b.set_defaults(func=_lazy("kvtier.bench.transport"))
     b = bench_sub.add_parser("nixl-gpu", help="host->GPU through NIXL vs the connectors' copy path (one GPU)")
