@@ -182,6 +182,7 @@ def measure(nodes: Nodes, owner: AgentProcess, reader: AgentProcess, block: int,
 def main(args: argparse.Namespace) -> int:
     blocks = [int(float(b) * MiB) for b in args.block_mib.split(",")]
     total = args.total_mib * MiB
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
     try:
         nodes = make_nodes(2)
     except NetnsUnavailable as exc:
@@ -226,6 +227,7 @@ def main(args: argparse.Namespace) -> int:
             "machine": {
                 "cpus": os.cpu_count(),
                 "platform": platform.platform(),
+                "load_average_1_5_15_min_at_start": load_at_start,
                 "load_average_1_5_15_min_at_end": [round(x, 2) for x in os.getloadavg()],
             },
             "between": "two network namespaces on one veth bridge (one machine)",
