@@ -280,9 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--transport", default="auto", choices=["auto", "rdma", "tcp"])
     b.set_defaults(func=_lazy("kvtier.bench.transport"))
     b = bench_sub.add_parser("nixl-gpu", help="host->GPU through NIXL vs the connectors' copy path (one GPU)")
-    from kvtier.bench.nixlgpu import add_arguments as nixl_gpu_arguments
-
-    nixl_gpu_arguments(b)
+    b.add_argument("out_dir", help="folder for nixl-gpu.json")
+    b.add_argument("--gib", default="1,4,8", help="bytes moved per run, GiB, comma-separated")
+    b.add_argument("--block-mib", type=float, default=2.0)
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--seed", type=int, default=17)
+    b.add_argument("--wheels", default=None, help="folder of NIXL wheels, used when NIXL is not importable")
+    b.add_argument("--minutes", type=float, default=8.0, help="start no new size after this")
     b.set_defaults(func=_lazy("kvtier.bench.nixlgpu"))
     b = bench_sub.add_parser("ttft", help="restore TTFT vs recompute (GPU, or a small model on CPU)")
     b.add_argument("--out", default="bench-ttft.json")

@@ -63,7 +63,7 @@ def _host_and_device(nbytes: int, seed: int) -> tuple[Any, Any, Any, mmap.mmap]:
 
 
 def _slots(nblocks: int, layout: str, seed: int) -> list[int]:
-    """slots[i]: the VRAM slot that host block i goes to."""
+    """slots[j]: the arena block that request block j comes from, and the VRAM slot it goes to."""
     import random
 
     order = list(range(nblocks))
@@ -97,12 +97,12 @@ def _time_torch(nbytes: int, block: int, repeats: int, seed: int) -> list[dict[s
 
     from kvtier.agent.connectors.gpu import GpuArena, Staging, host_to_gpu
 
-    host, device, cudart, mm = _host_and_device(nbytes, seed)
+    host, device, cudart, _mm = _host_and_device(nbytes, seed)
     nblocks = nbytes // block
     rows: list[dict[str, Any]] = []
+    arena = GpuArena(None, pin=False)  # type: ignore[arg-type]  # registered above, as sync() does
+    arena.host[0] = host
     try:
-        arena = GpuArena(None, pin=False)  # type: ignore[arg-type]  # registered above, as sync() does
-        arena.host[0] = host
         staging = Staging(torch.device("cuda"))
         best = float("inf")
         for _ in range(repeats):
@@ -142,9 +142,9 @@ def _time_torch(nbytes: int, block: int, repeats: int, seed: int) -> list[dict[s
         return rows
     finally:
         cudart.cudaHostUnregister(host.data_ptr())
-        del host, device
-        torch.cuda.empty_cache()
-        mm.close()
+        arena.host.clear()
+        del host, device, arena
+        torch.cuda.empty_cache()  # the mapping goes with the last tensor that views it
 
 
 # ----------------------------------------------------------------------------------- NIXL (child)
@@ -157,8 +157,9 @@ def _wait(agent: Any, handle: Any, deadline: float) -> str:
     return state
 
 
-def _time_nixl(nbytes: int, block: int, repeats: int, seed: int) -> dict[str, Any]:
-    """Child process: NIXL DRAM->VRAM for both layouts, WRITE and READ."""
+def _time_nixl(nbytes: int, block: int, repeats: int, seed: int, out_path: Path) -> dict[str, Any]:
+    """Child process: NIXL DRAM->VRAM for both layouts, WRITE and READ; what it has so far is in
+    `out_path` after every step (a crash or a hang later keeps it)."""
     import torch
 
     from kvtier.agent.transports.nixl import load_nixl
@@ -169,12 +170,20 @@ def _time_nixl(nbytes: int, block: int, repeats: int, seed: int) -> dict[str, An
     out: dict[str, Any] = {
         "nixl": version,
         "ucx_env": {k: v for k, v in os.environ.items() if k.startswith("UCX_")},
+        "stage": "buffers",
     }
+
+    def save(stage: str) -> None:
+        out["stage"] = stage
+        out_path.write_text(json.dumps(out))
+
+    save("buffers")
     host, device, cudart, _mm = _host_and_device(nbytes, seed)
     nblocks = nbytes // block
     rows: list[dict[str, Any]] = []
     out["rows"] = rows
     config = module.nixl_agent_config(backends=["UCX"])
+    save("NIXL agents and registration (DRAM, VRAM)")
     t0 = time.perf_counter()
     dram_side = module.nixl_agent("kvtier-dram", config)
     vram_side = module.nixl_agent("kvtier-vram", config)
@@ -195,6 +204,7 @@ def _time_nixl(nbytes: int, block: int, repeats: int, seed: int) -> dict[str, An
                 mine, theirs = (host_descs, vram_descs) if op == "WRITE" else (vram_descs, host_descs)
                 mine_t, theirs_t = ("DRAM", "VRAM") if op == "WRITE" else ("VRAM", "DRAM")
                 row: dict[str, Any] = {"path": f"nixl_{op.lower()}", "layout": layout}
+                save(f"{row['path']} {layout}")
                 try:
                     t1 = time.perf_counter()
                     local = poster.prep_xfer_dlist("NIXL_INIT_AGENT", mine, mine_t)
@@ -210,7 +220,7 @@ def _time_nixl(nbytes: int, block: int, repeats: int, seed: int) -> dict[str, An
                         state = poster.transfer(handle)
                         t3 = time.perf_counter()
                         if state != "ERR":
-                            state = _wait(poster, handle, time.monotonic() + 120)
+                            state = _wait(poster, handle, time.monotonic() + 30)
                         seconds = time.perf_counter() - t2
                         poster.release_xfer_handle(handle)
                         if state != "DONE":
@@ -228,6 +238,7 @@ def _time_nixl(nbytes: int, block: int, repeats: int, seed: int) -> dict[str, An
                 except Exception as exc:  # one path failing leaves the others measured
                     row["error"] = f"{type(exc).__name__}: {exc}"
                 rows.append(row)
+                save("done" if len(rows) == 2 * len(LAYOUTS) else "between paths")
                 print(json.dumps(row), flush=True)
     finally:
         dram_side.deregister_memory(dram_reg)
@@ -237,12 +248,13 @@ def _time_nixl(nbytes: int, block: int, repeats: int, seed: int) -> dict[str, An
 
 
 def _child_main(argv: list[str]) -> int:
-    nbytes, block, repeats, seed, out = int(argv[0]), int(argv[1]), int(argv[2]), int(argv[3]), argv[4]
+    nbytes, block, repeats, seed, out = int(argv[0]), int(argv[1]), int(argv[2]), int(argv[3]), Path(argv[4])
     try:
-        result = _time_nixl(nbytes, block, repeats, seed)
+        result = _time_nixl(nbytes, block, repeats, seed, out)
     except Exception as exc:
-        result = {"error": f"{type(exc).__name__}: {exc}"}
-    Path(out).write_text(json.dumps(result))
+        result = json.loads(out.read_text()) if out.exists() else {}
+        result["error"] = f"{type(exc).__name__} during {result.get('stage', 'start')}: {exc}"
+    out.write_text(json.dumps(result))
     return 0
 
 
@@ -256,7 +268,9 @@ def _nixl_path(wheels: str | None, scratch: Path) -> tuple[str | None, str]:
     if probe.returncode == 0:
         return None, f"installed ({probe.stdout.strip()})"
     if not wheels:
-        return None, "not importable and no --wheels given: " + probe.stderr.strip().splitlines()[-1:][0]
+        return None, "not importable and no --wheels given: " + (probe.stderr.strip().splitlines() or ["?"])[
+            -1
+        ]
     found = sorted(str(p) for p in Path(wheels).glob("*.whl"))
     target = scratch / "site"
     got = subprocess.run(
@@ -280,22 +294,26 @@ def _run_child(
            str(seed), str(out)]  # fmt: skip
     try:
         proc = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True)
-    except subprocess.TimeoutExpired as exc:
-        return {
-            "error": f"NIXL child timed out after {timeout:.0f} s",
-            "log_tail": str(exc.stdout or "")[-2000:],
-        }
-    if out.exists():
-        result = json.loads(out.read_text())
-    else:
-        result = {"error": f"NIXL child died (exit {proc.returncode}) before writing results"}
-    result["log_tail"] = (proc.stdout + proc.stderr)[-3000:]
+        log, failure = proc.stdout + proc.stderr, f"NIXL child died (exit {proc.returncode})"
+    except subprocess.TimeoutExpired as exc:  # subprocess.run has killed it
+        log, failure = _text(exc.stdout) + _text(exc.stderr), f"NIXL child timed out after {timeout:.0f} s"
+    result = json.loads(out.read_text()) if out.exists() else {}
+    if result.get("stage") != "done" and "error" not in result:
+        result["error"] = f"{failure} during {result.get('stage', 'start')}"
+    result["log_tail"] = log[-3000:]
     return result
 
 
-def main(args: argparse.Namespace) -> int:
-    import torch
+def _text(data: bytes | str | None) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
 
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        import torch
+    except ImportError as exc:
+        print(f"kvtier bench nixl-gpu: needs torch with CUDA ({exc})", file=sys.stderr)
+        return 2
     folder = Path(args.out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "nixl-gpu.json"
@@ -379,25 +397,9 @@ def _verdict(rows: list[dict[str, Any]]) -> str:
     return "; ".join(parts)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvtier bench nixl-gpu", description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    return p
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("out_dir", help="folder for nixl-gpu.json")
-    p.add_argument("--gib", default="1,4,8", help="bytes moved per run, GiB, comma-separated")
-    p.add_argument("--block-mib", type=float, default=2.0)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--seed", type=int, default=17)
-    p.add_argument("--wheels", default=None, help="folder of NIXL wheels, used when NIXL is not importable")
-    p.add_argument("--minutes", type=float, default=10.0, help="stop starting new sizes after this")
-
-
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--child"]:
         sys.exit(_child_main(sys.argv[2:]))
-    ns = _parser().parse_args()
-    ns.argv_echo = sys.argv[1:]
-    sys.exit(main(ns))
+    from kvtier.cli import main as cli
+
+    sys.exit(cli(["bench", "nixl-gpu", *sys.argv[1:]]))
