@@ -17,8 +17,8 @@ arena and a scattered page table). Paths timed, best of --repeats each, bytes ch
   side, READ by the VRAM side (the peer-fetch direction).
 
 NIXL runs in a child process (a crash or hang in native code is a recorded failure, not a lost run;
-the connector numbers are measured either way). --wheels installs NIXL wheels into a temporary
-folder for that child only when NIXL is not importable. Results: <out>/nixl-gpu.json, rewritten after
+the connector numbers are measured either way). --wheels unpacks NIXL wheels into a temporary
+folder on that child's PYTHONPATH, only when NIXL is not importable. Results: <out>/nixl-gpu.json, rewritten after
 every step.
 """
 
@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -271,16 +272,14 @@ def _nixl_path(wheels: str | None, scratch: Path) -> tuple[str | None, str]:
         return None, "not importable and no --wheels given: " + (probe.stderr.strip().splitlines() or ["?"])[
             -1
         ]
-    found = sorted(str(p) for p in Path(wheels).glob("*.whl"))
+    found = sorted(Path(wheels).glob("*.whl"))
+    if not found:
+        return None, f"not importable and no wheel in {wheels}"
     target = scratch / "site"
-    got = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", str(target), *found],
-        capture_output=True,
-        text=True,
-    )
-    if got.returncode != 0:
-        return None, f"pip install of {found} failed: {got.stderr.strip()[-500:]}"
-    return str(target), f"from {', '.join(Path(f).name for f in found)}"
+    for wheel in found:  # a wheel is a zip of the installed tree: unpacked, it imports (no pip needed)
+        with zipfile.ZipFile(wheel) as z:
+            z.extractall(target)
+    return str(target), f"from {', '.join(w.name for w in found)}"
 
 
 def _run_child(
