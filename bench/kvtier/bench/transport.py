@@ -227,6 +227,8 @@ def main(args: argparse.Namespace) -> int:
             "machine": {
                 "cpus": os.cpu_count(),
                 "platform": platform.platform(),
+                "accelerators": "none used: host memory only (no GPU in this benchmark); RDMA as reported "
+                "under transport",
                 "load_average_1_5_15_min_at_start": load_at_start,
                 "load_average_1_5_15_min_at_end": [round(x, 2) for x in os.getloadavg()],
             },
