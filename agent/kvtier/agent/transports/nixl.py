@@ -1,8 +1,9 @@
 """Blocks between agents over NIXL: a peer fetch is NIXL READs from the owner's arena into ours.
 
 Each agent registers its DRAM segments with NIXL (UCX backend: RDMA where the node has it, TCP
-here): segments it serves with a serving NIXL agent, segments it fetches into with a fetching one. A reader asks the owner over the authenticated control channel for a chain of index
-keys on behalf of a tenant; the owner answers with what its own index authorises for that request:
+here): segments it serves with a serving NIXL agent, segments it fetches into with a fetching one.
+A reader asks the owner over the authenticated control channel for a chain of index keys on behalf
+of a tenant; the owner answers with what its own index authorises for that request:
 the leading blocks it holds for that tenant, pinned until the reader is done, their extents and
 checksums, and NIXL metadata for only the segments that hold them (partial metadata: a reader never
 learns the memory keys of segments outside its answers; a segment holds one tenant's blocks, and a
@@ -150,8 +151,8 @@ class NixlTransport:
         if "UCX" not in self.nixl.backends or "UCX" not in self.fetcher.backends:
             raise ImportError(f"NIXL {self.version} has no UCX backend plugin")
         self._lock = threading.RLock()
-        # (NIXL agent, segment id) -> the segment and its registration with that agent
-        self._registered: dict[tuple[int, int], tuple[Segment, Any]] = {}
+        # (NIXL agent's name, segment id) -> the segment and its registration with that agent
+        self._registered: dict[tuple[str, int], tuple[Segment, Any]] = {}
         self._remote: dict[str, str] = {}  # peer address -> NIXL agent name loaded for it
         self._stuck: list[tuple[Any, list[tuple[Segment, Any]]]] = []  # transfers NIXL could not cancel
         store.dram.retire_hooks.append(self._forget)
@@ -163,15 +164,15 @@ class NixlTransport:
         with self._lock:
             for seg in segments:
                 region = (seg.address, seg.size, 0, "")
-                if (id(agent), seg.id) not in self._registered:
-                    self._registered[id(agent), seg.id] = (seg, agent.register_memory([region], "DRAM"))
+                if (agent.name, seg.id) not in self._registered:
+                    self._registered[agent.name, seg.id] = (seg, agent.register_memory([region], "DRAM"))
                 regions.append(region)
         return regions
 
     def _forget(self, seg: Segment) -> None:
         with self._lock:
             for agent in (self.nixl, self.fetcher):
-                got = self._registered.pop((id(agent), seg.id), None)
+                got = self._registered.pop((agent.name, seg.id), None)
                 if got is not None:
                     agent.deregister_memory(got[1])
 
