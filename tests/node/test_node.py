@@ -3,6 +3,7 @@ removal. One node for the module; the tests run in order and each builds on the 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -53,6 +54,45 @@ c = Client(os.environ["KVTIER_SOCKET"], timeout=20)
 if sys.argv[1] == "put":
     c.put(FP, keys, blobs, sync=True, wait=10)  # acknowledged = on NVMe
 print(json.dumps(seen(c)))
+"""
+
+
+# A second agent of the pool, started inside the engine pod (so inside the pod network, with no
+# Kubernetes API and the pool secret handed over on stdin), with the pool's agent as its static peer:
+# it prefetches team-a's chain, which can only come from the pool's agent, over NIXL.
+PEER_SCRIPT = r"""
+import hashlib, json, os, sys, tempfile
+from pathlib import Path
+from kvtier.agent.client import Client
+from kvtier.dev.agents import local_agent_config, spawn_agent
+FP, TENANT = sys.argv[1], "team-a"
+keys, parent = [], b""
+for i in range(8):
+    parent = hashlib.sha256(parent + b"node-test:%d" % i).digest()
+    keys.append(parent)
+blobs = [hashlib.sha256(k).digest() * 4096 for k in keys]
+os.environ.pop("KUBERNETES_SERVICE_HOST", None)  # a bare agent: no KVCacheNode of its own
+folder = Path(tempfile.mkdtemp())
+secret = folder / "secret"
+secret.write_bytes(bytes.fromhex(sys.stdin.read().strip()))
+secret.chmod(0o600)
+cfg = local_agent_config(folder, sys.argv[2], {"tiers": {"dram": {"size": "16Mi"}}}, segment_bytes=4 << 20,
+                         secretFile=str(secret), peers=[sys.argv[3]], nodeName="peer-in-engine-pod")
+agent = spawn_agent(cfg, folder / "agent.yaml")
+try:
+    with Client(agent.tenant(TENANT), timeout=30) as c:
+        fetched = c.call("prefetch", fingerprint=FP, keys=[k.hex() for k in keys], deadline=20)["result"]
+        got = c.get(FP, keys)
+    print(json.dumps({"transport": agent.stats()["transport"], "prefetch": fetched,
+                      "exact": got == blobs, "got": len(got)}))
+finally:
+    agent.kill()
+"""
+
+METRIC_SCRIPT = r"""
+import urllib.request
+text = urllib.request.urlopen("http://127.0.0.1:9400/metrics", timeout=10).read().decode()
+print(next(l.split()[-1] for l in text.splitlines() if l.startswith('kvtier_peer_bytes_total{direction="served"}')))
 """
 
 
@@ -134,6 +174,36 @@ def test_another_namespace_gets_no_hits(node_session):
     s.cluster.apply(engine_pod("engine", "team-b", s.image))
     s.cluster.wait_ready("team-b", "kvtier.io/inject=true")
     assert engine(s, "engine", "team-b", "get") == {"hits": 0, "exact": True, "got": 0}
+
+
+def test_the_agent_pod_moves_blocks_to_a_peer_over_nixl(node_session):
+    s = node_session
+    (kvn,) = s.cluster.get("kvn")["items"]
+    status = kvn["status"]
+    transport = status["transport"]
+    # the image carries NIXL; no RDMA device here, so UCX over TCP, and the node says why
+    assert transport["library"].startswith("nixl ") and "UCX" in transport["library"], transport
+    assert transport["ucxTransports"] == "tcp" and transport["rdma"] is False, transport
+    assert transport["reason"] and transport["rdmaReason"], transport
+    secret_name = next(
+        v["secret"]["secretName"]
+        for v in s.cluster.pods(NAMESPACE, AGENT)[0]["spec"]["volumes"]
+        if "secret" in v
+    )
+    secret = s.cluster.get("secret", "-n", NAMESPACE, secret_name)["data"]["secret"]
+    fp = ENGINE_SCRIPT.split('FP = "', 1)[1].split('"', 1)[0]
+    out = s.kubectl(
+        "exec", "-i", "-n", "team-a", "engine", "-c", "engine", "--",
+        "python3", "-c", PEER_SCRIPT, fp, POOL, status["peerAddress"],
+        input=base64.b64decode(secret).hex(),
+    )  # fmt: skip
+    peer = json.loads(out.strip().splitlines()[-1])
+    assert peer["transport"]["library"] == transport["library"], peer
+    assert peer["prefetch"]["fetched"] == 8 and peer["prefetch"]["missing"] == 0, peer
+    assert peer["exact"] and peer["got"] == 8, "every block came over NIXL bit-exact"
+    served = s.kubectl("exec", "-n", NAMESPACE, s.cluster.pods(NAMESPACE, AGENT)[0]["metadata"]["name"], "--",
+                       "python3", "-c", METRIC_SCRIPT)  # fmt: skip
+    assert float(served) >= 8 * 128 * 1024, "the pool's agent counts the bytes it served"
 
 
 def test_agent_sigkill_restart_keeps_acknowledged_blocks(node_session):

@@ -1,14 +1,16 @@
 """Blocks between agents over NIXL: a peer fetch is NIXL READs from the owner's arena into ours.
 
-Each agent registers its DRAM segments with one NIXL agent (UCX backend: RDMA where the node has
-it, TCP here). A reader asks the owner over the authenticated control channel for a chain of index
-keys on behalf of a tenant; the owner answers with what its own index authorises for that request:
+Each agent registers its DRAM segments with NIXL (UCX backend: RDMA where the node has it, TCP
+here): segments it serves with a serving NIXL agent, segments it fetches into with a fetching one.
+A reader asks the owner over the authenticated control channel for a chain of index keys on behalf
+of a tenant; the owner answers with what its own index authorises for that request:
 the leading blocks it holds for that tenant, pinned until the reader is done, their extents and
 checksums, and NIXL metadata for only the segments that hold them (partial metadata: a reader never
 learns the memory keys of segments outside its answers; a segment holds one tenant's blocks, and a
 segment that goes back to the pool is deregistered before its memory is released, so a memory key
 never outlives the tenant it was handed out for). The reader reserves local extents in its own
-tenant segments, READs the remote extents straight into them (no staging copy on either side),
+tenant segments, READs the remote extents straight into them (no staging copy of ours on either
+side; over TCP, UCX itself emulates a READ by copying through its own send and receive segments),
 verifies each checksum in place, and only then indexes the blocks. A failed, corrupt or late
 block is a miss: only blocks that arrived whole and verified, in chain order, are indexed.
 """
@@ -40,6 +42,7 @@ MAX_FETCH = 4096
 # measured the same here, within the noise of a shared 2-core machine.)
 READ_WINDOW_BYTES = 4 << 20
 READS_IN_FLIGHT = 2
+WAIT_PAUSE_MAX = 5e-4  # between progress calls of a waiting fetch: ~1 MB at the link's speed here
 NIXL_MODULES = ("nixl_cu12._api", "nixl_cu13._api", "nixl._api")
 NIXL_DISTRIBUTIONS = ("nixl-cu12", "nixl-cu13", "nixl")
 
@@ -131,40 +134,51 @@ class NixlTransport:
     def __init__(self, store: Store, secret: bytes, agent_name: str, ucx_tls: str) -> None:
         module, self.version = load_nixl()
         self.store, self.secret, self.agent_name = store, secret, agent_name
-        config = module.nixl_agent_config(
-            backends=["UCX"], sync_mode=module.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT
-        )
+        # Two NIXL agents. The serving one answers peers' READs, which over TCP UCX emulates in
+        # software on the owner: it needs a progress thread. The fetching one posts this agent's
+        # READs and is progressed only by the fetch that waits on them: with a progress thread of
+        # its own, that thread and the waiting fetch fought over the UCX worker's lock, and the
+        # reader spent about twice the CPU per GB moved (docs/benchmarks/transport-*.json).
+        sync = module.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT
         with _ucx_environment(ucx_tls), _progress_sweep(module, PROGRESS_SWEEP_US):
-            self.nixl = module.nixl_agent(agent_name, config)
-        if "UCX" not in self.nixl.backends:
+            self.nixl = module.nixl_agent(
+                agent_name, module.nixl_agent_config(backends=["UCX"], sync_mode=sync)
+            )
+            self.fetcher = module.nixl_agent(
+                f"{agent_name}.fetch",
+                module.nixl_agent_config(enable_prog_thread=False, backends=["UCX"], sync_mode=sync),
+            )
+        if "UCX" not in self.nixl.backends or "UCX" not in self.fetcher.backends:
             raise ImportError(f"NIXL {self.version} has no UCX backend plugin")
         self._lock = threading.RLock()
-        self._registered: dict[int, tuple[Segment, Any]] = {}
+        # (NIXL agent's name, segment id) -> the segment and its registration with that agent
+        self._registered: dict[tuple[str, int], tuple[Segment, Any]] = {}
         self._remote: dict[str, str] = {}  # peer address -> NIXL agent name loaded for it
         self._stuck: list[tuple[Any, list[tuple[Segment, Any]]]] = []  # transfers NIXL could not cancel
         store.dram.retire_hooks.append(self._forget)
 
     # ------------------------------------------------------------------------ registrations
 
-    def _register(self, segments: set[Segment]) -> list[tuple[int, int, int, str]]:
+    def _register(self, agent: Any, segments: set[Segment]) -> list[tuple[int, int, int, str]]:
         regions = []
         with self._lock:
             for seg in segments:
                 region = (seg.address, seg.size, 0, "")
-                if seg.id not in self._registered:
-                    self._registered[seg.id] = (seg, self.nixl.register_memory([region], "DRAM"))
+                if (agent.name, seg.id) not in self._registered:
+                    self._registered[agent.name, seg.id] = (seg, agent.register_memory([region], "DRAM"))
                 regions.append(region)
         return regions
 
     def _forget(self, seg: Segment) -> None:
         with self._lock:
-            got = self._registered.pop(seg.id, None)
-            if got is not None:
-                self.nixl.deregister_memory(got[1])
+            for agent in (self.nixl, self.fetcher):
+                got = self._registered.pop((agent.name, seg.id), None)
+                if got is not None:
+                    agent.deregister_memory(got[1])
 
     def registered_segments(self) -> int:
         with self._lock:
-            return len(self._registered)
+            return len({seg_id for _, seg_id in self._registered})
 
     # -------------------------------------------------------------------------- owner side
 
@@ -182,7 +196,7 @@ class NixlTransport:
         blocks = [b for b, _ in pinned[:allowed]]
         if not blocks:
             return [], {"ok": True, "blocks": []}
-        regions = self._register({b.seg for b in blocks if b.seg})
+        regions = self._register(self.nixl, {b.seg for b in blocks if b.seg})
         metadata = self.nixl.get_partial_agent_metadata(
             self.nixl.get_reg_descs(regions, "DRAM"), True, ["UCX"]
         )
@@ -244,7 +258,7 @@ class NixlTransport:
         if not offered:
             return []
         try:
-            self._register({seg for seg, _ in reserved})
+            self._register(self.fetcher, {seg for seg, _ in reserved})
             remote_agent = self._load_remote(peer, reply)
         except Exception as exc:
             self._unreserve(reserved)
@@ -256,6 +270,7 @@ class NixlTransport:
         posted = 0
         failure = None
         started = time.perf_counter()
+        verifying = 0.0
         while failure is None and (in_flight or posted < len(windows)):
             while posted < len(windows) and len(in_flight) < READS_IN_FLIGHT:
                 start, end = windows[posted]
@@ -274,17 +289,20 @@ class NixlTransport:
                 failure = "transfer failed" if state == "ERR" else "transfer missed its deadline"
                 break
             in_flight.popleft()
-            self.nixl.release_xfer_handle(handle)
+            self.fetcher.release_xfer_handle(handle)
+            t0 = time.perf_counter()
             got = self._verify_and_adopt(offered[start:end], reserved[start:end], tenant)
+            verifying += time.perf_counter() - t0
             landed += got
             if len(got) < end - start:
                 failure = "a block failed its checksum"
         log.debug(
-            "READ of %d of %d blocks from %s in %.4f s%s",
+            "READ of %d of %d blocks from %s in %.4f s (%.4f s verifying)%s",
             len(landed),
             len(offered),
             peer,
             time.perf_counter() - started,
+            verifying,
             f": {failure}" if failure else "",
         )
         if failure is None:
@@ -301,27 +319,28 @@ class NixlTransport:
         raise PeerError(failure)
 
     def _post(self, remote_agent: str, reserved: list[tuple[Segment, Any]], offered: list[Any]) -> Any:
-        local = self.nixl.get_xfer_descs(
+        local = self.fetcher.get_xfer_descs(
             [(seg.address + ext.offset, o[1], 0) for (seg, ext), o in zip(reserved, offered, strict=True)],
             "DRAM",
         )
-        remote = self.nixl.get_xfer_descs([(addr, size, 0) for _, size, _, addr in offered], "DRAM")
-        handle = self.nixl.initialize_xfer("READ", local, remote, remote_agent)
-        if self.nixl.transfer(handle) == "ERR":
+        remote = self.fetcher.get_xfer_descs([(addr, size, 0) for _, size, _, addr in offered], "DRAM")
+        handle = self.fetcher.initialize_xfer("READ", local, remote, remote_agent)
+        if self.fetcher.transfer(handle) == "ERR":
             self._give_up(handle, [])
             raise PeerError("the READ was refused")
         return handle
 
     def _wait(self, handle: Any, deadline: float) -> str:
         """DONE, ERR, or PROC when the deadline came first. NIXL raises for some failures (the
-        remote disconnected): those are ERR like the rest."""
+        remote disconnected): those are ERR like the rest. Each check is also what moves the
+        fetching agent's bytes (it has no progress thread): the pause stays short."""
         try:
-            state = self.nixl.check_xfer_state(handle)
+            state = self.fetcher.check_xfer_state(handle)
             pause = 2e-5
             while state == "PROC" and time.monotonic() < deadline:
                 time.sleep(pause)
-                pause = min(pause * 2, 1e-3)
-                state = self.nixl.check_xfer_state(handle)
+                pause = min(pause * 2, WAIT_PAUSE_MAX)
+                state = self.fetcher.check_xfer_state(handle)
         except Exception as exc:
             log.info("transfer failed: %s", exc)
             return "ERR"
@@ -346,11 +365,11 @@ class NixlTransport:
                 self._drop_remote(peer)  # the peer restarted under a new NIXL name
             metadata = base64.b64decode(str(reply.get("metadata", "")))
             try:
-                loaded = self.nixl.add_remote_agent(metadata)
+                loaded = self.fetcher.add_remote_agent(metadata)
             except Exception:  # stale sections of a peer we knew: start over with this answer
                 self._remote[peer] = claimed
                 self._drop_remote(peer)
-                loaded = self.nixl.add_remote_agent(metadata)
+                loaded = self.fetcher.add_remote_agent(metadata)
             loaded = loaded.decode() if isinstance(loaded, bytes) else str(loaded)
             if loaded != claimed:
                 raise PeerError(f"metadata names agent {loaded!r}, the answer {claimed!r}")
@@ -362,7 +381,7 @@ class NixlTransport:
             name = self._remote.pop(peer, None)
             if name is not None:
                 try:
-                    self.nixl.remove_remote_agent(name)
+                    self.fetcher.remove_remote_agent(name)
                 except Exception as exc:
                     log.debug("removing NIXL agent %s: %s", name, exc)
 
@@ -370,7 +389,7 @@ class NixlTransport:
         """A transfer that did not finish may still write into its extents until NIXL cancels it:
         they return to the arena only once the handle is released."""
         try:
-            self.nixl.release_xfer_handle(handle)
+            self.fetcher.release_xfer_handle(handle)
         except Exception:
             with self._lock:
                 self._stuck.append((handle, reserved))
