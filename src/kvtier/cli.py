@@ -342,6 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="bench-serve.json")
     b.add_argument("--plot", default=None)
     b.add_argument("--small", action="store_true", help="a tiny model on the CPU (tests)")
+    b.add_argument(
+        "--probe",
+        action="store_true",
+        help="GPU check in under a minute: decode ms/step vs the HBM floor, prefill and restore rates",
+    )
     b.add_argument("--policies", default="recompute,kvtier,kvtier+prefetch")
     for knob, kind, say in (
         ("users", int, "concurrent users (16)"),
