@@ -459,6 +459,7 @@ def print_summary(s: dict[str, Any]) -> None:
         f"({s['turns_per_gpu_hour']:.0f}/GPU-h), {s['output_tokens_per_s']:.1f} output tok/s, "
         f"TTFT p50/p95/p99 {_f(t['p50'])}/{_f(t['p95'])}/{_f(t['p99'])} s, "
         f"TPOT p50/p99 {_f(p['p50'], 1e3)}/{_f(p['p99'], 1e3)} ms, "
+        f"decode {_f(s['decode_step_ms_mean'])} ms/step at batch {_f(s['decode_batch_mean'])}, "
         f"GPU " + " ".join(f"{k} {v:.0%}" for k, v in g.items()) + f", ${s['usd_per_m_output_tokens']}/M out",
         flush=True,
     )
