@@ -33,6 +33,14 @@ def _time_steps(decoder, batch, steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 def probe(args) -> dict[str, Any]:
     import torch
 
@@ -109,25 +117,36 @@ def probe(args) -> dict[str, Any]:
         save()
 
     # ------------------------------------------------------------------------------- prefill
+    # one-shot prefill at a length seen before (warm) and at lengths never seen (a returning context
+    # has a new length every turn: a kernel that builds a plan per shape pays it each time), with
+    # SDPA's own choice and with the flash backend forced
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     report["prefill"] = []
     kv = None
     for tokens in (16384, 65536):
-        try:
-            kv = model.new_kv(tokens)
-            ids = torch.randint(0, shape.vocab, (1, tokens), device=device)
-            with torch.inference_mode():
-                extend(model, kv, ids[:, :1024], 0, 1024)  # kernels warm
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                extend(model, kv, ids, 0, tokens)
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            report["prefill"].append(
-                {"tokens": tokens, "s": round(dt, 3), "tokens_per_s": round(tokens / dt)}
-            )
-            print(f"prefill one-shot {tokens:>6}: {dt:.3f} s ({tokens / dt:,.0f} tok/s)", flush=True)
-        except Exception:
-            report.setdefault("errors", []).append(f"prefill {tokens}: {traceback.format_exc()[-800:]}")
+        for backend in ("sdpa-default", "flash"):
+            try:
+                kv = model.new_kv(tokens + 64)
+                ids = torch.randint(0, shape.vocab, (1, tokens + 64), device=device)
+                ctx = sdpa_kernel(SDPBackend.FLASH_ATTENTION) if backend == "flash" else _null()
+                row: dict[str, Any] = {"tokens": tokens, "attention": backend}
+                with torch.inference_mode(), ctx:
+                    for label, n in (("first_s", tokens), ("again_s", tokens), ("new_length_s", tokens + 37)):
+                        torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        extend(model, kv, ids[:, :n], 0, n)
+                        torch.cuda.synchronize()
+                        row[label] = round(time.perf_counter() - t0, 3)
+                row["tokens_per_s"] = round(tokens / row["again_s"])
+                report["prefill"].append(row)
+                print(
+                    f"prefill one-shot {tokens:>6} {backend:>12}: first {row['first_s']} s, again {row['again_s']} s"
+                    f" ({row['tokens_per_s']:,} tok/s), at a new length {row['new_length_s']} s",
+                    flush=True,
+                )
+            except Exception:
+                report.setdefault("errors", []).append(f"prefill {tokens}: {traceback.format_exc()[-800:]}")
     save()
 
     # ------------------------------------------------------------------------------- restore
