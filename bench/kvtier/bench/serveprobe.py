@@ -12,6 +12,7 @@ import json
 import tempfile
 import time
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +32,6 @@ def _time_steps(decoder, batch, steps: int) -> float:
     for i in range(steps):
         decoder.step([(s, p + 1 + i, t) for s, p, t in batch])
     return (time.perf_counter() - t0) / steps
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def probe(args) -> dict[str, Any]:
@@ -129,7 +122,7 @@ def probe(args) -> dict[str, Any]:
             try:
                 kv = model.new_kv(tokens + 64)
                 ids = torch.randint(0, shape.vocab, (1, tokens + 64), device=device)
-                ctx = sdpa_kernel(SDPBackend.FLASH_ATTENTION) if backend == "flash" else _null()
+                ctx = sdpa_kernel(SDPBackend.FLASH_ATTENTION) if backend == "flash" else nullcontext()
                 row: dict[str, Any] = {"tokens": tokens, "attention": backend}
                 with torch.inference_mode(), ctx:
                     for label, n in (("first_s", tokens), ("again_s", tokens), ("new_length_s", tokens + 37)):
