@@ -274,6 +274,7 @@ def run(args: argparse.Namespace, stamp: dict[str, str]) -> dict[str, Any]:
         ) from None
     from kvtier.agent.client import Client
     from kvtier.agent.connectors.hf import HFKVCache
+    from kvtier.bench.prefill import pick_chunked_attention
     from kvtier.bench.tpmodel import ShardedLlama, random_weights
 
     on_gpu = torch.cuda.is_available() and not args.small
@@ -344,6 +345,9 @@ def run(args: argparse.Namespace, stamp: dict[str, str]) -> dict[str, Any]:
             "one_shot_max_tokens": args.one_shot_max,
             "chunk_tokens": args.chunk,
             "seed_one_shot_prefill_s": {str(seed_len): round(seed_prefill_s, 3)},
+            # a prefill after a cached prefix (a turn on a context in HBM, a restored context's
+            # tail) runs in chunks: the faster correct chunked attention on this GPU
+            "chunked_attention": pick_chunked_attention(model.hq, model.hk, shape.head_dim, device),
         },
         "gpu_hour_usd": args.gpu_hour_usd,
         "gpu_hour_price_source": GPU_HOUR_SOURCE
