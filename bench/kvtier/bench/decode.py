@@ -106,6 +106,32 @@ def reference_attention(q, k, v, kstart, used, cap: int, splits: int = 1):
     return torch.stack(out)
 
 
+def _gpu_time(fn, repeats: int = 20) -> float:
+    """Seconds per call of fn on the GPU: captured in a CUDA graph and replayed (eager if capture
+    fails), so what is timed is the kernels, not launching them."""
+    fn()
+    torch.cuda.synchronize()
+    try:
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        with torch.cuda.graph(graph):
+            fn()
+        run = graph.replay
+    except Exception:
+        run = fn
+    run()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeats
+
+
 # ---------------------------------------------------------------------------------- decoder
 
 
@@ -123,7 +149,7 @@ class Decoder:
         )
         self._fuse_weights()
         self.attention = "flash" if self.on_gpu else "reference"
-        self.splits = 1
+        self.splits_by_bucket: dict[int, int] = {}  # flash decoding splits per batch bucket (1: none)
         self.buckets = buckets_for(slots)
         self.graphs: dict[int, Any] = {}
         self.graph_note = "eager (CPU)" if not self.on_gpu else "not captured yet"
@@ -163,7 +189,8 @@ class Decoder:
     def _attend(self, q, k, v, kstart, used):
         if self.attention == "reference":
             return reference_attention(q, k, v, kstart, used, self.capacity)
-        return flash_attention(q, k, v, kstart, used, self.capacity, self.splits)
+        splits = self.splits_by_bucket.get(q.shape[0], 1)
+        return flash_attention(q, k, v, kstart, used, self.capacity, splits)
 
     def _forward(self, inputs: torch.Tensor, logits: bool = False) -> torch.Tensor:
         """inputs [4, B] (token, position, arena row, slot start) -> next tokens [B] (or the logits);
@@ -280,53 +307,71 @@ class Decoder:
 
     # ---------------------------------------------------------------------------- kernel choice
 
-    def check_and_pick_attention(self, contexts: list[int], steps: int = 5) -> dict[str, Any]:
-        """On the GPU: check every attention path against the per-request reference on live rows of
-        the arena, time a full-batch step with each correct one (eager, at the longest context that
-        fits), keep the fastest. Returns what was measured."""
-        report: dict[str, Any] = {}
+    def check_and_pick_attention(self, contexts: list[int]) -> dict[str, Any]:
+        """On the GPU: check every flash path (one pass, and 2-16 splits) against the per-request
+        reference on live rows of the arena, then for each batch bucket time each correct path at
+        the longest of `contexts` (the call captured in a CUDA graph, so launch cost does not decide)
+        and keep the fastest for that bucket (small batches want more splits). Returns what was
+        measured; on any failure the one-pass path, or the reference, with the reason."""
         if not self.on_gpu:
             return {"chosen": "reference", "note": "CPU: not timed"}
+        report: dict[str, Any] = {"checked": {}}
         m = self.model
         g = torch.Generator(self.device).manual_seed(3)
-        n = min(self.slots, 4)
-        q = torch.randn(n, m.hq, m.shape.head_dim, generator=g, device=self.device, dtype=self.dtype)
-        lengths = [min(c, self.capacity - 1) for c in contexts][:n] or [self.capacity - 1]
-        lengths = (lengths * n)[:n]
-        kstart = torch.tensor([s * self.capacity for s in range(n)], dtype=torch.int32, device=self.device)
-        used = torch.tensor(lengths, dtype=torch.int32, device=self.device)
+        cap = self.capacity
+        lengths = [max(1, min(c, cap - 1)) for c in contexts] or [cap - 1]
         k, v = self.arena[0, 0], self.arena[0, 1]
-        k[: n * self.capacity].normal_(generator=g)
-        v[: n * self.capacity].normal_(generator=g)
-        want = reference_attention(q, k, v, kstart, used, self.capacity).float()
-        candidates = [("flash", 1)] + [(f"flash-split-{s}", s) for s in (2, 4, 8, 16)]
-        ok = []
-        for name, s in candidates:
-            try:
-                got = flash_attention(q, k, v, kstart, used, self.capacity, s).float()
-                err = ((got - want).norm() / want.norm()).item()
-            except Exception as exc:
-                report[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-                continue
-            report[name] = {"rel_err": round(err, 6)}
-            if err < 2e-2:
-                ok.append((name, s))
-        k[: n * self.capacity].zero_()
-        v[: n * self.capacity].zero_()
-        if not ok:
-            self.attention, self.splits = "reference", 1
-            report["chosen"] = "reference (no flash path was correct here)"
-            return report
-        context = max(lengths)
-        batch = [(s, context, 1) for s in range(self.slots)]
-        for name, s in ok:
-            self.attention, self.splits = "flash", s
-            dt = self.time_eager(batch, steps)
-            report[name]["step_ms_eager"] = round(dt * 1e3, 3)
-        best = min(ok, key=lambda c: report[c[0]]["step_ms_eager"])
-        self.attention, self.splits = "flash", best[1]
-        report["chosen"] = best[0]
-        report["timed_at"] = {"batch": self.slots, "context_tokens": context}
+        k.normal_(generator=g)
+        v.normal_(generator=g)
+
+        def problem(n: int, length_of):
+            q = torch.randn(n, m.hq, m.shape.head_dim, generator=g, device=self.device, dtype=self.dtype)
+            kstart = torch.tensor([i * cap for i in range(n)], dtype=torch.int32, device=self.device)
+            used = torch.tensor([length_of(i) for i in range(n)], dtype=torch.int32, device=self.device)
+            return q, kstart, used
+
+        try:
+            n = min(self.slots, 4)
+            q, kstart, used = problem(n, lambda i: lengths[i % len(lengths)])
+            want = reference_attention(q, k, v, kstart, used, cap).float()
+            ok = []
+            for s in (1, 2, 4, 8, 16):
+                name = "flash" if s == 1 else f"flash-split-{s}"
+                try:
+                    got = flash_attention(q, k, v, kstart, used, cap, s).float()
+                    err = ((got - want).norm() / want.norm()).item()
+                except Exception as exc:
+                    report["checked"][name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                    continue
+                report["checked"][name] = {"rel_err": round(err, 6)}
+                if err < 2e-2:
+                    ok.append(s)
+            if not ok:
+                self.attention = "reference"
+                report["chosen"] = "reference (no flash path was correct here: eager, slow)"
+                return report
+            self.attention = "flash"
+            timed: dict[str, dict[str, float]] = {}
+            for B in self.buckets:
+                q, kstart, used = problem(B, lambda i: max(lengths))
+                times = {}
+                for s in ok:
+                    args = (q, k, v, kstart, used, cap, s)
+                    times[s] = _gpu_time(lambda args=args: flash_attention(*args))
+                self.splits_by_bucket[B] = min(times, key=times.get)
+                timed[str(B)] = {str(s): round(t * 1e3, 4) for s, t in times.items()}
+            report["attention_ms_by_bucket_and_splits"] = timed
+            report["timed_at_context_tokens"] = max(lengths)
+            report["splits_by_bucket"] = {str(b): s for b, s in self.splits_by_bucket.items()}
+            report["chosen"] = "flash varlen (seqused_k), splits by bucket"
+        except Exception as exc:  # never fail the run over a kernel choice: one pass, said why
+            self.attention = "flash"
+            self.splits_by_bucket.clear()
+            report["chosen"] = "flash (choice failed)"
+            report["error"] = f"{type(exc).__name__}: {exc}"[:400]
+        finally:
+            k.zero_()
+            v.zero_()
         return report
 
     def time_eager(self, batch, steps: int) -> float:
