@@ -351,14 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
     for knob, kind, say in (
         ("users", int, "concurrent users (16)"),
         ("contexts", str, "history lengths drawn per user (16384,32768,65536,131072)"),
-        ("turns", int, "turns per user (8)"),
+        ("turns", int, "turns per user (20)"),
         ("new-tokens", int, "user tokens per turn (256)"),
         ("output-tokens", int, "model tokens per turn (128)"),
         ("think-s", float, "mean think time between turns, exponential (3)"),
         ("hbm-contexts", int, "HBM KV budget in contexts (4)"),
-        ("duration-s", float, "seconds per policy (60)"),
+        ("duration-s", float, "seconds per policy (75)"),
         ("prefetch-lead-s", float, "how early the next turn is hinted (2)"),
-        ("dram-gib", float, "the agent's DRAM tier (32)"),
+        ("dram-gib", float, "the agent's DRAM tier (48)"),
         ("block-tokens", int, "tokens per KV block (256)"),
     ):
         b.add_argument(f"--{knob}", type=kind, default=None, help=say + "; --small has its own defaults")

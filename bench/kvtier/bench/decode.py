@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from kvtier.bench.tpmodel import _rms_norm, _rotate_half
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+LSE_LAYOUT = {"rows_first": False}
 
 
 def buckets_for(slots: int) -> list[int]:
@@ -50,8 +51,12 @@ def _flash_varlen(q, k, v, kstart, used, max_k: int):
         q, k, v, cu_q, cu_k, 1, max_k, 0.0, False, False, seqused_k=used
     )
     o, lse = out[0], out[1]
-    lse = lse.view(q.shape[1], n).t() if lse.dim() == 2 else lse.view(n, q.shape[1])
-    return o, lse.float()
+    # [heads, rows] in the varlen kernel's own layout; when it packs a KV head's query heads into
+    # one tile (decode with grouped-query heads) the same memory may be [rows, heads]:
+    # check_and_pick_attention tells them apart against the reference and sets LSE_LAYOUT
+    if LSE_LAYOUT["rows_first"] or lse.dim() != 2:
+        return o, lse.reshape(n, q.shape[1]).float()
+    return o, lse.reshape(q.shape[1], n).t().float()
 
 
 def reference_varlen(q, k, v, kstart, used, max_k: int):
@@ -334,18 +339,30 @@ class Decoder:
             n = min(self.slots, 4)
             q, kstart, used = problem(n, lambda i: lengths[i % len(lengths)])
             want = reference_attention(q, k, v, kstart, used, cap).float()
-            ok = []
+            ok, layout = [], None
             for s in (1, 2, 4, 8, 16):
                 name = "flash" if s == 1 else f"flash-split-{s}"
                 try:
-                    got = flash_attention(q, k, v, kstart, used, cap, s).float()
-                    err = ((got - want).norm() / want.norm()).item()
+                    for rows_first in (False, True) if s > 1 else (False,):
+                        LSE_LAYOUT["rows_first"] = rows_first
+                        got = flash_attention(q, k, v, kstart, used, cap, s).float()
+                        err = ((got - want).norm() / want.norm()).item()
+                        if err < 2e-2:
+                            break
                 except Exception as exc:
                     report["checked"][name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
                     continue
                 report["checked"][name] = {"rel_err": round(err, 6)}
+                if s > 1:
+                    report["checked"][name]["lse_rows_first"] = LSE_LAYOUT["rows_first"]
                 if err < 2e-2:
                     ok.append(s)
+                    if s > 1 and layout is None:
+                        layout = LSE_LAYOUT["rows_first"]
+            LSE_LAYOUT["rows_first"] = bool(layout)
+            ok = [
+                s for s in ok if s == 1 or report["checked"][f"flash-split-{s}"]["lse_rows_first"] == layout
+            ]
             if not ok:
                 self.attention = "reference"
                 report["chosen"] = "reference (no flash path was correct here: eager, slow)"

@@ -44,14 +44,16 @@ GPU_HOUR_SOURCE = (
 DEFAULTS: dict[str, tuple[Any, Any]] = {
     "users": (16, 4),
     "contexts": ("16384,32768,65536,131072", "256,512,1024"),
-    "turns": (8, 3),
+    "turns": (20, 3),  # more than a user can have in the window: nobody runs out of turns
     "new_tokens": (256, 32),
     "output_tokens": (128, 8),
     "think_s": (3.0, 0.05),
     "hbm_contexts": (4, 2),
-    "duration_s": (60.0, 60.0),
+    "duration_s": (75.0, 60.0),
     "prefetch_lead_s": (2.0, 0.05),
-    "dram_gib": (32.0, 16 / 1024),  # the smallest arena a pool may have
+    # GPU: 48 GiB holds all but about 3 GB of the 54.5 GB of histories (16 users); --small: the
+    # smallest arena a pool may have
+    "dram_gib": (48.0, 16 / 1024),
     "block_tokens": (256, 64),
 }
 
