@@ -274,6 +274,9 @@ class Decoder:
     # ---------------------------------------------------------------------------- CUDA graphs
 
     def capture_all(self) -> None:
+        if self.on_gpu and self.attention == "reference":  # per-request Python loop: not capturable
+            self.use_graphs = False
+            self.graph_note = "eager: no flash attention path was correct, the reference loop runs"
         for B in self.buckets:
             if not self.use_graphs:
                 return
