@@ -42,17 +42,18 @@ GPU_HOUR_SOURCE = (
 
 # knob: (GPU default, --small default)
 DEFAULTS: dict[str, tuple[Any, Any]] = {
-    "users": (16, 4),
+    "users": (12, 4),
     "contexts": ("16384,32768,65536,131072", "256,512,1024"),
     "turns": (20, 3),  # more than a user can have in the window: nobody runs out of turns
     "new_tokens": (256, 32),
     "output_tokens": (128, 8),
-    "think_s": (3.0, 0.05),
+    "think_s": (2.0, 0.05),
     "hbm_contexts": (4, 2),
-    "duration_s": (75.0, 60.0),
-    "prefetch_lead_s": (2.0, 0.05),
-    # GPU: 48 GiB holds all but about 3 GB of the 54.5 GB of histories (16 users); --small: the
-    # smallest arena a pool may have
+    "duration_s": (90.0, 60.0),
+    "prefetch_lead_s": (1.0, 0.05),
+    # GPU: 48 GiB holds the 40.4 GB of the 12 users' histories and what their turns add (a DRAM
+    # tier smaller than contexts returning round-robin misses on nearly every return: LRU);
+    # --small: the smallest arena a pool may have
     "dram_gib": (48.0, 16 / 1024),
     "block_tokens": (256, 64),
 }
@@ -360,7 +361,7 @@ def run(args: argparse.Namespace, stamp: dict[str, str]) -> dict[str, Any]:
     nvme_bytes = (
         args.nvme_gib * GiB
         if args.nvme_gib
-        else max(64 * MiB, int(longest * bytes_per_token * 1.2) // MiB * MiB)
+        else max(64 * MiB, int(longest * bytes_per_token * 1.1) // MiB * MiB)
     )
 
     # Histories were computed in an earlier session: their KV comes from one real prefill of the

@@ -34,15 +34,15 @@ EPSILON_S = 1e-6
 
 @dataclass(frozen=True)
 class Workload:
-    users: int = 16
+    users: int = 12
     contexts: tuple[int, ...] = (16384, 32768, 65536, 131072)  # history lengths, drawn per user
     turns: int = 20  # per user; a user who has had them all stops
     new_tokens: int = 256  # the user's message, per turn
     output_tokens: int = 128  # the model's reply, per turn
-    think_s: float = 3.0  # mean of an exponential think time between a reply and the next message
+    think_s: float = 2.0  # mean of an exponential think time between a reply and the next message
     hbm_contexts: int = 4  # HBM KV budget: contexts resident at once (also the largest decode batch)
-    duration_s: float = 75.0  # each policy runs this long (or until every user had every turn)
-    prefetch_lead_s: float = 2.0  # kvtier+prefetch: how long before a message its hint goes out
+    duration_s: float = 90.0  # each policy runs this long (or until every user had every turn)
+    prefetch_lead_s: float = 1.0  # kvtier+prefetch: how long before a message its hint goes out
     returning: bool = True  # histories were computed before (False: nobody returns to a cached context)
     vocab: int = 152064
     seed: int = 0
