@@ -115,37 +115,68 @@ def prefill_kernels(name: str):
     return sdpa_kernel(SDPBackend.FLASH_ATTENTION) if name == "flash" else nullcontext()
 
 
-def pick_prefill_attention(model, tokens: int = 16384) -> dict[str, Any]:
-    """The faster one-shot prefill for contexts whose length changes every turn: SDPA's default
-    (cuDNN on Hopper, which builds a plan the first time it sees a length) or flash attention
-    forced, each timed at two lengths it has not seen after one warm call. The recompute baseline
-    prefills with the winner; both times go into the report."""
+def pick_prefill_attention(model, chunked: dict[str, Any], tokens: int = 16384) -> dict[str, Any]:
+    """The faster prefill kernels for contexts whose length changes every turn, each timed at two
+    lengths it has not seen after one warm call (a kernel that builds a plan per shape, as cuDNN's
+    does, pays it on every turn here):
+    - one-shot (a whole context: recompute): SDPA's default (cuDNN on Hopper) or flash forced;
+    - after a prefix (a turn's new tokens on a context in HBM, a restored context's tail): the
+      chunked implementations `pick_chunked_attention` found correct (`chunked`), lower-right
+      (flash) or split (cuDNN); sets the one to use.
+    Every policy prefills with the winners; the times go into the report."""
     import torch
 
+    from kvtier.bench.prefill import CHUNKED
+
     if model.device.type != "cuda":
-        return {"chosen": "sdpa-default", "note": "CPU: not timed"}
-    report: dict[str, Any] = {"tokens": tokens}
-    kv = model.new_kv(tokens + 512)
-    ids = torch.randint(0, model.shape.vocab, (1, tokens + 512), device=model.device)
-    for name in ("sdpa-default", "flash"):
+        return {"one_shot": {"chosen": "sdpa-default", "note": "CPU: not timed"}}
+    kv = model.new_kv(tokens + 1024)
+    ids = torch.randint(0, model.shape.vocab, (1, tokens + 1024), device=model.device)
+
+    def timed(run, lengths) -> dict[str, Any]:
         try:
-            with torch.inference_mode(), prefill_kernels(name):
-                extend(model, kv, ids[:, :tokens], 0, tokens)
+            with torch.inference_mode():
+                run(lengths[0])  # warm, at a length of its own
                 times = []
-                for extra in (101, 203) if name == "flash" else (107, 211):  # lengths never seen
+                for n in lengths[1:]:
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
-                    extend(model, kv, ids[:, : tokens + extra], 0, tokens + extra)
+                    run(n)
                     torch.cuda.synchronize()
                     times.append(time.perf_counter() - t0)
-            report[name] = {"new_length_s": [round(t, 4) for t in times]}
+            return {"new_length_s": [round(t, 4) for t in times]}
         except Exception as exc:
-            report[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-    timed = {
-        n: sum(r["new_length_s"]) for n, r in report.items() if isinstance(r, dict) and "new_length_s" in r
-    }
-    report["chosen"] = min(timed, key=timed.get) if timed else "sdpa-default"
-    del kv
+            return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+
+    def one_shot(name):
+        def run(n):
+            with prefill_kernels(name):
+                extend(model, kv, ids[:, :n], 0, n)
+
+        return run
+
+    def after_prefix(n):
+        extend(model, kv, ids[:, tokens : tokens + n], tokens, n)
+
+    def fastest(part: dict[str, Any], default: str) -> str:
+        t = {
+            n: sum(r["new_length_s"]) for n, r in part.items() if isinstance(r, dict) and "new_length_s" in r
+        }
+        part["chosen"] = min(t, key=t.get) if t else default
+        return part["chosen"]
+
+    report: dict[str, Any] = {"one_shot": {"tokens": tokens}, "after_prefix": {"prefix_tokens": tokens}}
+    for i, name in enumerate(("sdpa-default", "flash")):
+        report["one_shot"][name] = timed(one_shot(name), [tokens, tokens + 101 + i, tokens + 203 + i])
+    with torch.inference_mode():
+        one_shot(fastest(report["one_shot"], "sdpa-default"))(tokens)  # the prefix the tails follow
+    impls = ["lower-right"] + (["split"] if "ms" in chunked.get("candidates", {}).get("split", {}) else [])
+    found = CHUNKED["impl"]
+    for i, impl in enumerate(impls):
+        CHUNKED["impl"] = impl
+        report["after_prefix"][impl] = timed(after_prefix, [512, 301 + i, 419 + i])
+    CHUNKED["impl"] = fastest(report["after_prefix"], found)
+    kv = ids = None
     torch.cuda.empty_cache()
     return report
 
@@ -379,6 +410,7 @@ def run(args: argparse.Namespace, stamp: dict[str, str]) -> dict[str, Any]:
         flush=True,
     )
 
+    chunked = pick_chunked_attention(model.hq, model.hk, shape.head_dim, device)
     report: dict[str, Any] = {
         "model": shape.name,
         "device": torch.cuda.get_device_name(device) if on_gpu else f"CPU ({platform.machine()}, torch)",
@@ -395,8 +427,8 @@ def run(args: argparse.Namespace, stamp: dict[str, str]) -> dict[str, Any]:
             "seed_one_shot_prefill_s": {str(seed_len): round(seed_prefill_s, 3)},
             # a prefill after a cached prefix (a turn on a context in HBM, a restored context's
             # tail) runs in chunks: the faster correct chunked attention on this GPU
-            "chunked_attention": pick_chunked_attention(model.hq, model.hk, shape.head_dim, device),
-            "one_shot_attention": pick_prefill_attention(model),
+            "chunked_attention": chunked,
+            "new_length_kernels": pick_prefill_attention(model, chunked),
         },
         "gpu_hour_usd": args.gpu_hour_usd,
         "gpu_hour_price_source": GPU_HOUR_SOURCE
@@ -435,7 +467,7 @@ def run(args: argparse.Namespace, stamp: dict[str, str]) -> dict[str, Any]:
                 if policy == "kvtier+prefetch":
                     server, hint_url = start_sidecar(tenant)
             engine = TorchEngine(decoder, capacity, one_shot_max, args.chunk, kv, hint_url)
-            engine.prefill_attention = report["prefill"]["one_shot_attention"]["chosen"]
+            engine.prefill_attention = report["prefill"]["new_length_kernels"]["one_shot"]["chosen"]
             t0 = time.perf_counter()
             if kv is not None and w.returning:
                 for s in user_scripts:  # histories in the pool: DRAM, and NVMe by write-behind
