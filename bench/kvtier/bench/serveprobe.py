@@ -9,6 +9,7 @@ NVMe. Each part that fails is reported and the rest still runs.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 import traceback
@@ -206,3 +207,4 @@ def _probe_restore(model, seed_kv, args) -> dict[str, Any]:
         agent.kill()
         for f in nvme_dir.glob("kvtier-serve.cache*"):
             f.unlink()
+        shutil.rmtree(work, ignore_errors=True)
