@@ -373,18 +373,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="bench-serve.json")
     b.add_argument("--plot", default=None)
     b.add_argument("--small", action="store_true", help="a tiny model on the CPU (tests)")
+    b.add_argument(
+        "--probe",
+        action="store_true",
+        help="GPU check in under a minute: decode ms/step vs the HBM floor, prefill and restore rates",
+    )
     b.add_argument("--policies", default="recompute,kvtier,kvtier+prefetch")
     for knob, kind, say in (
-        ("users", int, "concurrent users (16)"),
+        ("users", int, "concurrent users (12)"),
         ("contexts", str, "history lengths drawn per user (16384,32768,65536,131072)"),
-        ("turns", int, "turns per user (8)"),
+        ("turns", int, "turns per user (20)"),
         ("new-tokens", int, "user tokens per turn (256)"),
         ("output-tokens", int, "model tokens per turn (128)"),
-        ("think-s", float, "mean think time between turns, exponential (3)"),
+        ("think-s", float, "mean think time between turns, exponential (2)"),
         ("hbm-contexts", int, "HBM KV budget in contexts (4)"),
-        ("duration-s", float, "seconds per policy (60)"),
-        ("prefetch-lead-s", float, "how early the next turn is hinted (2)"),
-        ("dram-gib", float, "the agent's DRAM tier (32)"),
+        ("duration-s", float, "seconds per policy (90)"),
+        ("prefetch-lead-s", float, "how early the next turn is hinted (1)"),
+        ("dram-gib", float, "the agent's DRAM tier (48)"),
         ("block-tokens", int, "tokens per KV block (256)"),
     ):
         b.add_argument(f"--{knob}", type=kind, default=None, help=say + "; --small has its own defaults")

@@ -46,41 +46,92 @@ def test_small_serve_run_under_every_policy(tmp_path):
 
 
 def test_batched_decode_predicts_what_a_full_prefill_predicts():
-    """Each attention path of the batched decode (two requests of different lengths in one step)
-    gives the next token a prefill of the whole sequence gives: RoPE positions, the fused QKV and
-    where the new K/V land are right."""
-    from kvtier.bench.serve import ATTEND, TorchEngine, extend
+    """The decoder's batched step (three requests of different lengths, out of slot order, in a padded
+    bucket) gives each request the next token a prefill of its whole sequence gives, with logits
+    equal to float error: RoPE positions, the fused weights, where the new K/V land in the arena and
+    which rows each request's attention reads are right."""
+    from kvtier.bench.decode import Decoder
+    from kvtier.bench.serve import TorchEngine, extend
     from kvtier.bench.shapes import SHAPES
     from kvtier.bench.tpmodel import ShardedLlama, random_weights
 
     shape = SHAPES["tiny-qwen2"]
     model = ShardedLlama(shape, random_weights(shape, 1, 0, torch.device("cpu"), torch.float32))
-    engine = TorchEngine(model, slots=2, capacity=256, one_shot_max=1 << 20, chunk=64)
+    decoder = Decoder(model, slots=4, capacity=256)
+    assert decoder.buckets == [1, 2, 4]
+    engine = TorchEngine(decoder, capacity=256, one_shot_max=1 << 20, chunk=64)
     g = torch.Generator().manual_seed(1)
-    a, b = (torch.randint(0, shape.vocab, (n,), generator=g).tolist() for n in (100, 37))
+    seqs = [torch.randint(0, shape.vocab, (n,), generator=g).tolist() for n in (100, 37, 201)]
 
     def full(tokens):
         with torch.inference_mode():
-            return int(extend(model, model.new_kv(len(tokens)), torch.tensor([tokens]), 0, 64).argmax())
+            return extend(model, model.new_kv(len(tokens)), torch.tensor([tokens]), 0, 64)
 
-    for name in ATTEND:
-        engine.attention = name
-        first_a, first_b = engine.prefill(0, a, 0), engine.prefill(1, b, 0)
-        assert (first_a, first_b) == (full(a), full(b))
-        assert engine.decode([(0, len(a), first_a), (1, len(b), first_b)]) == [
-            full([*a, first_a]),
-            full([*b, first_b]),
-        ], name
+    slots = (2, 0, 3)  # out of order: the decoder sorts by slot and gives tokens back in batch order
+    firsts = [engine.prefill(s, seq, 0) for s, seq in zip(slots, seqs, strict=True)]
+    assert firsts == [int(full(seq).argmax()) for seq in seqs]
+    batch = [(s, len(seq), t) for s, seq, t in zip(slots, seqs, firsts, strict=True)]
+    got = engine.decode(batch)
+    for seq, first, token in zip(seqs, firsts, got, strict=True):
+        assert token == int(full([*seq, first]).argmax())
+    # a second step reads the K/V the first one wrote
+    got2 = engine.decode([(s, p + 1, t) for (s, p, _), t in zip(batch, got, strict=True)])
+    for seq, first, token, token2 in zip(seqs, firsts, got, got2, strict=True):
+        assert token2 == int(full([*seq, first, token]).argmax())
 
 
-def test_decode_attention_paths_agree_with_grouped_query_attention():
-    """The paths the engine picks from at warm-up compute the same attention (to float error)."""
-    import torch.nn.functional as F
+def test_decoder_logits_equal_the_reference_forward():
+    """The decoder's step, stopped before argmax, gives the logits of tpmodel's reference decode (the
+    past as a cache, DynamicCache-style) to float error."""
+    from kvtier.bench.decode import Decoder
+    from kvtier.bench.shapes import SHAPES
+    from kvtier.bench.tpmodel import ShardedLlama, random_weights
 
-    from kvtier.bench.serve import ATTEND
+    shape = SHAPES["tiny-qwen2"]
+    model = ShardedLlama(shape, random_weights(shape, 1, 0, torch.device("cpu"), torch.float32))
+    decoder = Decoder(model, slots=2, capacity=128)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, shape.vocab, (1, 90), generator=g)
+    with torch.inference_mode():
+        _, kv = model.prefill(ids[:, :89], None)
+        want = model.decode(ids[:, 89:], [(kv[n, 0], kv[n, 1]) for n in range(shape.layers)])
+        decoder.slot_view(1)[..., :89, :].copy_(kv)
+        got = decoder.logits([(1, 89, int(ids[0, 89]))])[0]
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
 
-    g, hk, T, d = 7, 4, 300, 32
-    q, k, v = torch.randn(1, hk * g, 1, d), torch.randn(1, hk, T, d), torch.randn(1, hk, T, d)
-    want = F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1))
-    for name, attend in ATTEND.items():
-        assert torch.allclose(attend(q, k, v, g), want, atol=1e-5), name
+
+def test_split_attention_merge_equals_one_pass():
+    """Splitting a request's live rows into ranges and merging by log-sum-exp (flash decoding by
+    hand) equals attention over all of them; empty ranges (a context shorter than the splits) drop
+    out. Checked with the reference kernel standing in for flash's."""
+    from kvtier.bench import decode
+
+    hq, hk, d, cap = 8, 2, 32, 64
+    q = torch.randn(3, hq, d)
+    k, v = torch.randn(4 * cap, hk, d), torch.randn(4 * cap, hk, d)
+    kstart = torch.tensor([0, cap, 3 * cap], dtype=torch.int32)
+    used = torch.tensor([50, 3, 64], dtype=torch.int32)
+    want = decode.reference_attention(q, k, v, kstart, used, cap)
+    for splits in (1, 2, 4, 8):
+        got = decode.split_attention(q, k, v, kstart, used, cap, splits, decode.reference_varlen)
+        assert torch.allclose(got, want, atol=1e-5), splits
+
+
+def test_decode_step_through_the_split_kernel_path(monkeypatch):
+    """The GPU path of a decode step (varlen kernel rows, splits per bucket, the merge) with the
+    float reference standing in for flash's kernel gives the same logits as the reference path."""
+    from kvtier.bench import decode
+    from kvtier.bench.shapes import SHAPES
+    from kvtier.bench.tpmodel import ShardedLlama, random_weights
+
+    shape = SHAPES["tiny-qwen2"]
+    model = ShardedLlama(shape, random_weights(shape, 1, 0, torch.device("cpu"), torch.float32))
+    decoder = decode.Decoder(model, slots=4, capacity=300)
+    decoder.arena.normal_()
+    batch = [(3, 290, 5), (0, 7, 9), (2, 150, 11)]  # a bucket of 4 with one padding row
+    want = decoder.logits(batch)
+    monkeypatch.setattr(decode, "_flash_varlen", decode.reference_varlen)
+    decoder.attention = "flash"
+    for splits in (1, 4, 16):
+        decoder.splits_by_bucket = {4: splits}
+        assert torch.allclose(decoder.logits(batch), want, atol=1e-4, rtol=1e-4), splits

@@ -42,16 +42,19 @@ GPU_HOUR_SOURCE = (
 
 # knob: (GPU default, --small default)
 DEFAULTS: dict[str, tuple[Any, Any]] = {
-    "users": (16, 4),
+    "users": (12, 4),
     "contexts": ("16384,32768,65536,131072", "256,512,1024"),
-    "turns": (8, 3),
+    "turns": (20, 3),  # more than a user can have in the window: nobody runs out of turns
     "new_tokens": (256, 32),
     "output_tokens": (128, 8),
-    "think_s": (3.0, 0.05),
+    "think_s": (2.0, 0.05),
     "hbm_contexts": (4, 2),
-    "duration_s": (60.0, 60.0),
-    "prefetch_lead_s": (2.0, 0.05),
-    "dram_gib": (32.0, 16 / 1024),  # the smallest arena a pool may have
+    "duration_s": (90.0, 60.0),
+    "prefetch_lead_s": (1.0, 0.05),
+    # GPU: 48 GiB holds the 40.4 GB of the 12 users' histories and what their turns add (a DRAM
+    # tier smaller than contexts returning round-robin misses on nearly every return: LRU);
+    # --small: the smallest arena a pool may have
+    "dram_gib": (48.0, 16 / 1024),
     "block_tokens": (256, 64),
 }
 
@@ -103,40 +106,88 @@ def extend(model, kv, ids, start: int, chunk: int):
     return model._logits(x)
 
 
-def _attend_grouped(q, k, v, g: int):
-    """One decode token: q [1, hq, 1, d] over k, v [1, hk, T, d]. The g query heads that read one
-    KV head are g queries of that head (one SDPA call, no K/V repeat)."""
-    import torch.nn.functional as F
+def prefill_kernels(name: str):
+    """SDPA's own choice of attention kernel, or flash attention's forced."""
+    from contextlib import nullcontext
 
-    _, hk, _, d = k.shape
-    return F.scaled_dot_product_attention(q.view(1, hk, g, d), k, v).view(1, hk * g, 1, d)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-
-def _attend_gqa(q, k, v, g: int):
-    """The same with SDPA's grouped-query mode."""
-    import torch.nn.functional as F
-
-    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    return sdpa_kernel(SDPBackend.FLASH_ATTENTION) if name == "flash" else nullcontext()
 
 
-def _attend_matmul(q, k, v, g: int):
-    """The same as two matrix products and a softmax (float32)."""
-    _, hk, _, d = k.shape
-    scores = (q.view(1, hk, g, d) @ k.transpose(-1, -2)).float() * d**-0.5
-    return (scores.softmax(-1).to(v.dtype) @ v).view(1, hk * g, 1, d)
+def pick_prefill_attention(model, chunked: dict[str, Any], tokens: int = 16384) -> dict[str, Any]:
+    """The faster prefill kernels for contexts whose length changes every turn, each timed at two
+    lengths it has not seen after one warm call (a kernel that builds a plan per shape, as cuDNN's
+    does, pays it on every turn here):
+    - one-shot (a whole context: recompute): SDPA's default (cuDNN on Hopper) or flash forced;
+    - after a prefix (a turn's new tokens on a context in HBM, a restored context's tail): the
+      chunked implementations `pick_chunked_attention` found correct (`chunked`), lower-right
+      (flash) or split (cuDNN); sets the one to use.
+    Every policy prefills with the winners; the times go into the report."""
+    import torch
 
+    from kvtier.bench.prefill import CHUNKED
 
-ATTEND = {"sdpa-grouped": _attend_grouped, "sdpa-gqa": _attend_gqa, "matmul": _attend_matmul}
+    if model.device.type != "cuda":
+        return {"one_shot": {"chosen": "sdpa-default", "note": "CPU: not timed"}}
+    kv = model.new_kv(tokens + 1024)
+    ids = torch.randint(0, model.shape.vocab, (1, tokens + 1024), device=model.device)
+
+    def timed(run, lengths) -> dict[str, Any]:
+        try:
+            with torch.inference_mode():
+                run(lengths[0])  # warm, at a length of its own
+                times = []
+                for n in lengths[1:]:
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    run(n)
+                    torch.cuda.synchronize()
+                    times.append(time.perf_counter() - t0)
+            return {"new_length_s": [round(t, 4) for t in times]}
+        except Exception as exc:
+            return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+
+    def one_shot(name):
+        def run(n):
+            with prefill_kernels(name):
+                extend(model, kv, ids[:, :n], 0, n)
+
+        return run
+
+    def after_prefix(n):
+        extend(model, kv, ids[:, tokens : tokens + n], tokens, n)
+
+    def fastest(part: dict[str, Any], default: str) -> str:
+        t = {
+            n: sum(r["new_length_s"]) for n, r in part.items() if isinstance(r, dict) and "new_length_s" in r
+        }
+        part["chosen"] = min(t, key=t.get) if t else default
+        return part["chosen"]
+
+    report: dict[str, Any] = {"one_shot": {"tokens": tokens}, "after_prefix": {"prefix_tokens": tokens}}
+    for i, name in enumerate(("sdpa-default", "flash")):
+        report["one_shot"][name] = timed(one_shot(name), [tokens, tokens + 101 + i, tokens + 203 + i])
+    with torch.inference_mode():
+        one_shot(fastest(report["one_shot"], "sdpa-default"))(tokens)  # the prefix the tails follow
+    impls = ["lower-right"] + (["split"] if "ms" in chunked.get("candidates", {}).get("split", {}) else [])
+    found = CHUNKED["impl"]
+    for i, impl in enumerate(impls):
+        CHUNKED["impl"] = impl
+        report["after_prefix"][impl] = timed(after_prefix, [512, 301 + i, 419 + i])
+    CHUNKED["impl"] = fastest(report["after_prefix"], found)
+    kv = ids = None
+    torch.cuda.empty_cache()
+    return report
 
 
 class TorchEngine:
-    """The serveloop Engine on a real model: `slots` HBM KV buffers of `capacity` tokens each, the
+    """The serveloop Engine on a real model: the decoder's KV arena (HBM slots of `capacity` tokens), the
     HF connector to the agent (kvtier policies), the sidecar's URL for hints (kvtier+prefetch)."""
 
     def __init__(
         self,
-        model,
-        slots: int,
+        decoder,  # kvtier.bench.decode.Decoder: the model, its KV arena, captured decode steps
         capacity: int,
         one_shot_max: int,
         chunk: int,
@@ -147,31 +198,13 @@ class TorchEngine:
         import torch
 
         self.torch = torch
-        self.model, self.capacity = model, capacity
+        self.decoder, self.model, self.capacity = decoder, decoder.model, capacity
         self.one_shot_max, self.chunk = one_shot_max, chunk
         self.kv, self.hint_url, self.save_wait_s = kv, hint_url, save_wait_s
-        sh = model.shape
-        self.device = model.device
-        self.buffers = torch.empty(
-            (slots, sh.layers, 2, 1, model.hk, capacity, sh.head_dim), dtype=model.dtype, device=self.device
-        )
-        self.group = sh.heads // sh.kv_heads
-        # views made once: a decode step slices them instead of indexing the buffer again
-        self.layers = [self.buffers[:, n, :, 0] for n in range(sh.layers)]  # [slots, k/v, hk, cap, d]
-        self.slot_views = [
-            [(layer[s : s + 1, 0], layer[s : s + 1, 1]) for s in range(slots)] for layer in self.layers
-        ]  # [layer][slot] -> K, V [1, hk, cap, d]
-        # decode's fused QKV projection (one matrix product a layer instead of three)
-        w = model.w
-        self.qkv_w = [torch.cat((w[f"{n}.wq"], w[f"{n}.wk"], w[f"{n}.wv"])) for n in range(sh.layers)]
-        self.qkv_b = [
-            torch.cat((w[f"{n}.bq"], w[f"{n}.bk"], w[f"{n}.bv"])) if sh.qkv_bias else None
-            for n in range(sh.layers)
-        ]
+        self.device = decoder.device
         self.on_gpu = self.device.type == "cuda"
+        self.prefill_attention = "sdpa-default"  # or "flash": pick_prefill_attention's choice
         self.saves_refused = 0
-        self.attention = "sdpa-grouped"  # decode attention; tune_decode() picks the fastest
-        self.decode_tuning: dict[str, float] = {}
         self.hint_results: list[dict[str, Any]] = []
         self._hints = ThreadPoolExecutor(4) if hint_url else None
         self._hint_lock = threading.Lock()
@@ -181,10 +214,10 @@ class TorchEngine:
             self.torch.cuda.synchronize(self.device)
 
     def close(self) -> None:
-        """Wait for hints in flight, then give the HBM slots back."""
+        """Wait for hints in flight (the decoder and its arena are the caller's)."""
         if self._hints:
             self._hints.shutdown(wait=True)
-        self.buffers = self.layers = self.slot_views = None
+            self._hints = None
 
     # ---------------------------------------------------------------------- Engine protocol
 
@@ -194,9 +227,9 @@ class TorchEngine:
             raise RuntimeError(f"a context of {len(tokens)} tokens outgrew the slot ({self.capacity})")
         ids = torch.tensor(tokens[start:], device=self.device)[None]
         one_shot = start == 0 and ids.shape[1] <= self.one_shot_max
-        with torch.inference_mode():
+        with torch.inference_mode(), prefill_kernels(self.prefill_attention):
             logits = extend(
-                self.model, self.buffers[slot], ids, start, ids.shape[1] if one_shot else self.chunk
+                self.model, self.decoder.slot_view(slot), ids, start, ids.shape[1] if one_shot else self.chunk
             )
             return int(logits.argmax())  # waits for the GPU
 
@@ -204,7 +237,7 @@ class TorchEngine:
         cache, n = self.kv.restore(tokens, device=self.device)
         if not n:
             return 0
-        kv = self.buffers[slot]
+        kv = self.decoder.slot_view(slot)
         with self.torch.inference_mode():
             for li, layer in enumerate(cache.layers):
                 kv[li, 0, :, :, :n].copy_(layer.keys)
@@ -218,74 +251,14 @@ class TorchEngine:
         from kvtier.bench.tpmodel import as_cache
 
         try:
-            self.kv.save(tokens, as_cache(self.buffers[slot], kv_tokens), wait=self.save_wait_s)
+            self.kv.save(tokens, as_cache(self.decoder.slot_view(slot), kv_tokens), wait=self.save_wait_s)
         except AgentError:  # the arena was full of blocks not yet on NVMe: the engine skips the save
             self.saves_refused += 1
 
     def decode(self, batch: list[tuple[int, int, int]]) -> list[int]:
-        """One token for each (slot, position, token): the batch runs as one sequence of B tokens
-        through every linear layer (weights read once); attention is per request over its own slot.
-        Written for few dispatches per layer (fused QKV, one RoPE for q and k): at small batches a
-        decode step from Python is bound by the cost of launching its kernels."""
-        import torch.nn.functional as F
-
-        from kvtier.bench.tpmodel import _rotate_half
-
-        torch, m = self.torch, self.model
-        w, sh, d, g = m.w, m.shape, m.shape.head_dim, self.group
-        hq, hk, h, eps = m.hq, m.hk, sh.hidden, 1e-6
-        B = len(batch)
-        attend = ATTEND[self.attention]
-        with torch.inference_mode():
-            slots = torch.tensor([b[0] for b in batch], device=self.device)
-            pos = torch.tensor([b[1] for b in batch], device=self.device)
-            x = F.embedding(
-                torch.tensor([[b[2] for b in batch]], device=self.device), w["embed"]
-            )  # [1, B, h]
-            freqs = pos.float()[:, None] * m.inv_freq[None]
-            emb = torch.cat((freqs, freqs), dim=-1)[:, None, None]  # [B, 1, 1, d]
-            cos, sin = emb.cos().to(m.dtype), emb.sin().to(m.dtype)
-            for n in range(sh.layers):
-                a = F.rms_norm(x, (h,), w[f"{n}.in_norm"], eps)
-                qkv = F.linear(a, self.qkv_w[n], self.qkv_b[n]).view(B, hq + 2 * hk, 1, d)
-                qk = qkv[:, : hq + hk]
-                qk = qk * cos + _rotate_half(qk) * sin
-                layer = self.layers[n]  # [slots, k/v, hk, cap, d]
-                layer[slots, 0, :, pos] = qk[:, hq:, 0]
-                layer[slots, 1, :, pos] = qkv[:, hq + hk :, 0]
-                q = qk[:, :hq]
-                kv = self.slot_views[n]
-                attn = torch.cat(
-                    [
-                        attend(q[i : i + 1], kv[s][0][..., : p + 1, :], kv[s][1][..., : p + 1, :], g)
-                        for i, (s, p, _) in enumerate(batch)
-                    ]
-                )  # [B, hq, 1, d]
-                x = x + F.linear(attn.view(1, B, hq * d), w[f"{n}.wo"])
-                a = F.rms_norm(x, (h,), w[f"{n}.post_norm"], eps)
-                x = x + F.linear(
-                    F.silu(F.linear(a, w[f"{n}.w_gate"])) * F.linear(a, w[f"{n}.w_up"]), w[f"{n}.w_down"]
-                )
-            logits = F.linear(F.rms_norm(x[0], (h,), w["norm"], eps), w["lm_head"])
-            return logits.argmax(-1).tolist()  # waits for the GPU
-
-    def tune_decode(self, contexts: list[int], steps: int = 3) -> None:
-        """Time a decode step of a full batch with each attention path, at each of `contexts` tokens,
-        and keep the path with the least total (what an engine's kernel choice does; the best path
-        changes with context length); the timings go into the report."""
-        slots = self.buffers.shape[0]
-        for name in ATTEND:
-            self.attention = name
-            total = 0.0
-            for context in contexts:
-                position = min(context, self.capacity - steps - 2)
-                self.decode([(s, position, 1) for s in range(slots)])  # first call: kernels
-                t0 = time.perf_counter()
-                for i in range(steps):
-                    self.decode([(s, position + 1 + i, 1) for s in range(slots)])
-                total += (time.perf_counter() - t0) / steps
-            self.decode_tuning[name] = round(total, 5)
-        self.attention = min(self.decode_tuning, key=self.decode_tuning.get)
+        """One token for each (slot, position, token): the decoder's captured step for the batch's
+        bucket (see kvtier.bench.decode)."""
+        return self.decoder.step(batch)
 
     def hint(self, tokens: list[int]) -> None:
         if self._hints is None:
@@ -380,6 +353,7 @@ def run(args: argparse.Namespace, stamp: dict[str, str]) -> dict[str, Any]:
         ) from None
     from kvtier.agent.client import Client
     from kvtier.agent.connectors.hf import HFKVCache
+    from kvtier.bench.prefill import pick_chunked_attention
     from kvtier.bench.tpmodel import ShardedLlama, random_weights
 
     on_gpu = torch.cuda.is_available() and not args.small
@@ -418,7 +392,7 @@ def run(args: argparse.Namespace, stamp: dict[str, str]) -> dict[str, Any]:
     nvme_bytes = (
         args.nvme_gib * GiB
         if args.nvme_gib
-        else max(64 * MiB, int(longest * bytes_per_token * 1.2) // MiB * MiB)
+        else max(64 * MiB, int(longest * bytes_per_token * 1.1) // MiB * MiB)
     )
 
     # Histories were computed in an earlier session: their KV comes from one real prefill of the
@@ -436,6 +410,7 @@ def run(args: argparse.Namespace, stamp: dict[str, str]) -> dict[str, Any]:
         flush=True,
     )
 
+    chunked = pick_chunked_attention(model.hq, model.hk, shape.head_dim, device)
     report: dict[str, Any] = {
         "model": shape.name,
         "device": torch.cuda.get_device_name(device) if on_gpu else f"CPU ({platform.machine()}, torch)",
@@ -450,6 +425,10 @@ def run(args: argparse.Namespace, stamp: dict[str, str]) -> dict[str, Any]:
             "one_shot_max_tokens": args.one_shot_max,
             "chunk_tokens": args.chunk,
             "seed_one_shot_prefill_s": {str(seed_len): round(seed_prefill_s, 3)},
+            # a prefill after a cached prefix (a turn on a context in HBM, a restored context's
+            # tail) runs in chunks: the faster correct chunked attention on this GPU
+            "chunked_attention": chunked,
+            "new_length_kernels": pick_prefill_attention(model, chunked),
         },
         "gpu_hour_usd": args.gpu_hour_usd,
         "gpu_hour_price_source": GPU_HOUR_SOURCE
@@ -460,7 +439,20 @@ def run(args: argparse.Namespace, stamp: dict[str, str]) -> dict[str, Any]:
         **stamp,
     }
     summaries = report["policies"]
-    engine_tuning: dict[str, float] = {}
+    # one decoder for every policy: the KV arena of the HBM budget, its attention path checked and
+    # timed, then one CUDA graph per batch bucket (each policy overwrites the slots it uses)
+    from kvtier.bench.decode import Decoder
+
+    t0 = time.perf_counter()
+    decoder = Decoder(model, w.hbm_contexts, capacity)
+    lengths = sorted(x.history_tokens for x in user_scripts)
+    report["decode"] = {
+        "attention": decoder.check_and_pick_attention([lengths[len(lengths) // 2], lengths[-1]])
+    }
+    decoder.capture_all()
+    report["decode"]["graphs"] = decoder.graph_note
+    report["decode"]["setup_s"] = round(time.perf_counter() - t0, 2)
+    print(f"decode: {report['decode']['attention'].get('chosen')}, {decoder.graph_note}", flush=True)
     for policy in policies:
         agent = server = None
         engine = None
@@ -474,37 +466,35 @@ def run(args: argparse.Namespace, stamp: dict[str, str]) -> dict[str, Any]:
                 kv = HFKVCache(Client(tenant, timeout=None), layout, device)
                 if policy == "kvtier+prefetch":
                     server, hint_url = start_sidecar(tenant)
-            engine = TorchEngine(model, w.hbm_contexts, capacity, one_shot_max, args.chunk, kv, hint_url)
+            engine = TorchEngine(decoder, capacity, one_shot_max, args.chunk, kv, hint_url)
+            engine.prefill_attention = report["prefill"]["new_length_kernels"]["one_shot"]["chosen"]
             t0 = time.perf_counter()
             if kv is not None and w.returning:
                 for s in user_scripts:  # histories in the pool: DRAM, and NVMe by write-behind
                     seed_pool(kv, s.history, seed_kv)
                 # the pool at rest, as after an earlier session: write-behind drained, so every
                 # history is on NVMe and the most recently saved ones are in DRAM too
-                wait_written_behind(agent, sum(s.history_tokens // B for s in user_scripts))
+                try:
+                    wait_written_behind(agent, sum(s.history_tokens // B for s in user_scripts), 240)
+                    at_rest = True
+                except RuntimeError as exc:  # a slow disk: run anyway, and say so in the report
+                    print(f"  {exc}; running with write-behind still going", flush=True)
+                    at_rest = False
             seeded_s = time.perf_counter() - t0
+            print(f"  [{policy}] pool seeded in {seeded_s:.0f} s", flush=True)
             _warm_up(engine, user_scripts[0], w)
-            if not engine_tuning:  # once, on the first engine: the decode attention path to use
-                lengths = sorted(x.history_tokens for x in user_scripts)
-                engine.tune_decode([lengths[len(lengths) // 2], lengths[-1]])
-                engine_tuning.update(engine.decode_tuning)
-                report["decode_attention"] = {
-                    "chosen": engine.attention,
-                    "batch": w.hbm_contexts,
-                    "at_context_tokens": [lengths[len(lengths) // 2], lengths[-1]],
-                    "summed_step_s_by_path": engine_tuning,
-                }
-            engine.attention = report["decode_attention"]["chosen"]
             if w.returning:  # the first hbm_contexts users' histories start in HBM, under every policy
                 for u, s in enumerate(user_scripts[: w.hbm_contexts]):
-                    engine.buffers[u, :, :, :, :, : s.history_tokens].copy_(
-                        seed_kv[:, :, :, :, : s.history_tokens]
+                    decoder.slot_view(u)[..., : s.history_tokens, :].copy_(
+                        seed_kv[..., : s.history_tokens, :]
                     )
                 engine.sync()
             print(f"\n[{policy}] running {w.duration_s:.0f} s ...", flush=True)
             result = Scheduler(w, policy, engine, user_scripts=user_scripts).run()
             engine.close()
             result.notes = {"seed_pool_and_write_behind_s": round(seeded_s, 2)}
+            if kv is not None and w.returning:
+                result.notes["pool_at_rest_at_start"] = at_rest
             if kv is not None:
                 result.notes["saves_refused"] = engine.saves_refused
                 result.notes["agent"] = agent_summary(agent)
@@ -563,6 +553,7 @@ def print_summary(s: dict[str, Any]) -> None:
         f"({s['turns_per_gpu_hour']:.0f}/GPU-h), {s['output_tokens_per_s']:.1f} output tok/s, "
         f"TTFT p50/p95/p99 {_f(t['p50'])}/{_f(t['p95'])}/{_f(t['p99'])} s, "
         f"TPOT p50/p99 {_f(p['p50'], 1e3)}/{_f(p['p99'], 1e3)} ms, "
+        f"decode {_f(s['decode_step_ms_mean'])} ms/step at batch {_f(s['decode_batch_mean'])}, "
         f"GPU " + " ".join(f"{k} {v:.0%}" for k, v in g.items()) + f", ${s['usd_per_m_output_tokens']}/M out",
         flush=True,
     )
@@ -616,6 +607,11 @@ def plot(report: dict[str, Any], path: str) -> None:
 
 def main(args: argparse.Namespace) -> int:
     stamp = {"command": "kvtier bench serve " + " ".join(args.argv_echo), "date": time.strftime("%Y-%m-%d")}
+    if args.probe:
+        from kvtier.bench.serveprobe import probe
+
+        probe(args)
+        return 0
     report = run(args, stamp)
     write(report, args.out)
     for name, r in report["ratios"].items():

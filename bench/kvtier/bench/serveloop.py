@@ -34,15 +34,15 @@ EPSILON_S = 1e-6
 
 @dataclass(frozen=True)
 class Workload:
-    users: int = 16
+    users: int = 12
     contexts: tuple[int, ...] = (16384, 32768, 65536, 131072)  # history lengths, drawn per user
-    turns: int = 8  # per user; a user who has had them all stops
+    turns: int = 20  # per user; a user who has had them all stops
     new_tokens: int = 256  # the user's message, per turn
     output_tokens: int = 128  # the model's reply, per turn
-    think_s: float = 3.0  # mean of an exponential think time between a reply and the next message
+    think_s: float = 2.0  # mean of an exponential think time between a reply and the next message
     hbm_contexts: int = 4  # HBM KV budget: contexts resident at once (also the largest decode batch)
-    duration_s: float = 60.0  # each policy runs this long (or until every user had every turn)
-    prefetch_lead_s: float = 2.0  # kvtier+prefetch: how long before a message its hint goes out
+    duration_s: float = 90.0  # each policy runs this long (or until every user had every turn)
+    prefetch_lead_s: float = 1.0  # kvtier+prefetch: how long before a message its hint goes out
     returning: bool = True  # histories were computed before (False: nobody returns to a cached context)
     vocab: int = 152064
     seed: int = 0
@@ -192,6 +192,8 @@ class Run:
     busy_s: dict[str, float]
     turns: list[Turn]
     hints: int = 0
+    decode_steps: int = 0
+    decode_rows: int = 0  # requests summed over decode steps (the mean batch is rows / steps)
     notes: dict[str, object] = field(default_factory=dict)
 
 
@@ -218,6 +220,7 @@ class Scheduler:
         self.queue: deque[Turn] = deque()
         self.active: list[Active] = []
         self.hints = 0
+        self.decode_steps = self.decode_rows = 0
         # The first `resident` users' histories start in HBM (the engine was given them already)
         if workload.returning:
             for u in range(min(workload.hbm_contexts if resident is None else resident, workload.users)):
@@ -265,7 +268,9 @@ class Scheduler:
             if not worked:
                 self.clock.sleep(max(EPSILON_S, min(self._next_event() - now, w.duration_s - now)))
         elapsed = self.clock.now() - self.t0
-        return Run(self.policy, elapsed, dict(self.busy), self.turns, self.hints)
+        return Run(
+            self.policy, elapsed, dict(self.busy), self.turns, self.hints, self.decode_steps, self.decode_rows
+        )
 
     def _next_event(self) -> float:
         times = [math.inf]
@@ -313,6 +318,8 @@ class Scheduler:
     def _decode(self) -> None:
         batch = [(a.slot, a.position, a.last) for a in self.active]
         nexts = self._timed("decode", self.engine.decode, batch)
+        self.decode_steps += 1
+        self.decode_rows += len(batch)
         done = []
         for a, token in zip(self.active, nexts, strict=True):
             u = self.users[a.turn.user]
@@ -399,6 +406,10 @@ def summarize(run: Run, gpu_hour_usd: float) -> dict[str, object]:
         }
         if elapsed
         else {},
+        "decode_step_ms_mean": round(run.busy_s["decode"] / run.decode_steps * 1e3, 3)
+        if run.decode_steps
+        else None,
+        "decode_batch_mean": round(run.decode_rows / run.decode_steps, 2) if run.decode_steps else None,
         "usd_per_m_output_tokens": round(gpu_hour_usd / (tok_per_hour / 1e6), 4) if tok_per_hour else None,
         "turn_sources": sources,
         "prefetch_hints": run.hints,
