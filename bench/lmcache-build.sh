@@ -16,7 +16,10 @@
 # Environment: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default: cores).
 set -euo pipefail
 
-PYTHON=${PYTHON:-python3}
+# The interpreter that holds torch, by its path: PATH changes below must not swap it for another
+# python3 (a virtualenv's python3 links to the system's, which has no torch)
+PYTHON=$(command -v "${PYTHON:-python3}")
+PYTHON="$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")" # absolute, links kept: the build cds
 cmd=${1:?usage: $0 build|start|status|check|pack ...}
 
 abs() { mkdir -p "$1" && cd "$1" && pwd; }
@@ -55,7 +58,7 @@ build)
         d=$("$PYTHON" -c 'import glob, site; print(([f for p in site.getsitepackages() for f in glob.glob(p + "/nvidia/*/bin/nvcc")] or [""])[0])')
         [ -n "$d" ] && PATH="$PATH:$(dirname "$d")"
     fi
-    PATH="$(dirname "$(readlink -f "$(command -v "$PYTHON")")"):$(dirname "$(command -v "$PYTHON")"):$PATH"
+    PATH="$(dirname "$PYTHON"):$PATH"
     export PATH
     echo "ninja: $(command -v ninja || echo 'not found: compiles run one at a time')"
     if [ "${NO_GPU_EXT:-0}" != 1 ]; then # NO_GPU_EXT=1: LMCache's C++ extensions only (no CUDA ops)

@@ -561,9 +561,9 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
 def main(args: argparse.Namespace) -> int:
     small = args.small
     shape = SHAPES["tiny-qwen2" if small else "qwen2.5-7b"]
-    device = torch.device("cpu" if small or not torch.cuda.is_available() else "cuda")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    # a CUDA device with its index: set_device and the copy engine's streams need one
+    on_gpu = not small and torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     args.new_tokens = [int(x) for x in (args.new_tokens or ("1,16" if small else "1,512,4096")).split(",")]
     lengths = [int(x) for x in (args.tokens or ("1024,4096" if small else "16384,65536,131072")).split(",")]
     block_tokens = args.block_tokens or (64 if small else 256)
