@@ -222,6 +222,21 @@ def plan_prefill(shape, tokens: int, kv_bytes: int, free_bytes: int, tp: int = 1
     return CHUNKS[-1]
 
 
+def modes_to_time(
+    prefill: str, chunk: int | None, chunked_upto: int, L: int, planned: int | None
+) -> list[int | None]:
+    """The prefill modes to time at length L (None: one-shot), the one whose KV is kept last.
+    auto: one-shot where it fits, plus chunked (a quarter of L, at most 64k) up to `chunked_upto`;
+    chunked alone where one-shot does not fit (`planned`: the largest chunk that fits). The fastest
+    measured is the recompute time."""
+    chunk = chunk or planned or min(65536, L // 4)
+    if prefill == "one-shot":
+        return [None]
+    if prefill == "chunked" or planned is not None:
+        return [chunk]
+    return ([chunk] if prefill == "both" or chunked_upto >= L else []) + [None]
+
+
 def free_gpu_bytes(device: torch.device) -> int:
     """What a forward can still allocate: free device memory plus torch's cached, unused blocks."""
     free, _ = torch.cuda.mem_get_info(device)

@@ -68,6 +68,7 @@ def run_tp(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
             "block_tokens": args.block_tokens,
             "chunk": args.chunk,
             "prefill": args.prefill,
+            "chunked_upto": args.chunked_upto,
             "nvme_tokens": [int(x) for x in args.nvme_tokens.split(",")] if args.nvme_tokens else lengths,
             "io_lock": args.io_lock,
             "out": args.out,
@@ -156,12 +157,7 @@ def rank_main(index: int, plan: dict[str, Any], queue) -> None:
             plans = gather(pf.plan_prefill(shape, P, kv_rank, free, tp))
             chunked = [c for c in plans if c is not None]
             planned = min(chunked) if chunked else None
-            if plan["prefill"] == "one-shot":
-                chunks = [None]
-            elif plan["prefill"] in ("chunked", "both") or planned is not None:
-                chunks = [plan["chunk"] or planned or 65536] + ([None] if plan["prefill"] == "both" else [])
-            else:
-                chunks = [None]
+            chunks = pf.modes_to_time(plan["prefill"], plan["chunk"], plan["chunked_upto"], L, planned)
             times: dict[str, float] = {}
             buf = ref_logits = None
             before = tier_keys(manifest) if index == 0 else set()  # blocks of earlier contexts

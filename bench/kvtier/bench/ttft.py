@@ -189,21 +189,6 @@ def plot(results: list[dict[str, Any]], path: str, title: str, prefill: dict[str
 # ------------------------------------------------------------------------------------- GPU run
 
 
-def prefill_chunks(args: argparse.Namespace, L: int, planned: int | None) -> list[int | None]:
-    """The prefill modes to time at length L, the one whose KV is kept last (None: one-shot).
-    auto: one-shot where it fits, plus chunked (a quarter of L, at most 64k) where cheap
-    (L <= --chunked-upto), chunked alone where one-shot does not fit (the largest chunk that fits).
-    The fastest measured is the recompute time."""
-    chunk = args.chunk or planned or min(65536, L // 4)
-    if args.prefill == "one-shot":
-        return [None]
-    if args.prefill == "chunked":
-        return [chunk]
-    if planned is not None:  # one-shot does not fit
-        return [chunk]
-    return ([chunk] if args.prefill == "both" or args.chunked_upto >= L else []) + [None]
-
-
 def run_hf(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
@@ -247,7 +232,7 @@ def run_hf(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
             times: dict[str, float] = {}
             cache = ref_logits = None
             kernels: dict[str, list[str]] = {}
-            for chunk in prefill_chunks(args, L, planned):
+            for chunk in pf.modes_to_time(args.prefill, args.chunk, args.chunked_upto, L, planned):
                 cache = ref_logits = None  # free the previous mode's KV first
                 pf.warm_attention(shape.heads, shape.kv_heads, shape.head_dim, P, chunk, device, dtype)
                 t0 = time.perf_counter()
