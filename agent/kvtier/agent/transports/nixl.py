@@ -219,9 +219,18 @@ class NixlTransport:
 
     # ------------------------------------------------------------------------- reader side
 
-    def fetch(self, peer: str, tenant: str, ikeys: list[bytes], deadline: float) -> list[Landed]:
+    def fetch(
+        self,
+        peer: str,
+        tenant: str,
+        ikeys: list[bytes],
+        deadline: float,
+        sizes: dict[bytes, int] | None = None,
+    ) -> list[Landed]:
         """The leading blocks of `ikeys` that `peer` holds for `tenant`, READ into this agent's arena,
-        verified and indexed. Stops at the first block that is absent, corrupt or late."""
+        verified and indexed. Stops at the first block that is absent, corrupt or late, or (given
+        `sizes`, a drain offer's) whose size is not the one promised: a peer cannot make this agent
+        hold more than it agreed to take."""
         self._retry_stuck()
         landed: list[Landed] = []
         with ControlClient(peer, self.secret, timeout=_left(deadline)) as control:
@@ -233,7 +242,7 @@ class NixlTransport:
                 if not reply.get("ok"):
                     raise PeerError(f"peer refused: {reply.get('error')}")
                 try:
-                    got = self._read(peer, reply, want, tenant, deadline)
+                    got = self._read(peer, reply, want, tenant, deadline, sizes)
                 finally:
                     try:
                         control.call({"op": "done"}, min(1.0, _left(deadline)))
@@ -245,9 +254,15 @@ class NixlTransport:
         return landed
 
     def _read(
-        self, peer: str, reply: dict[str, Any], want: list[bytes], tenant: str, deadline: float
+        self,
+        peer: str,
+        reply: dict[str, Any],
+        want: list[bytes],
+        tenant: str,
+        deadline: float,
+        sizes: dict[bytes, int] | None = None,
     ) -> list[Landed]:
-        offered = _offered(reply, want, self.store.dram.segment_bytes)
+        offered = _offered(reply, want, self.store.dram.segment_bytes, sizes)
         reserved: list[tuple[Segment, Any]] = []
         for _, size, _, _ in offered:
             room = self.store.reserve_for_peer(tenant, size)
@@ -437,9 +452,12 @@ class OwnerSession:
             self.pinned = []
 
 
-def _offered(reply: dict[str, Any], want: list[bytes], max_size: int) -> list[tuple[bytes, int, int, int]]:
+def _offered(
+    reply: dict[str, Any], want: list[bytes], max_size: int, sizes: dict[bytes, int] | None = None
+) -> list[tuple[bytes, int, int, int]]:
     """The owner's answer as (key, size, checksum, remote address), cut at the first entry that is
-    not the next key asked for or is malformed: a peer's bytes and words are untrusted."""
+    not the next key asked for, is malformed, or is not the size `sizes` expects: a peer's bytes
+    and words are untrusted."""
     out = []
     blocks = reply.get("blocks")
     for key, info in zip(want, blocks if isinstance(blocks, list) else [], strict=False):
@@ -448,6 +466,8 @@ def _offered(reply: dict[str, Any], want: list[bytes], max_size: int) -> list[tu
         except (TypeError, ValueError, KeyError):
             break
         if got[0] != key or not 0 < got[1] <= max_size or got[3] <= 0:
+            break
+        if sizes is not None and sizes.get(key) != got[1]:
             break
         out.append(got)
     return out

@@ -1,0 +1,130 @@
+"""A hostile pool member against the drain-offer path, with real agent processes over NIXL (UCX tcp
+on loopback). The attacker holds the pool secret, so it can speak the control protocol and name any
+known peer as an offer's owner; what it must not be able to do is make a receiver hold more than the
+pool's `drain.offerBytes`, evict a tenant's own blocks en masse, tie up the receiver, or have it
+index bytes other than the ones the owner's checksums vouch for."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import time
+
+import pytest
+
+from kvtier.agent.client import Client
+from kvtier.agent.transports.control import ControlClient
+from kvtier.bench.chaos import settle, usage
+from tests.support import agent_config
+
+pytestmark = pytest.mark.adversarial
+MiB = 1 << 20
+FP = "model=test;dtype=bf16;layers=2;kv_heads=2;head_dim=64;block=256;tp=0/1"
+
+
+def _chain(n: int, seed: str) -> list[bytes]:
+    keys, parent = [], b""
+    for i in range(n):
+        parent = hashlib.sha256(parent + f"{seed}:{i}".encode()).digest()
+        keys.append(parent)
+    return keys
+
+
+def _blobs(n: int, seed: str) -> list[bytes]:
+    return [hashlib.sha256(f"{seed}:{i}".encode()).digest() * (MiB // 32) for i in range(n)]
+
+
+def _index_key(secret: bytes, tenant: str, key: bytes) -> bytes:
+    """What any holder of the pool secret can compute (Store.salt + Store.index_key)."""
+    salt = hmac.new(secret, b"tenant\0" + tenant.encode(), hashlib.sha256).digest()
+    h = hashlib.blake2b(key, digest_size=24, key=salt[:32], person=b"kvtier-index")
+    h.update(FP.encode())
+    return h.digest()
+
+
+@pytest.fixture
+def pool(agent, tmp_path):
+    """An owner holding 24 blocks of team-a (1 MiB each) and a receiver that serves team-a and
+    takes offers of at most 4 MiB; both share the pool secret the attacker also holds."""
+    secret = os.urandom(32)
+    (tmp_path / "secret").write_bytes(secret)
+
+    def config(name: str, peers: list[str], dram: str) -> object:
+        return agent_config(
+            tmp_path / name,
+            dram=dram,
+            nvme=None,
+            prefetch={"transport": "tcp"},
+            drain={"offerBytes": "4Mi"},
+            tenancy={"dramShare": 0.5},
+        ).model_copy(update={"secretFile": str(tmp_path / "secret"), "peers": peers, "segmentBytes": 4 * MiB})
+
+    owner = agent(config("owner", [], "64Mi"), name="owner")
+    receiver = agent(config("receiver", [owner.peer], "32Mi"), name="receiver")
+    offered = _chain(24, "offered")
+    with Client(owner.tenant("team-a")) as c:
+        assert c.put(FP, offered, _blobs(24, "offered")) == 24
+    return secret, owner, receiver, [_index_key(secret, "team-a", k) for k in offered]
+
+
+def _offer(receiver, secret: bytes, owner_peer: str, ikeys: list[bytes], sizes: list[int]) -> dict:
+    with ControlClient(receiver.peer, secret, timeout=10) as control:
+        msg = {"op": "offer", "from": owner_peer, "tenant": "team-a", "keys": [k.hex() for k in ikeys]}
+        return control.call({**msg, "sizes": sizes}, 30)
+
+
+def test_blocks_served_larger_than_offered_are_not_taken(pool):
+    """Offer 1-byte blocks (well inside drain.offerBytes) whose owner serves 1 MiB each: the
+    receiver must not land more than the offer said, so the bound cannot be walked around."""
+    secret, owner, receiver, ikeys = pool
+    receiver.tenant("team-a")
+    reply = _offer(receiver, secret, owner.peer, ikeys[:16], [1] * 16)
+    assert reply["ok"] and reply["taken"] == [], reply
+    assert receiver.stats()["dram"]["usedBytes"] == 0, "nothing beyond what was offered stays"
+
+
+def test_an_offer_flood_stays_within_offer_bytes_and_spares_the_tenants_own_blocks(pool):
+    """Many offers in a row, each within drain.offerBytes, for distinct keys: the receiver takes
+    at most drain.offerBytes from one owner per window, refuses the rest with the reason, and the
+    tenant's own hot blocks on the receiver stay."""
+    secret, owner, receiver, ikeys = pool
+    own_keys, own_data = _chain(8, "own"), _blobs(8, "own")
+    with Client(receiver.tenant("team-a")) as c:
+        assert c.put(FP, own_keys, own_data) == 8
+        baseline = usage(receiver.proc.pid)
+        replies = [_offer(receiver, secret, owner.peer, ikeys[i : i + 4], [MiB] * 4) for i in range(0, 24, 4)]
+        taken = sum(len(r.get("taken", [])) for r in replies)
+        assert taken <= 4, f"{taken} MiB taken from one owner: more than drain.offerBytes"
+        refused = [r for r in replies if not r["ok"]]
+        assert refused and all("drain.offerBytes" in r["error"] for r in refused), replies
+        assert c.get(FP, own_keys) == own_data, "the tenant's own blocks were evicted by offers"
+    grown = settle(receiver.proc.pid, baseline)
+    assert grown["fds"] <= 4 and grown["threads"] <= 4, grown
+
+
+def test_replayed_offers_take_nothing_twice(pool):
+    secret, owner, receiver, ikeys = pool
+    receiver.tenant("team-a")
+    first = _offer(receiver, secret, owner.peer, ikeys[:2], [MiB] * 2)
+    assert first["ok"] and len(first["taken"]) == 2, first
+    used = receiver.stats()["dram"]["usedBytes"]
+    for _ in range(5):
+        again = _offer(receiver, secret, owner.peer, ikeys[:2], [MiB] * 2)
+        assert again["ok"] and again["taken"] == [] and len(again["held"]) == 2, again
+    assert receiver.stats()["dram"]["usedBytes"] == used
+
+
+def test_offers_for_keys_the_owner_does_not_hold_take_nothing(pool):
+    secret, owner, receiver, _ = pool
+    receiver.tenant("team-a")
+    forged = [_index_key(secret, "team-a", k) for k in _chain(4, "nobody-has-these")]
+    reply = _offer(receiver, secret, owner.peer, forged, [MiB] * 4)
+    assert reply["ok"] and reply["taken"] == [], reply
+    # and another tenant's keys offered as team-a's: the owner authorises by tenant, so nothing
+    with Client(owner.tenant("team-b")) as c:
+        assert c.put(FP, _chain(2, "b"), _blobs(2, "b")) == 2
+    theirs = [_index_key(secret, "team-b", k) for k in _chain(2, "b")]
+    reply = _offer(receiver, secret, owner.peer, theirs, [MiB] * 2)
+    assert reply["ok"] and reply["taken"] == [], reply
+    assert receiver.stats()["dram"]["usedBytes"] == 0
