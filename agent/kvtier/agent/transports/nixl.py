@@ -328,7 +328,11 @@ class NixlTransport:
             self._unreserve(reserved[windows[posted][0] :])
         if failure == "a block failed its checksum":
             return landed  # the bytes were there and wrong: a miss, the peer itself is fine
-        self._drop_remote(peer)
+        # A peer that is there but late (or never answers a READ) keeps its loaded agent: unloading
+        # it leaves the UCX endpoints waiting for a flush the peer never answers, two sockets per
+        # fetch without end. A broken one is reset; a restarted one is reloaded by its new name.
+        if failure != "transfer missed its deadline":
+            self._drop_remote(peer)
         if landed:
             return landed  # the verified prefix counts; the peer's state is reset for next time
         raise PeerError(failure)
