@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import time
 
 import pytest
 
@@ -127,3 +128,47 @@ def test_offers_for_keys_the_owner_does_not_hold_take_nothing(pool):
     reply = _offer(receiver, secret, owner.peer, theirs, [MiB] * 2)
     assert reply["ok"] and reply["taken"] == [], reply
     assert receiver.stats()["dram"]["usedBytes"] == 0
+
+
+def test_an_offer_whose_owner_never_answers_the_read_ends_by_its_deadline(tmp_path, monkeypatch):
+    """The owner answers the fetch and never serves the READ: the pull ends at the offer's deadline
+    (60 s in the agent, 1 s here), nothing stays reserved, and while it hangs a second offer from
+    the same owner is refused at once rather than taking another thread and more memory."""
+    import threading
+
+    from kvtier.agent.store.index import Store
+    from kvtier.agent.tiers.dram import DramTier
+    from kvtier.agent.transports import offers, open_transport
+    from tests.adversarial.test_nixl_fetch_hostile import _owner
+
+    monkeypatch.setattr(offers, "OFFER_DEADLINE_S", 1.0)
+    secret = os.urandom(32)
+    stuck, address = _owner(secret, "hang")
+    store = Store(secret, DramTier("p", 32 * MiB, 8 * MiB), None)
+    transport, _ = open_transport(store, secret, f"offer-hang-{os.getpid()}", "tcp", [], None)
+
+    class Peers:
+        def peers(self) -> list[str]:
+            return [address]
+
+    taker = offers.OfferTaker(store, transport, Peers(), lambda: {"team-a"}, 8 * MiB)
+    keys = [os.urandom(24).hex() for _ in range(4)]
+    offer = {"op": "offer", "from": address, "tenant": "team-a", "keys": keys, "sizes": [MiB] * 4}
+    try:
+        replies: list[dict] = []
+        start = time.monotonic()
+        pulling = threading.Thread(target=lambda: replies.append(taker.take(offer)))
+        pulling.start()
+        time.sleep(0.3)
+        second = taker.take({**offer, "keys": [os.urandom(24).hex()], "sizes": [MiB]})
+        assert not second["ok"] and "being pulled already" in second["error"], second
+        pulling.join(10)
+        took = time.monotonic() - start
+        assert replies == [{"ok": True, "taken": [], "held": []}] and took < 3, (replies, took)
+        assert store.stats()["dram"]["usedBytes"] == 0, "the hung pull's extents went back"
+        again = taker.take(offer)  # the owner's turn is over: its next offer is heard (and fails)
+        assert again["ok"] and again["taken"] == []
+    finally:
+        stuck.kill()
+        stuck.wait()
+        store.close()
