@@ -82,6 +82,9 @@ def test_blocks_served_larger_than_offered_are_not_taken(pool):
     reply = _offer(receiver, secret, owner.peer, ikeys[:16], [1] * 16)
     assert reply["ok"] and reply["taken"] == [], reply
     assert receiver.stats()["dram"]["usedBytes"] == 0, "nothing beyond what was offered stays"
+    reply = _offer(receiver, secret, owner.peer, ikeys[16:18], [2 * MiB] * 2)  # and smaller
+    assert reply["ok"] and reply["taken"] == [], reply
+    assert receiver.stats()["dram"]["usedBytes"] == 0
 
 
 def test_an_offer_flood_stays_within_offer_bytes_and_spares_the_tenants_own_blocks(pool):

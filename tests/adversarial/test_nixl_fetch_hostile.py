@@ -30,23 +30,33 @@ import base64, ctypes, mmap, os, signal, sys, threading
 from kvtier.agent.transports.control import ControlServer
 from kvtier.agent.transports.nixl import load_nixl
 module, _ = load_nixl()
-name = f"stuck-owner-{os.getpid()}"
-nixl = module.nixl_agent(name, module.nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
 mm = mmap.mmap(-1, 8 << 20)
 addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
 region = [(addr, 8 << 20, 0, "")]
-nixl.register_memory(region, "DRAM")
-meta = base64.b64encode(
-    nixl.get_partial_agent_metadata(nixl.get_reg_descs(region, "DRAM"), True, ["UCX"])
-).decode()
-die = sys.argv[2] == "die"
+agents = []  # every NIXL agent made stays alive (and never progressed)
+
+
+def new_agent():
+    name = f"stuck-owner-{os.getpid()}-{len(agents)}"
+    nixl = module.nixl_agent(name, module.nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
+    nixl.register_memory(region, "DRAM")
+    agents.append(nixl)
+    descs = nixl.get_reg_descs(region, "DRAM")
+    return name, base64.b64encode(nixl.get_partial_agent_metadata(descs, True, ["UCX"])).decode()
+
+
+name, meta = new_agent()
+die, fresh = sys.argv[2] == "die", sys.argv[2] == "fresh"
 
 class Stuck:
     def handle(self, msg):
         if msg.get("op") != "fetch":
             return {"ok": True}
+        global name, meta
         if die:
             threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGKILL)).start()
+        if fresh:  # a new NIXL agent (name) for every answer
+            name, meta = new_agent()
         blocks = [
             {"key": k, "size": 1 << 20, "checksum": 1, "addr": addr + i * (1 << 20)}
             for i, k in enumerate(msg["keys"][:4])
@@ -153,3 +163,36 @@ def test_an_owner_sigkilled_mid_read_is_a_miss_by_the_deadline_and_leaks_nothing
         owner.wait()
         victim.close()
         bystander.close()
+
+
+def test_a_peer_with_a_new_nixl_agent_for_every_answer_cannot_pile_up_stuck_sockets(agent, tmp_path):
+    """The owner answers each fetch with a fresh NIXL agent (a new name) and serves none of the
+    READs. Unloading a silent agent leaves its sockets behind, so after one READ is left unanswered
+    the peer's new agents are not loaded (for RELOAD_AFTER_LATE_S): misses at once, no growth."""
+    secret = os.urandom(32)
+    (tmp_path / "secret").write_bytes(secret)
+    stuck, address = _owner(secret, "fresh")
+    try:
+        cfg = agent_config(tmp_path, nvme=None, prefetch={"transport": "tcp"}).model_copy(
+            update={"secretFile": str(tmp_path / "secret"), "peers": [address]}
+        )
+        reader = agent(cfg)
+        with Client(reader.tenant("team-a")) as victim:
+
+            def fetch_once() -> float:
+                start = time.monotonic()
+                keys = [os.urandom(32).hex() for _ in range(4)]
+                got = victim.call("prefetch", fingerprint=FP, keys=keys, deadline=0.1)
+                assert got["result"]["fetched"] == 0, got
+                return time.monotonic() - start
+
+            fetch_once()
+            baseline = usage(reader.proc.pid)
+            worst = max(fetch_once() for _ in range(12))
+            grown = {k: usage(reader.proc.pid)[k] - baseline[k] for k in baseline}
+        assert worst < 1.0, worst
+        assert grown["fds"] <= 2, f"descriptors grew with each new NIXL agent: {grown}"
+        assert reader.stats()["dram"]["usedBytes"] == 0
+    finally:
+        stuck.kill()
+        stuck.wait()

@@ -42,6 +42,11 @@ MAX_FETCH = 4096
 # measured the same here, within the noise of a shared 2-core machine.)
 READ_WINDOW_BYTES = 4 << 20
 READS_IN_FLIGHT = 2
+# A peer whose loaded NIXL agent left a READ unanswered is not reloaded under a new agent name for
+# this long: unloading a silent agent leaves its UCX endpoints waiting for a flush that never comes
+# (two sockets each), so a peer answering every fetch with a fresh agent would otherwise cost two
+# descriptors a fetch without end. A peer that restarted after a late READ waits this long too.
+RELOAD_AFTER_LATE_S = 60.0
 WAIT_PAUSE_MAX = 5e-4  # between progress calls of a waiting fetch: ~1 MB at the link's speed here
 NIXL_MODULES = ("nixl_cu12._api", "nixl_cu13._api", "nixl._api")
 NIXL_DISTRIBUTIONS = ("nixl-cu12", "nixl-cu13", "nixl")
@@ -154,6 +159,7 @@ class NixlTransport:
         # (NIXL agent's name, segment id) -> the segment and its registration with that agent
         self._registered: dict[tuple[str, int], tuple[Segment, Any]] = {}
         self._remote: dict[str, str] = {}  # peer address -> NIXL agent name loaded for it
+        self._late: dict[str, float] = {}  # peer address -> when its loaded agent left a READ unanswered
         self._stuck: list[tuple[Any, list[tuple[Segment, Any]]]] = []  # transfers NIXL could not cancel
         store.dram.retire_hooks.append(self._forget)
 
@@ -272,6 +278,9 @@ class NixlTransport:
         offered = offered[: len(reserved)]
         if not offered:
             return []
+        if self._held_back(peer, str(reply.get("agent", ""))):
+            self._unreserve(reserved)
+            raise PeerError("a new NIXL agent after a READ left unanswered: not loaded for now")
         try:
             self._register(self.fetcher, {seg for seg, _ in reserved})
             remote_agent = self._load_remote(peer, reply)
@@ -305,6 +314,7 @@ class NixlTransport:
                 break
             in_flight.popleft()
             self.fetcher.release_xfer_handle(handle)
+            self._late.pop(peer, None)
             t0 = time.perf_counter()
             got = self._verify_and_adopt(offered[start:end], reserved[start:end], tenant)
             verifying += time.perf_counter() - t0
@@ -333,6 +343,8 @@ class NixlTransport:
         # fetch without end. A broken one is reset; a restarted one is reloaded by its new name.
         if failure != "transfer missed its deadline":
             self._drop_remote(peer)
+        else:
+            self._late[peer] = time.monotonic()
         if landed:
             return landed  # the verified prefix counts; the peer's state is reset for next time
         raise PeerError(failure)
@@ -395,8 +407,19 @@ class NixlTransport:
             self._remote[peer] = loaded
             return loaded
 
+    def _held_back(self, peer: str, claimed: str) -> bool:
+        with self._lock:
+            late = self._late.get(peer)
+            loaded = self._remote.get(peer)
+        return (
+            loaded not in (None, claimed)
+            and late is not None
+            and time.monotonic() - late < RELOAD_AFTER_LATE_S
+        )
+
     def _drop_remote(self, peer: str) -> None:
         with self._lock:
+            self._late.pop(peer, None)
             name = self._remote.pop(peer, None)
             if name is not None:
                 try:
