@@ -6,41 +6,30 @@ index bytes other than the ones the owner's checksums vouch for."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 import time
 
 import pytest
 
 from kvtier.agent.client import Client
+from kvtier.agent.store.index import Store
+from kvtier.agent.tiers.dram import DramTier
 from kvtier.agent.transports.control import ControlClient
 from kvtier.bench.chaos import settle, usage
+from tests.integration.test_agent import FP, blobs, chain
 from tests.support import agent_config
 
 pytestmark = pytest.mark.adversarial
 MiB = 1 << 20
-FP = "model=test;dtype=bf16;layers=2;kv_heads=2;head_dim=64;block=256;tp=0/1"
 
 
-def _chain(n: int, seed: str) -> list[bytes]:
-    keys, parent = [], b""
-    for i in range(n):
-        parent = hashlib.sha256(parent + f"{seed}:{i}".encode()).digest()
-        keys.append(parent)
-    return keys
-
-
-def _blobs(n: int, seed: str) -> list[bytes]:
-    return [hashlib.sha256(f"{seed}:{i}".encode()).digest() * (MiB // 32) for i in range(n)]
-
-
-def _index_key(secret: bytes, tenant: str, key: bytes) -> bytes:
-    """What any holder of the pool secret can compute (Store.salt + Store.index_key)."""
-    salt = hmac.new(secret, b"tenant\0" + tenant.encode(), hashlib.sha256).digest()
-    h = hashlib.blake2b(key, digest_size=24, key=salt[:32], person=b"kvtier-index")
-    h.update(FP.encode())
-    return h.digest()
+def _index_keys(secret: bytes, tenant: str, keys: list[bytes]) -> list[bytes]:
+    """What any holder of the pool secret can compute: the tenant's index keys on every agent."""
+    store = Store(secret, DramTier("p", 4 * MiB, 4 * MiB), None)
+    try:
+        return [store.index_key(tenant, FP, k) for k in keys]
+    finally:
+        store.close()
 
 
 @pytest.fixture
@@ -62,10 +51,10 @@ def pool(agent, tmp_path):
 
     owner = agent(config("owner", [], "64Mi"), name="owner")
     receiver = agent(config("receiver", [owner.peer], "32Mi"), name="receiver")
-    offered = _chain(24, "offered")
+    offered = chain(24, "offered")
     with Client(owner.tenant("team-a")) as c:
-        assert c.put(FP, offered, _blobs(24, "offered")) == 24
-    return secret, owner, receiver, [_index_key(secret, "team-a", k) for k in offered]
+        assert c.put(FP, offered, blobs(24, seed=1)) == 24
+    return secret, owner, receiver, _index_keys(secret, "team-a", offered)
 
 
 def _offer(receiver, secret: bytes, owner_peer: str, ikeys: list[bytes], sizes: list[int]) -> dict:
@@ -92,7 +81,7 @@ def test_an_offer_flood_stays_within_offer_bytes_and_spares_the_tenants_own_bloc
     at most drain.offerBytes from one owner per window, refuses the rest with the reason, and the
     tenant's own hot blocks on the receiver stay."""
     secret, owner, receiver, ikeys = pool
-    own_keys, own_data = _chain(8, "own"), _blobs(8, "own")
+    own_keys, own_data = chain(8, "own"), blobs(8, seed=2)
     with Client(receiver.tenant("team-a")) as c:
         assert c.put(FP, own_keys, own_data) == 8
         baseline = usage(receiver.proc.pid)
@@ -121,13 +110,13 @@ def test_replayed_offers_take_nothing_twice(pool):
 def test_offers_for_keys_the_owner_does_not_hold_take_nothing(pool):
     secret, owner, receiver, _ = pool
     receiver.tenant("team-a")
-    forged = [_index_key(secret, "team-a", k) for k in _chain(4, "nobody-has-these")]
+    forged = _index_keys(secret, "team-a", chain(4, "nobody-has-these"))
     reply = _offer(receiver, secret, owner.peer, forged, [MiB] * 4)
     assert reply["ok"] and reply["taken"] == [], reply
     # and another tenant's keys offered as team-a's: the owner authorises by tenant, so nothing
     with Client(owner.tenant("team-b")) as c:
-        assert c.put(FP, _chain(2, "b"), _blobs(2, "b")) == 2
-    theirs = [_index_key(secret, "team-b", k) for k in _chain(2, "b")]
+        assert c.put(FP, chain(2, "b"), blobs(2, seed=3)) == 2
+    theirs = _index_keys(secret, "team-b", chain(2, "b"))
     reply = _offer(receiver, secret, owner.peer, theirs, [MiB] * 2)
     assert reply["ok"] and reply["taken"] == [], reply
     assert receiver.stats()["dram"]["usedBytes"] == 0

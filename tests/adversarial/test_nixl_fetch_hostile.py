@@ -86,113 +86,98 @@ def _owner(secret: bytes, mode: str, port: int = 0) -> tuple[subprocess.Popen, s
     raise RuntimeError("the stand-in owner did not start")
 
 
-def test_reads_that_never_finish_end_by_the_deadline_and_leak_nothing(agent, tmp_path):
-    secret = os.urandom(32)
-    (tmp_path / "secret").write_bytes(secret)
-    stuck, address = _owner(secret, "hang")
-    try:
+def _grown(pid: int, baseline: dict[str, int]) -> dict[str, int]:
+    return {k: v - baseline[k] for k, v in usage(pid).items()}
+
+
+@pytest.fixture
+def stood_up(agent, tmp_path):
+    """start(mode): a stand-in owner in `mode` and a real agent whose only peer it is, plus a
+    `miss(deadline)` that prefetches 4 unknown keys through a tenant and returns how long it took."""
+    made: list[subprocess.Popen] = []
+    clients: list[Client] = []
+
+    def start(mode: str):
+        secret = os.urandom(32)
+        (tmp_path / "secret").write_bytes(secret)
+        owner, address = _owner(secret, mode)
+        made.append(owner)
         cfg = agent_config(tmp_path, nvme=None, prefetch={"transport": "tcp"}).model_copy(
             update={"secretFile": str(tmp_path / "secret"), "peers": [address]}
         )
         reader = agent(cfg)
-        bystander = Client(reader.tenant("bystander"))
+        victim = Client(reader.tenant("team-a"))
+        clients.append(victim)
+
+        def miss(deadline: float) -> float:
+            began = time.monotonic()
+            keys = [os.urandom(32).hex() for _ in range(4)]
+            got = victim.call("prefetch", fingerprint=FP, keys=keys, deadline=deadline)
+            assert got["result"]["fetched"] == 0 and got["result"]["missing"] == 4, got
+            return time.monotonic() - began
+
+        return secret, address, owner, reader, miss
+
+    yield start, made
+    for client in clients:
+        client.close()
+    for proc in made:
+        proc.kill()
+        proc.wait()
+
+
+def test_reads_that_never_finish_end_by_the_deadline_and_leak_nothing(stood_up):
+    start, _ = stood_up
+    _, _, _, reader, miss = start("hang")
+    with Client(reader.tenant("bystander")) as bystander:
         mine = [os.urandom(32) for _ in range(2)]
         assert bystander.put(FP, mine, [b"x" * MiB, b"y" * MiB]) == 2
-        with Client(reader.tenant("team-a")) as victim:
-
-            def fetch_once(i: int) -> float:
-                start = time.monotonic()
-                got = victim.call(
-                    "prefetch", fingerprint=FP, keys=[os.urandom(32).hex() for _ in range(4)], deadline=0.1
-                )
-                assert got["result"]["fetched"] == 0 and got["result"]["missing"] == 4, got
-                return time.monotonic() - start
-
-            fetch_once(0)  # warm: the first READ sets up the UCX worker's connections
-            baseline = usage(reader.proc.pid)
-            worst = max(fetch_once(i) for i in range(50))
-            assert worst < 1.0, f"a stuck READ held a fetch for {worst:.2f} s past its 0.1 s deadline"
-            assert bystander.get(FP, mine) == [b"x" * MiB, b"y" * MiB], "other tenants are served"
-            grown = {k: usage(reader.proc.pid)[k] - baseline[k] for k in baseline}
-            assert reader.stats()["dram"]["usedBytes"] == 2 * MiB, "no extent stays reserved"
-        assert grown["fds"] <= 8, f"descriptors leaked over 50 stuck READs: {grown}"
-        assert grown["rss_kib"] < 32 * 1024, f"memory grew over 50 stuck READs: {grown}"
-        bystander.close()
-    finally:
-        stuck.kill()
-        stuck.wait()
+        miss(0.1)  # warm: the first READ sets up the UCX worker's connections
+        baseline = usage(reader.proc.pid)
+        worst = max(miss(0.1) for _ in range(50))
+        assert worst < 1.0, f"a stuck READ held a fetch for {worst:.2f} s past its 0.1 s deadline"
+        assert bystander.get(FP, mine) == [b"x" * MiB, b"y" * MiB], "other tenants are served"
+        grown = _grown(reader.proc.pid, baseline)
+        assert reader.stats()["dram"]["usedBytes"] == 2 * MiB, "no extent stays reserved"
+    assert grown["fds"] <= 8, f"descriptors leaked over 50 stuck READs: {grown}"
+    assert grown["rss_kib"] < 32 * 1024, f"memory grew over 50 stuck READs: {grown}"
 
 
-def test_an_owner_sigkilled_mid_read_is_a_miss_by_the_deadline_and_leaks_nothing(agent, tmp_path):
+def test_an_owner_sigkilled_mid_read_is_a_miss_by_the_deadline_and_leaks_nothing(stood_up):
     """Owner after owner (one address, as a restarted pod) answers and is SIGKILLed 50 ms later,
     while the reader's fetching agent waits on the READ."""
-    secret = os.urandom(32)
-    (tmp_path / "secret").write_bytes(secret)
-    owner, address = _owner(secret, "die")
-    port = int(address.rsplit(":", 1)[1])
-    cfg = agent_config(tmp_path, nvme=None, prefetch={"transport": "tcp"}).model_copy(
-        update={"secretFile": str(tmp_path / "secret"), "peers": [address]}
-    )
-    reader = agent(cfg)
-    bystander = Client(reader.tenant("bystander"))
-    mine = [os.urandom(32)]
-    assert bystander.put(FP, mine, [b"z" * MiB]) == 1
-    victim = Client(reader.tenant("team-a"))
-    took, baseline = [], None
-    try:
+    start, made = stood_up
+    secret, address, owner, reader, miss = start("die")
+    with Client(reader.tenant("bystander")) as bystander:
+        mine = [os.urandom(32)]
+        assert bystander.put(FP, mine, [b"z" * MiB]) == 1
+        took, baseline = [], usage(reader.proc.pid)
         for i in range(6):
             if i:
-                owner, _ = _owner(secret, "die", port)
-            start = time.monotonic()
-            got = victim.call(
-                "prefetch", fingerprint=FP, keys=[os.urandom(32).hex() for _ in range(4)], deadline=1.0
-            )
-            took.append(time.monotonic() - start)
-            assert got["result"]["fetched"] == 0, got
+                owner, _ = _owner(secret, "die", int(address.rsplit(":", 1)[1]))
+                made.append(owner)
+            took.append(miss(1.0))
             assert owner.wait(5) == -signal.SIGKILL
             assert bystander.get(FP, mine) == [b"z" * MiB], "other tenants are served"
             if i == 0:
                 baseline = usage(reader.proc.pid)
         assert max(took) < 1.5, f"a fetch from a killed owner took {max(took):.2f} s (deadline 1 s)"
-        grown = {k: usage(reader.proc.pid)[k] - baseline[k] for k in baseline}
+        grown = _grown(reader.proc.pid, baseline)
         assert grown["fds"] <= 4, f"descriptors leaked over 5 killed owners: {grown}"
         assert reader.stats()["dram"]["usedBytes"] == MiB, "no extent stays reserved"
         assert reader.proc.poll() is None
-    finally:
-        owner.kill()
-        owner.wait()
-        victim.close()
-        bystander.close()
 
 
-def test_a_peer_with_a_new_nixl_agent_for_every_answer_cannot_pile_up_stuck_sockets(agent, tmp_path):
+def test_a_peer_with_a_new_nixl_agent_for_every_answer_cannot_pile_up_stuck_sockets(stood_up):
     """The owner answers each fetch with a fresh NIXL agent (a new name) and serves none of the
     READs. Unloading a silent agent leaves its sockets behind, so after one READ is left unanswered
     the peer's new agents are not loaded (for RELOAD_AFTER_LATE_S): misses at once, no growth."""
-    secret = os.urandom(32)
-    (tmp_path / "secret").write_bytes(secret)
-    stuck, address = _owner(secret, "fresh")
-    try:
-        cfg = agent_config(tmp_path, nvme=None, prefetch={"transport": "tcp"}).model_copy(
-            update={"secretFile": str(tmp_path / "secret"), "peers": [address]}
-        )
-        reader = agent(cfg)
-        with Client(reader.tenant("team-a")) as victim:
-
-            def fetch_once() -> float:
-                start = time.monotonic()
-                keys = [os.urandom(32).hex() for _ in range(4)]
-                got = victim.call("prefetch", fingerprint=FP, keys=keys, deadline=0.1)
-                assert got["result"]["fetched"] == 0, got
-                return time.monotonic() - start
-
-            fetch_once()
-            baseline = usage(reader.proc.pid)
-            worst = max(fetch_once() for _ in range(12))
-            grown = {k: usage(reader.proc.pid)[k] - baseline[k] for k in baseline}
-        assert worst < 1.0, worst
-        assert grown["fds"] <= 2, f"descriptors grew with each new NIXL agent: {grown}"
-        assert reader.stats()["dram"]["usedBytes"] == 0
-    finally:
-        stuck.kill()
-        stuck.wait()
+    start, _ = stood_up
+    _, _, _, reader, miss = start("fresh")
+    miss(0.1)
+    baseline = usage(reader.proc.pid)
+    worst = max(miss(0.1) for _ in range(12))
+    grown = _grown(reader.proc.pid, baseline)
+    assert worst < 1.0, worst
+    assert grown["fds"] <= 2, f"descriptors grew with each new NIXL agent: {grown}"
+    assert reader.stats()["dram"]["usedBytes"] == 0
