@@ -93,3 +93,58 @@ def test_every_row_a_run_copies_is_its_own_blocks_layer_part(layers, layer_bytes
             assert lo < hi
             seen += range(lo, hi)
     assert seen == list(range(len(locs))), "groups cover every block once"
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("layerwise", [False, True], ids=["whole", "layer-wise"])
+def test_the_vllm_worker_refuses_page_ids_outside_the_cache(agent, tmp_path, layerwise):
+    """The vLLM worker on the CPU, against a real agent: blocks saved from pages 0-7 are loaded with
+    page ids an engine could hand it. Bad ids are a miss (reported for recompute) and no page is
+    written; a save naming page -1 stores nothing; a load capped by vLLM (pages past `limit` padded
+    with page 0, never written) still lands."""
+    torch = pytest.importorskip("torch")
+    from kvtier.agent.client import Client
+    from kvtier.agent.connectors.gpu import ArenaConnection
+    from kvtier.agent.connectors.vllm.plan import Transfer
+    from kvtier.agent.connectors.vllm.worker import Worker
+    from tests.support import agent_config
+
+    pages, page, block = 16, 16, 64  # 4 pages a block
+    a = agent(agent_config(tmp_path, nvme=None))
+    client = Client(a.tenant("team-a"))
+    g = torch.Generator().manual_seed(3)
+    kv = {f"layer{i}": torch.randn(pages, 2, page, 32, generator=g) for i in range(2)}
+    worker = Worker(ArenaConnection(client=client, pin=False), "fp", page, block, layerwise)
+    worker.register(kv, pages)
+    keys = [bytes([i]) * 32 for i in range(2)]
+    worker.submit_saves([Transfer("saved", keys, list(range(8)))], sync=True)
+    assert client.lookup("fp", keys) == 2
+    saved = {name: t[:8].clone() for name, t in kv.items()}
+
+    def load(*transfers: Transfer) -> dict[str, torch.Tensor]:
+        for t in kv.values():
+            t.zero_()
+        worker.start_loads(list(transfers))
+        worker.finish_loads()
+        return kv
+
+    good = list(range(8, 16))
+    for bad in ([-1, *good[1:]], [*good[:7], pages], [8, 8, *good[2:]], [*good[:7], 2**40]):
+        load(Transfer("hostile", keys, bad))
+        assert not any(t.any() for t in kv.values()), f"{bad}: a page was written"
+        assert "hostile" in worker.failed_reqs
+        worker.failed_reqs.clear()
+    # two loads of one step writing the same page: the second is a miss, the first lands
+    load(Transfer("first", keys, good), Transfer("second", keys, [0, 1, 2, 3, 4, 5, 6, 15]))
+    assert worker.failed_reqs == {"second"}
+    assert all(torch.equal(kv[n][8:], saved[n]) for n in kv) and not any(t[:8].any() for t in kv.values())
+    worker.failed_reqs.clear()
+    # vLLM capped the load at 6 pages: the last 2 are padding (page 0 twice), never written
+    load(Transfer("capped", keys, [8, 9, 10, 11, 12, 13, 0, 0], limit=6))
+    assert not worker.failed_reqs
+    assert all(torch.equal(kv[n][8:14], saved[n][:6]) for n in kv)
+    # a save that names page -1 would store another request's page under these keys
+    other = [bytes([9]) * 32, bytes([10]) * 32]
+    worker.submit_saves([Transfer("poison", other, [0, 1, 2, -1, 4, 5, 6, 7])], sync=True)
+    assert client.lookup("fp", other) == 0
+    worker.close()
