@@ -108,7 +108,7 @@ class _Counting:
     def __init__(self) -> None:
         self.fetches = 0
 
-    def fetch(self, peer, tenant, ikeys, deadline):
+    def fetch(self, peer, tenant, ikeys, deadline, sizes=None):
         self.fetches += 1
         return []
 

@@ -75,6 +75,10 @@ class PagedCache:
         return cls(layers, page, block_tokens)
 
     @property
+    def num_pages(self) -> int:
+        return int(self.layers[0][0].shape[0])
+
+    @property
     def per(self) -> int:
         return self.block_tokens // self.page
 

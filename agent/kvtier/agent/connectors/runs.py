@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -28,6 +29,24 @@ def runs(locations: list[tuple[int, int]], block_bytes: int) -> list[HostRun]:
         else:
             out.append(HostRun(seg, off, i, 1))
     return out
+
+
+def pages_ok(page_ids: list[int], num_pages: int, written: set[int] | None = None) -> bool:
+    """An engine's page ids are pages of its cache (torch reads a negative index from the end: -1
+    would be another request's page). Pages to be written (`written`: those other transfers of the
+    step write) must also be distinct and not already written. Anything else is refused: a miss."""
+    seen: set[int] = set()
+    for raw in page_ids:
+        try:
+            page = operator.index(raw)  # ints of any kind (numpy's too); not floats or strings
+        except TypeError:
+            return False
+        if not 0 <= page < num_pages:
+            return False
+        if written is not None and (page in seen or page in written):
+            return False
+        seen.add(page)
+    return True
 
 
 def groups(n_blocks: int, block_bytes: int, group_bytes: int = GROUP_BYTES) -> Iterator[tuple[int, int]]:

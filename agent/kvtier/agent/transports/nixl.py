@@ -42,6 +42,11 @@ MAX_FETCH = 4096
 # measured the same here, within the noise of a shared 2-core machine.)
 READ_WINDOW_BYTES = 4 << 20
 READS_IN_FLIGHT = 2
+# A peer whose loaded NIXL agent left a READ unanswered is not reloaded under a new agent name for
+# this long: unloading a silent agent leaves its UCX endpoints waiting for a flush that never comes
+# (two sockets each), so a peer answering every fetch with a fresh agent would otherwise cost two
+# descriptors a fetch without end. A peer that restarted after a late READ waits this long too.
+RELOAD_AFTER_LATE_S = 60.0
 WAIT_PAUSE_MAX = 5e-4  # between progress calls of a waiting fetch: ~1 MB at the link's speed here
 NIXL_MODULES = ("nixl_cu12._api", "nixl_cu13._api", "nixl._api")
 NIXL_DISTRIBUTIONS = ("nixl-cu12", "nixl-cu13", "nixl")
@@ -154,6 +159,7 @@ class NixlTransport:
         # (NIXL agent's name, segment id) -> the segment and its registration with that agent
         self._registered: dict[tuple[str, int], tuple[Segment, Any]] = {}
         self._remote: dict[str, str] = {}  # peer address -> NIXL agent name loaded for it
+        self._late: dict[str, float] = {}  # peer address -> when its loaded agent left a READ unanswered
         self._stuck: list[tuple[Any, list[tuple[Segment, Any]]]] = []  # transfers NIXL could not cancel
         store.dram.retire_hooks.append(self._forget)
 
@@ -219,9 +225,18 @@ class NixlTransport:
 
     # ------------------------------------------------------------------------- reader side
 
-    def fetch(self, peer: str, tenant: str, ikeys: list[bytes], deadline: float) -> list[Landed]:
+    def fetch(
+        self,
+        peer: str,
+        tenant: str,
+        ikeys: list[bytes],
+        deadline: float,
+        sizes: dict[bytes, int] | None = None,
+    ) -> list[Landed]:
         """The leading blocks of `ikeys` that `peer` holds for `tenant`, READ into this agent's arena,
-        verified and indexed. Stops at the first block that is absent, corrupt or late."""
+        verified and indexed. Stops at the first block that is absent, corrupt or late, or (given
+        `sizes`, a drain offer's) whose size is not the one promised: a peer cannot make this agent
+        hold more than it agreed to take."""
         self._retry_stuck()
         landed: list[Landed] = []
         with ControlClient(peer, self.secret, timeout=_left(deadline)) as control:
@@ -233,7 +248,7 @@ class NixlTransport:
                 if not reply.get("ok"):
                     raise PeerError(f"peer refused: {reply.get('error')}")
                 try:
-                    got = self._read(peer, reply, want, tenant, deadline)
+                    got = self._read(peer, reply, want, tenant, deadline, sizes)
                 finally:
                     try:
                         control.call({"op": "done"}, min(1.0, _left(deadline)))
@@ -245,9 +260,15 @@ class NixlTransport:
         return landed
 
     def _read(
-        self, peer: str, reply: dict[str, Any], want: list[bytes], tenant: str, deadline: float
+        self,
+        peer: str,
+        reply: dict[str, Any],
+        want: list[bytes],
+        tenant: str,
+        deadline: float,
+        sizes: dict[bytes, int] | None = None,
     ) -> list[Landed]:
-        offered = _offered(reply, want, self.store.dram.segment_bytes)
+        offered = _offered(reply, want, self.store.dram.segment_bytes, sizes)
         reserved: list[tuple[Segment, Any]] = []
         for _, size, _, _ in offered:
             room = self.store.reserve_for_peer(tenant, size)
@@ -257,6 +278,9 @@ class NixlTransport:
         offered = offered[: len(reserved)]
         if not offered:
             return []
+        if self._held_back(peer, str(reply.get("agent", ""))):
+            self._unreserve(reserved)
+            raise PeerError("a new NIXL agent after a READ left unanswered: not loaded for now")
         try:
             self._register(self.fetcher, {seg for seg, _ in reserved})
             remote_agent = self._load_remote(peer, reply)
@@ -290,6 +314,7 @@ class NixlTransport:
                 break
             in_flight.popleft()
             self.fetcher.release_xfer_handle(handle)
+            self._late.pop(peer, None)
             t0 = time.perf_counter()
             got = self._verify_and_adopt(offered[start:end], reserved[start:end], tenant)
             verifying += time.perf_counter() - t0
@@ -313,7 +338,13 @@ class NixlTransport:
             self._unreserve(reserved[windows[posted][0] :])
         if failure == "a block failed its checksum":
             return landed  # the bytes were there and wrong: a miss, the peer itself is fine
-        self._drop_remote(peer)
+        # A peer that is there but late (or never answers a READ) keeps its loaded agent: unloading
+        # it leaves the UCX endpoints waiting for a flush the peer never answers, two sockets per
+        # fetch without end. A broken one is reset; a restarted one is reloaded by its new name.
+        if failure != "transfer missed its deadline":
+            self._drop_remote(peer)
+        else:
+            self._late[peer] = time.monotonic()
         if landed:
             return landed  # the verified prefix counts; the peer's state is reset for next time
         raise PeerError(failure)
@@ -376,8 +407,19 @@ class NixlTransport:
             self._remote[peer] = loaded
             return loaded
 
+    def _held_back(self, peer: str, claimed: str) -> bool:
+        with self._lock:
+            late = self._late.get(peer)
+            loaded = self._remote.get(peer)
+        return (
+            loaded not in (None, claimed)
+            and late is not None
+            and time.monotonic() - late < RELOAD_AFTER_LATE_S
+        )
+
     def _drop_remote(self, peer: str) -> None:
         with self._lock:
+            self._late.pop(peer, None)
             name = self._remote.pop(peer, None)
             if name is not None:
                 try:
@@ -437,9 +479,12 @@ class OwnerSession:
             self.pinned = []
 
 
-def _offered(reply: dict[str, Any], want: list[bytes], max_size: int) -> list[tuple[bytes, int, int, int]]:
+def _offered(
+    reply: dict[str, Any], want: list[bytes], max_size: int, sizes: dict[bytes, int] | None = None
+) -> list[tuple[bytes, int, int, int]]:
     """The owner's answer as (key, size, checksum, remote address), cut at the first entry that is
-    not the next key asked for or is malformed: a peer's bytes and words are untrusted."""
+    not the next key asked for, is malformed, or is not the size `sizes` expects: a peer's bytes
+    and words are untrusted."""
     out = []
     blocks = reply.get("blocks")
     for key, info in zip(want, blocks if isinstance(blocks, list) else [], strict=False):
@@ -448,6 +493,8 @@ def _offered(reply: dict[str, Any], want: list[bytes], max_size: int) -> list[tu
         except (TypeError, ValueError, KeyError):
             break
         if got[0] != key or not 0 < got[1] <= max_size or got[3] <= 0:
+            break
+        if sizes is not None and sizes.get(key) != got[1]:
             break
         out.append(got)
     return out

@@ -14,6 +14,7 @@ the tenant's engines on the peer hit them as if they had saved the blocks there.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,10 +28,16 @@ MAX_OFFER = 4096  # keys in one offer, as in one fetch
 INDEX_KEY_BYTES = 24  # Store.index_key's digest size
 OFFER_DEADLINE_S = 60.0  # for the peer to pull one offer
 EMPTY_FETCHES = 3  # a peer with no room, or an owner that lost the blocks, is given up on after these
+# A drain offers each peer at most drain.offerBytes in all; a pool member that keeps offering would
+# otherwise fill the tenant's share offer by offer and evict its own blocks. So one owner gets at
+# most drain.offerBytes taken per window, and one offer pulled at a time.
+OFFER_WINDOW_S = 600.0
 
 
 class Fetcher(Protocol):
-    def fetch(self, peer: str, tenant: str, ikeys: list[bytes], deadline: float) -> list[Any]: ...
+    def fetch(
+        self, peer: str, tenant: str, ikeys: list[bytes], deadline: float, sizes: dict[bytes, int] | None
+    ) -> list[Any]: ...
 
 
 class Peers(Protocol):
@@ -90,6 +97,9 @@ class OfferTaker:
     ) -> None:
         self.store, self.transport, self.directory = store, transport, directory
         self.served, self.max_bytes = served, max_bytes
+        self._lock = threading.Lock()
+        self._pulling: set[str] = set()  # owners whose offer is being pulled now
+        self._taken: dict[str, list[tuple[float, int]]] = {}  # owner -> (when, bytes) taken in the window
 
     def take(self, msg: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -98,16 +108,39 @@ class OfferTaker:
             owner, tenant, ikeys, sizes = read_offer(
                 msg, self.directory.peers(), self.served(), self.max_bytes, self.store.dram.segment_bytes
             )
+            with self.store.lock:
+                held = {k for k in ikeys if k in self.store.blocks}
+            size_of = dict(zip(ikeys, sizes, strict=True))
+            self._admit(owner, sum(size_of[k] for k in ikeys if k not in held))
         except OfferRefused as exc:
             log.info("refused an offer: %s", exc)
             return {"ok": False, "error": str(exc)}
-        with self.store.lock:
-            held = {k for k in ikeys if k in self.store.blocks}
-        taken = self._pull(
-            owner, tenant, [k for k in ikeys if k not in held], dict(zip(ikeys, sizes, strict=True))
-        )
+        try:
+            taken = self._pull(owner, tenant, [k for k in ikeys if k not in held], size_of)
+        finally:
+            with self._lock:
+                self._pulling.discard(owner)
+        with self._lock:
+            self._taken.setdefault(owner, []).append((time.monotonic(), sum(size_of[k] for k in taken)))
         log.info("took %d of %d offered blocks from %s", len(taken), len(ikeys) - len(held), owner)
         return {"ok": True, "taken": [k.hex() for k in taken], "held": [k.hex() for k in held]}
+
+    def _admit(self, owner: str, wanted: int) -> None:
+        """One offer of an owner at a time, and at most drain.offerBytes taken from it per window."""
+        assert self.max_bytes is not None  # read_offer refused it otherwise
+        with self._lock:
+            if owner in self._pulling:
+                raise OfferRefused("an offer from this owner is being pulled already")
+            since = time.monotonic() - OFFER_WINDOW_S
+            recent = [(t, n) for t, n in self._taken.get(owner, []) if t > since]
+            self._taken[owner] = recent
+            already = sum(n for _, n in recent)
+            if wanted and already + wanted > self.max_bytes:
+                raise OfferRefused(
+                    f"{wanted} bytes offered after {already} taken from this owner in the last "
+                    f"{OFFER_WINDOW_S:.0f} s; this pool's drain.offerBytes is {self.max_bytes}"
+                )
+            self._pulling.add(owner)
 
     def _pull(self, owner: str, tenant: str, want: list[bytes], sizes: dict[bytes, int]) -> list[bytes]:
         """The offered keys, READ from the owner. A fetch stops at the first key the owner no longer
@@ -117,17 +150,12 @@ class OfferTaker:
         empty = 0  # fetches in a row that landed nothing (no room here, or the owner lost them)
         while want and empty < EMPTY_FETCHES and time.monotonic() < deadline:
             try:
-                landed = self.transport.fetch(owner, tenant, want, deadline)
+                # the offered sizes bound what lands: a block served larger than offered is not READ
+                landed = self.transport.fetch(owner, tenant, want, deadline, sizes)
             except OSError as exc:  # refused, unreachable, killed mid-transfer: what landed stays
                 log.info("pulling offered blocks from %s: %s", owner, exc)
                 break
-            for got in landed:
-                if got.size != sizes.get(got.key):  # the owner served other sizes than it offered
-                    log.warning(
-                        "%s served %d bytes for a block offered as %s", owner, got.size, sizes.get(got.key)
-                    )
-                    return taken
-                taken.append(got.key)
+            taken += [got.key for got in landed]
             empty = 0 if landed else empty + 1
             want = want[len(landed) + 1 :] if len(landed) < len(want) else []
         return taken

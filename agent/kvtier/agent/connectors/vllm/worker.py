@@ -23,7 +23,7 @@ import torch
 from kvtier.agent.client import CONNECTION_LOST, Pinned
 from kvtier.agent.connectors.gpu import ArenaConnection, Staging
 from kvtier.agent.connectors.paged import LayerLoad, PagedCache
-from kvtier.agent.connectors.runs import GROUP_BYTES
+from kvtier.agent.connectors.runs import GROUP_BYTES, pages_ok
 from kvtier.agent.connectors.vllm.plan import Transfer
 
 log = logging.getLogger("kvtier.vllm")
@@ -111,11 +111,13 @@ class Worker:
         located: list[tuple[int, int]] = []  # (segment, offset) of each usable block, in page order
         page_ids: list[int] = []
         keep: list[bool] = []
+        written: set[int] = set()  # pages this step's loads write
         for t in loads:
-            got = (
-                self._pin(t) if len(t.page_ids) == len(t.keys) * paged.per else 0
-            )  # else: another block size
             limit = len(t.page_ids) if t.limit is None else t.limit
+            kept = [p for i, p in enumerate(t.page_ids) if t.skip <= i < limit]
+            # another block size, or pages to write that are not distinct pages of this cache: a miss
+            fits = len(t.page_ids) == len(t.keys) * paged.per and pages_ok(kept, paged.num_pages, written)
+            got = self._pin(t) if fits else 0
             if got < len(t.keys):
                 self.failed_reqs.add(t.req_id)
                 self.failed_pages.update(t.page_ids[max(t.skip, got * paged.per) : limit])
@@ -123,6 +125,7 @@ class Worker:
                     self.counters.failed_blocks += len(t.keys) - got
             if not got:
                 continue
+            written.update(kept)
             located += [(b.segment, b.offset) for b in self._loading.pinned[-1][:got]]
             page_ids += t.page_ids[: got * paged.per]
             keep += [t.skip <= i < limit for i in range(got * paged.per)]
@@ -157,6 +160,9 @@ class Worker:
         for b in pinned:
             if b.size != size:  # another engine's geometry under the same fingerprint: a miss
                 log.warning("kvtier block of %d bytes where %d were expected: not loaded", b.size, size)
+                break
+            if b.offset < 0 or len(b.view) != size:  # not inside its segment: copies would read past it
+                log.warning("kvtier block at %d is not inside segment %d: not loaded", b.offset, b.segment)
                 break
             usable += 1
         self._loading.pinned.append(pinned)
@@ -231,6 +237,9 @@ class Worker:
     def _write(self, t: Transfer) -> int:
         paged, client = self.paged, self.conn.get()
         if paged is None or client is None or len(t.page_ids) != len(t.keys) * paged.per:
+            return 0
+        if not pages_ok(t.page_ids, paged.num_pages):  # would store other pages' KV under these keys
+            log.warning("kvtier save for %s skipped: page ids outside the cache", t.req_id)
             return 0
         present = client.lookup(self.fingerprint, t.keys)
         todo = t.keys[present:]
