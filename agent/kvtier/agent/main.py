@@ -200,13 +200,10 @@ class Agent:
             )
 
     def _serve_metrics(self) -> int:
-        port = self.config.metricsPort
-        if port == 0:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-        start_http_server(port, registry=self.metrics.registry)
-        return port
+        # port 0: the server binds any free port itself (probing for one first races with other
+        # listeners, UCX's among them, between the probe and the bind)
+        server, _ = start_http_server(self.config.metricsPort, registry=self.metrics.registry)
+        return int(server.server_port)
 
     def start_reporter(self) -> None:
         from kvtier.agent.report import NodeReporter
