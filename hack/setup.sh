@@ -23,6 +23,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   say "generating the CSI gRPC stubs from the CSI spec's proto"
   bash hack/gen-csi.sh
   .venv/bin/python -m pip install -q -e '.[test,helm,kind,gpu]'
+  say "installing torch and transformers for the torch test tier (about 5 GB, a minute)"
+  .venv/bin/python -m pip install -q -e '.[torch-tier]'
   say "installing NIXL, the agents' peer data path (without the torch its wheel declares)"
   .venv/bin/python -m pip install -q --no-deps $(.venv/bin/python hack/extra.py nixl)
   touch "$stamp"

@@ -277,7 +277,7 @@ def run_hf(args: argparse.Namespace, lengths: list[int]) -> dict[str, Any]:
                         input_ids=ids[:, L:], past_key_values=cache, use_cache=True, logits_to_keep=1
                     )
                     ref_decode = ref_decode.logits[0, -1].float()
-                    cache.crop(L)  # the decode appended one position; back to the L context tokens
+                    cache.crop(-1)  # the decode appended one position; back to the L context tokens
                     stored = (
                         peers.save_all(cache, work, nvme_dir, L, lmcache=args.lmcache)
                         if args.peers and args.peers_upto >= L
