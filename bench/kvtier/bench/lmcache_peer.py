@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from kvtier.bench.diskfloor import drop_page_cache, resident_bytes
+from kvtier.bench.prefill import sync
 
 PEER = "lmcache"
 CHUNK_TOKENS = 256
@@ -117,11 +118,6 @@ def _host_available() -> int:
     return 1 << 62
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _slot_mapping(tokens: int, device) -> torch.Tensor:
     return torch.arange(tokens, dtype=torch.int64, device=device)
 
@@ -202,7 +198,7 @@ def save(cache, work: Path, disk_dir: Path, L: int, connector=None) -> list[dict
         prints = [fingerprint(buf[i]) for i in range(layers)]
         tokens = state["tokens"] = _context_tokens(L)
         slots = _slot_mapping(L, device)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         engine.store(tokens, kvcaches=list(buf), slot_mapping=slots)
         deadline = time.monotonic() + 60 + kv_bytes / 0.2e9  # the disk backend writes behind
@@ -268,13 +264,13 @@ def _retrieve(state: dict[str, Any], device: torch.device) -> tuple[int, float]:
     engine, buf, tokens = state["engine"], state["buf"], state["tokens"]
     t0 = time.perf_counter()
     mask = engine.retrieve(tokens, kvcaches=list(buf), slot_mapping=state["slots"])
-    _sync(device)
+    sync(device)
     return int(mask.sum()), time.perf_counter() - t0
 
 
 def restore(stored: dict[str, Any], model, ids: torch.Tensor, L: int, device: torch.device, check) -> dict:
     """Retrieve + DynamicCache + one decode step, timed; `check(cache, out)` -> dict, as for the file peers."""
-    from kvtier.bench.peers import as_dynamic_cache
+    from kvtier.agent.connectors.hf import dynamic_cache
 
     state = _engines[L]
     buf = state["buf"]
@@ -293,13 +289,13 @@ def restore(stored: dict[str, Any], model, ids: torch.Tensor, L: int, device: to
         buf.zero_()  # a retrieve that writes nothing cannot pass for one that worked
         got["first_retrieve_s"] = round(_retrieve(state, device)[1], 4)
     buf.zero_()
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     n, retrieve_s = _retrieve(state, device)
-    cache = as_dynamic_cache([(buf[i, 0], buf[i, 1]) for i in range(buf.shape[0])])
+    cache = dynamic_cache([(buf[i, 0], buf[i, 1]) for i in range(buf.shape[0])])
     t1 = time.perf_counter()
     out = model(input_ids=ids[:, L:], past_key_values=cache, use_cache=True, logits_to_keep=1)
-    _sync(device)
+    sync(device)
     t2 = time.perf_counter()
     got.update(check(cache, out))
     got["retrieved_tokens"] = n

@@ -92,27 +92,13 @@ def load(peer: str, path: Path, device: torch.device):
         return torch.load(path, map_location=device, weights_only=False)  # a pickled DynamicCache
     from safetensors.torch import load_file
 
+    from kvtier.agent.connectors.hf import dynamic_cache
+
     where = "cpu"
     if device.type == "cuda":  # safetensors wants an indexed CUDA device
         where = f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
     tensors = load_file(str(path), device=where)
-    return as_dynamic_cache(
-        [(tensors[f"{i}.keys"], tensors[f"{i}.values"]) for i in range(len(tensors) // 2)]
-    )
-
-
-def as_dynamic_cache(layers: list[tuple[torch.Tensor, torch.Tensor]]):
-    """A DynamicCache over these per-layer K and V tensors, used as they are (no copy)."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    cache = DynamicCache()
-    for k, v in layers:
-        layer = DynamicLayer()  # filled in place, as kvtier's connector does (update() would copy)
-        layer.lazy_initialization(k, v)
-        layer.keys, layer.values = k, v
-        cache.layers.append(layer)
-    return cache
+    return dynamic_cache([(tensors[f"{i}.keys"], tensors[f"{i}.values"]) for i in range(len(tensors) // 2)])
 
 
 def restore(stored: dict[str, Any], model, ids: torch.Tensor, L: int, device: torch.device, check) -> dict:

@@ -237,6 +237,12 @@ def modes_to_time(
     return ([chunk] if prefill == "both" or chunked_upto >= L else []) + [None]
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's work (nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def free_gpu_bytes(device: torch.device) -> int:
     """What a forward can still allocate: free device memory plus torch's cached, unused blocks."""
     free, _ = torch.cuda.mem_get_info(device)

@@ -51,6 +51,7 @@ from kvtier.agent.connectors.paged import LayerLoad
 from kvtier.agent.connectors.runs import runs
 from kvtier.agent.connectors.vllm.plan import Transfer
 from kvtier.agent.connectors.vllm.worker import Worker
+from kvtier.bench.prefill import sync
 from kvtier.bench.shapes import SHAPES, Shape
 from kvtier.dev.agents import AgentProcess, local_agent_config, spawn_agent
 
@@ -112,11 +113,6 @@ def vllm_kv_caches(
 
 
 # ------------------------------------------------------------------------------- measurements
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def best_of(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[float, Any]:
@@ -318,19 +314,16 @@ def d2h_bandwidth(device: torch.device, nbytes: int, repeats: int) -> float:
 def hf_source(caches: dict[str, torch.Tensor], pages: list[int], head_dim: int):
     """The context's KV as the HF path holds it (a DynamicCache, [1, heads, tokens, head_dim] per
     layer), from the same source pages: the HF restore moves the same bytes."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
+    from kvtier.agent.connectors.hf import dynamic_cache
 
     idx = torch.tensor(pages, device=next(iter(caches.values())).device)
-    cache = DynamicCache()
+    layers = []
     for t in caches.values():
         kv = t.index_select(0, idx).transpose(0, 1).flatten(1, 2)  # [heads, tokens, 2 x head_dim]
-        k, v = kv[..., :head_dim].unsqueeze(0).contiguous(), kv[..., head_dim:].unsqueeze(0).contiguous()
-        layer = DynamicLayer()
-        layer.lazy_initialization(k, v)
-        layer.keys, layer.values = k, v
-        cache.layers.append(layer)
-    return cache
+        layers.append(
+            (kv[..., :head_dim].unsqueeze(0).contiguous(), kv[..., head_dim:].unsqueeze(0).contiguous())
+        )
+    return dynamic_cache(layers)
 
 
 def run_length(ctx: Context, args: argparse.Namespace, report: dict[str, Any]) -> list[dict[str, Any]]:

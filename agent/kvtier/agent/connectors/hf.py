@@ -26,6 +26,18 @@ from kvtier.agent.keys import KVLayout, block_keys
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+def dynamic_cache(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A DynamicCache over these per-layer K and V tensors, used as they are: each layer is filled
+    in place (update() would copy the whole prefix once more)."""
+    cache = DynamicCache()
+    for k, v in layers:
+        layer = DynamicLayer()
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+        cache.layers.append(layer)
+    return cache
+
+
 @dataclass
 class Timings:
     """Where a save or restore spent its time (host clock; GPU phases end with a synchronize)."""
@@ -183,11 +195,6 @@ class HFKVCache:
             if device.type == "cuda":
                 torch.cuda.current_stream(device).synchronize()  # the arena may be reused once released
             t0 = t.mark("copy", t0)
-        cache = DynamicCache()
-        for li in range(lay.num_layers):
-            layer = DynamicLayer()  # filled in place: update() would copy the whole prefix once more
-            layer.lazy_initialization(kv[li, 0], kv[li, 1])
-            layer.keys, layer.values = kv[li, 0], kv[li, 1]
-            cache.layers.append(layer)
+        cache = dynamic_cache([(kv[li, 0], kv[li, 1]) for li in range(lay.num_layers)])
         t.mark("cache", t0)
         return cache, T
