@@ -199,6 +199,11 @@ def rank_main(index: int, plan: dict[str, Any], queue) -> None:
                     h2d_alone = measure_h2d(kv.arena, min(GiB, shard_bytes), device)
             dist.barrier()
             h2d_together = measure_h2d(kv.arena, min(GiB, shard_bytes), device) if on_gpu else 0.0
+            dist.barrier()
+            try:  # a diagnostic: never the reason a run is lost
+                placement = arena_placement(kv.arena, device) if on_gpu else {}
+            except Exception as exc:
+                placement = {"error": f"{type(exc).__name__}: {exc}"}
 
             def restore() -> dict[str, Any]:
                 timings = Timings()
@@ -236,6 +241,7 @@ def rank_main(index: int, plan: dict[str, Any], queue) -> None:
                     "saved": saved,
                     "h2d_alone": h2d_alone,
                     "h2d_together": h2d_together,
+                    "arena_placement": placement,
                     "first": {k: first[k] for k in ("restore_s", "kv_equal", "phases")},
                     "steady_restore_s": [round(r["restore_s"], 4) for r in steady],
                     "steady_phases": [r["phases"] for r in steady],
@@ -304,6 +310,55 @@ def rank_main(index: int, plan: dict[str, Any], queue) -> None:
     dist.destroy_process_group()
 
 
+def arena_placement(arena, device) -> dict[str, Any]:
+    """Where the arena's pages sit and what each segment gives this GPU: a copy slower than the link
+    probe shows up here as slow segments (memory on the far NUMA node, say) or as none (then the
+    cost is in the copy's issue, not in the link)."""
+    import statistics
+
+    from kvtier.agent.connectors.gpu import GpuArena, measure_h2d
+
+    pages: dict[str, int] = {}
+    try:
+        with open("/proc/self/numa_maps") as maps:  # pages of the shared memfd mappings, per node
+            for line in maps:
+                if "memfd:" not in line:
+                    continue
+                for field in line.split():
+                    if field.startswith("N") and "=" in field:
+                        node, count = field[1:].split("=")
+                        pages[node] = pages.get(node, 0) + int(count)
+    except OSError:
+        pass
+    gbps = []
+    for seg in arena.host.values():
+        one = GpuArena.__new__(GpuArena)
+        one.host = {0: seg}  # measure_h2d reads the largest segment: this one alone
+        gbps.append(round(measure_h2d(one, 256 << 20, device, repeats=2) / 1e9, 1))
+    return {
+        "gpu_numa_node": _gpu_numa_node(device),
+        "memfd_pages_per_node": pages,
+        "segment_h2d_gbps": {
+            "min": min(gbps, default=0.0),
+            "median": statistics.median(gbps) if gbps else 0.0,
+            "max": max(gbps, default=0.0),
+            "slow_segments": sum(1 for g in gbps if gbps and g < 0.85 * max(gbps)),
+            "segments": len(gbps),
+        },
+    }
+
+
+def _gpu_numa_node(device) -> int | None:
+    import torch
+
+    try:
+        props = torch.cuda.get_device_properties(device)
+        bus = f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+        return int(Path(f"/sys/bus/pci/devices/{bus}/numa_node").read_text())
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 def summarize(L, shard_bytes, world, tp, per_rank, nvme, disk, shared=False) -> list[dict[str, Any]]:
     """Rows (DRAM, and NVMe when measured) for one context length from every rank's measurements.
 
@@ -356,6 +411,7 @@ def summarize(L, shard_bytes, world, tp, per_rank, nvme, disk, shared=False) -> 
         h2d_together_gbps=[round(r["h2d_together"] / 1e9, 2) for r in per_rank],
         aggregate_restore_gbps=round(aggregate / 1e9, 2),
         n_x_h2d_over_aggregate=round(n_h2d / aggregate, 3) if on_gpu else None,
+        arena_placement=[r["arena_placement"] for r in per_rank],
     )
     if not nvme:
         return [dram_row]

@@ -18,9 +18,9 @@ import torch
 from transformers import DynamicCache  # at import, not on the first restore (importing takes seconds)
 from transformers.cache_utils import DynamicLayer
 
-from kvtier.agent.client import CONNECTION_LOST, Client
+from kvtier.agent.client import CONNECTION_LOST, Client, Pinned
 from kvtier.agent.connectors.gpu import ArenaConnection, GpuArena, Staging, gpu_to_host, host_to_gpu
-from kvtier.agent.connectors.runs import GROUP_BYTES
+from kvtier.agent.connectors.runs import GROUP_BYTES, READ_FIRST, READ_MOST
 from kvtier.agent.keys import KVLayout, block_keys
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -90,6 +90,14 @@ class HFKVCache:
         B = self.layout.block_tokens
         part = tensor[0, :, first * B : last * B, :]
         return part.unflatten(1, (last - first, B)).transpose(0, 1)
+
+    def _joint_blocks(self, kv: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        """[layer, k/v, 1, H, T, D] tensor -> [n, layer, k/v, H, B, D] view of blocks first..last (no
+        copy): a group of staged blocks lands in every layer with one copy (one launch per group; a
+        launch per layer was launch-bound for many-layer models)."""
+        B = self.layout.block_tokens
+        part = kv[:, :, 0, :, first * B : last * B, :]
+        return part.unflatten(3, (last - first, B)).permute(3, 0, 1, 2, 4, 5)
 
     # ------------------------------------------------------------------------------- save
 
@@ -172,29 +180,56 @@ class HFKVCache:
         usable = max(0, len(token_ids) - keep_last)
         keys = block_keys(token_ids[:usable], lay.block_tokens, extra)
         t0 = time.perf_counter()
-        with self.client.read(lay.fingerprint, keys) as pinned:
-            n = t.blocks = len(pinned)
-            t0 = t.mark("read", t0)  # lookup + pin (+ promotion from NVMe)
-            if n == 0:
-                return None, 0
-            arena = self.arena
+        # The count first (cheap), so the destination is allocated once at its size; then pins and
+        # copies chunk by chunk, so each chunk's pin (and promotion from NVMe) runs while the GPU
+        # copies the one before, and each chunk is unpinned as soon as its copies are done.
+        have = self.client.lookup(lay.fingerprint, keys) if keys else 0
+        if have == 0:
+            t.mark("read", t0)
+            return None, 0
+        on_gpu = device.type == "cuda"
+        # one allocation for every layer's K and V: [layer, k/v, 1, heads, tokens, dim]
+        kv = torch.empty(
+            (lay.num_layers, 2, 1, lay.num_kv_heads, have * lay.block_tokens, lay.head_dim),
+            dtype=self.dtype,
+            device=device,
+        )
+        copying: list[tuple[torch.cuda.Event | None, Pinned]] = []  # chunks in flight, oldest first
+        n, size = 0, READ_FIRST
+        try:
+            while n < have:
+                # a shorter answer than asked (a reply carries at most so many new segments) goes on
+                # from where it stopped; an empty one is a block evicted since the lookup: the end
+                pinned = self.client.read(lay.fingerprint, keys[n : n + size])
+                copying.append((None, pinned))
+                if not n:
+                    t0 = t.mark("read", t0)  # lookup + the first chunk's pin (+ promotion from NVMe)
+                if not pinned:
+                    break
+
+                def scatter(first: int, staged: torch.Tensor, lo: int = n) -> None:
+                    g = staged.numel() // lay.block_bytes
+                    self._joint_blocks(kv, lo + first, lo + first + g).copy_(self._block_view(staged, g))
+
+                locations = [(b.segment, b.offset) for b in pinned]
+                host_to_gpu(self.arena, locations, lay.block_bytes, scatter, staging)
+                done = torch.cuda.Event() if on_gpu else None
+                if done is not None:
+                    done.record(torch.cuda.current_stream(device))
+                copying[-1] = (done, pinned)
+                n, size = n + len(pinned), min(READ_MOST, size * 4)
+                while copying and (copying[0][0] is None or copying[0][0].query()):
+                    copying.pop(0)[1].release()  # copied: the agent may evict or reuse these now
             T = n * lay.block_tokens
-            # one allocation for every layer's K and V: [layer, k/v, 1, heads, tokens, dim]
-            kv = torch.empty(
-                (lay.num_layers, 2, 1, lay.num_kv_heads, T, lay.head_dim), dtype=self.dtype, device=device
-            )
-
-            def scatter(first: int, staged: torch.Tensor) -> None:
-                g = staged.numel() // lay.block_bytes
-                blocks = self._block_view(staged, g)
-                for li in range(lay.num_layers):
-                    self._layer_blocks(kv[li, 0], first, first + g).copy_(blocks[:, li, 0])
-                    self._layer_blocks(kv[li, 1], first, first + g).copy_(blocks[:, li, 1])
-
-            host_to_gpu(arena, [(b.segment, b.offset) for b in pinned], lay.block_bytes, scatter, staging)
-            if device.type == "cuda":
-                torch.cuda.current_stream(device).synchronize()  # the arena may be reused once released
-            t0 = t.mark("copy", t0)
-        cache = dynamic_cache([(kv[li, 0], kv[li, 1]) for li in range(lay.num_layers)])
-        t.mark("cache", t0)
+            if 0 < n < have:  # a shorter prefix than counted: a tensor of its own size
+                kv = kv[..., :T, :].contiguous()
+            # built while the GPU still copies (holds views only)
+            cache = dynamic_cache([(kv[li, 0], kv[li, 1]) for li in range(lay.num_layers)]) if n else None
+        finally:
+            for done, pinned in copying:  # the arena may be reused once released: wait for the copies
+                if done is not None:
+                    done.synchronize()
+                pinned.release()
+        t.blocks = n
+        t.mark("copy", t0)
         return cache, T
