@@ -67,8 +67,34 @@ build)
         export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
         export BUILD_WITH_CUDA=1
     fi
-    rm -rf "$out/src" "$out/site" "$out/deps" "$out/buildtools"
+    rm -rf "$out/src" "$out/site" "$out/deps" "$out/buildtools" "$out/cudalink"
     mkdir -p "$out/src" "$out/site" "$out/deps" "$out/buildtools"
+    export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+    if [ "${NO_GPU_EXT:-0}" != 1 ]; then
+        # fail in a second, not after minutes of compiling: a toolkit assembled from pip wheels can pair
+        # nvcc with a newer nvvm whose PTX its ptxas rejects ("Unsupported .version")
+        mkdir -p "$out/cudalink"
+        echo '__global__ void probe(int *p) { *p = 1; }' >"$out/cudalink/probe.cu"
+        for arch in ${TORCH_CUDA_ARCH_LIST//;/ }; do
+            arch=${arch%+PTX}
+            arch=${arch//./}
+            nvcc -c "$out/cudalink/probe.cu" -o "$out/cudalink/probe.o" -gencode="arch=compute_$arch,code=sm_$arch" || {
+                echo "nvcc cannot compile a trivial kernel for sm_$arch: fix the CUDA toolkit first"
+                exit 1
+            }
+        done
+        # the extension links with -lcudart; pip's CUDA runtime wheel ships only libcudart.so.13
+        # (no development symlink), so give the linker one (the built module still needs .so.13,
+        # which torch loads first); the toolkit's own, else the one next to torch
+        if ! ls "$CUDA_HOME"/lib64/libcudart.so "$CUDA_HOME"/lib/libcudart.so >/dev/null 2>&1; then
+            cudart=$(ls "$CUDA_HOME"/lib*/libcudart.so.[0-9]* 2>/dev/null | head -1 || true)
+            [ -n "$cudart" ] || cudart=$("$PYTHON" -c 'import glob, site; print(([f for p in site.getsitepackages() for f in glob.glob(p + "/nvidia/*/lib/libcudart.so.[0-9]*")] or [""])[0])')
+            [ -n "$cudart" ] || { echo "no libcudart.so under $CUDA_HOME/lib64, $CUDA_HOME/lib or next to torch"; exit 1; }
+            ln -s "$cudart" "$out/cudalink/libcudart.so"
+            export LDFLAGS="-L$out/cudalink${LDFLAGS:+ $LDFLAGS}"
+            echo "linking against $cudart"
+        fi
+    fi
     tar xzf "$sdist" -C "$out/src"
     src=$(ls -d "$out"/src/lmcache-*)
     # build-only tools the machine lacks (setuptools_scm reads the version from the sdist's PKG-INFO),
@@ -86,7 +112,6 @@ build)
     # lmcache_redis) without the wheel's build_py step, which generates gRPC stubs for the
     # multi-process server (grpc_tools) that the in-process engine does not use.
     cd "$src"
-    export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
     export MAX_JOBS=${MAX_JOBS:-$(nproc)}
     export ENABLE_CXX11_ABI=1
     echo "== TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS CUDA_HOME=${CUDA_HOME:-}"
