@@ -24,6 +24,12 @@ cmd=${1:?usage: $0 build|start|status|check|pack ...}
 
 abs() { mkdir -p "$1" && cd "$1" && pwd; }
 
+# the first file matching a pattern in the nvidia/ folder that pip's CUDA wheels install next to torch
+# (empty when none): nvidia/cu13/bin/nvcc, nvidia/cu13/lib/libcudart.so.13
+next_to_torch() {
+    "$PYTHON" -c 'import glob, site, sys; print(([f for p in site.getsitepackages() for f in glob.glob(p + "/nvidia/" + sys.argv[1])] or [""])[0])' "$1"
+}
+
 check() {
     local out=$1
     PYTHONPATH="$out/site:$out/deps${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" - <<'EOF'
@@ -55,7 +61,7 @@ build)
     # nvcc from the CUDA toolkit; ninja (parallel compiles) from the Python environment's own bin
     for d in /usr/local/cuda/bin /usr/local/cuda-13*/bin; do [ -x "$d/nvcc" ] && PATH="$PATH:$d"; done
     if ! command -v nvcc >/dev/null; then # a toolkit from pip (nvidia/cu13/bin/nvcc next to torch)
-        d=$("$PYTHON" -c 'import glob, site; print(([f for p in site.getsitepackages() for f in glob.glob(p + "/nvidia/*/bin/nvcc")] or [""])[0])')
+        d=$(next_to_torch "*/bin/nvcc")
         [ -n "$d" ] && PATH="$PATH:$(dirname "$d")"
     fi
     PATH="$(dirname "$PYTHON"):$PATH"
@@ -88,7 +94,7 @@ build)
         # which torch loads first); the toolkit's own, else the one next to torch
         if ! ls "$CUDA_HOME"/lib64/libcudart.so "$CUDA_HOME"/lib/libcudart.so >/dev/null 2>&1; then
             cudart=$(ls "$CUDA_HOME"/lib*/libcudart.so.[0-9]* 2>/dev/null | head -1 || true)
-            [ -n "$cudart" ] || cudart=$("$PYTHON" -c 'import glob, site; print(([f for p in site.getsitepackages() for f in glob.glob(p + "/nvidia/*/lib/libcudart.so.[0-9]*")] or [""])[0])')
+            [ -n "$cudart" ] || cudart=$(next_to_torch "*/lib/libcudart.so.[0-9]*")
             [ -n "$cudart" ] || { echo "no libcudart.so under $CUDA_HOME/lib64, $CUDA_HOME/lib or next to torch"; exit 1; }
             ln -s "$cudart" "$out/cudalink/libcudart.so"
             export LDFLAGS="-L$out/cudalink${LDFLAGS:+ $LDFLAGS}"
