@@ -24,6 +24,12 @@ cmd=${1:?usage: $0 build|start|status|check|pack ...}
 
 abs() { mkdir -p "$1" && cd "$1" && pwd; }
 
+# the first file matching a pattern in the nvidia/ folder that pip's CUDA wheels install next to torch
+# (empty when none): nvidia/cu13/bin/nvcc, nvidia/cu13/lib/libcudart.so.13
+next_to_torch() {
+    "$PYTHON" -c 'import glob, site, sys; print(([f for p in site.getsitepackages() for f in glob.glob(p + "/nvidia/" + sys.argv[1])] or [""])[0])' "$1"
+}
+
 check() {
     local out=$1
     PYTHONPATH="$out/site:$out/deps${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" - <<'EOF'
@@ -55,7 +61,7 @@ build)
     # nvcc from the CUDA toolkit; ninja (parallel compiles) from the Python environment's own bin
     for d in /usr/local/cuda/bin /usr/local/cuda-13*/bin; do [ -x "$d/nvcc" ] && PATH="$PATH:$d"; done
     if ! command -v nvcc >/dev/null; then # a toolkit from pip (nvidia/cu13/bin/nvcc next to torch)
-        d=$("$PYTHON" -c 'import glob, site; print(([f for p in site.getsitepackages() for f in glob.glob(p + "/nvidia/*/bin/nvcc")] or [""])[0])')
+        d=$(next_to_torch "*/bin/nvcc")
         [ -n "$d" ] && PATH="$PATH:$(dirname "$d")"
     fi
     PATH="$(dirname "$PYTHON"):$PATH"
@@ -67,8 +73,34 @@ build)
         export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
         export BUILD_WITH_CUDA=1
     fi
-    rm -rf "$out/src" "$out/site" "$out/deps" "$out/buildtools"
+    rm -rf "$out/src" "$out/site" "$out/deps" "$out/buildtools" "$out/cudalink"
     mkdir -p "$out/src" "$out/site" "$out/deps" "$out/buildtools"
+    export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+    if [ "${NO_GPU_EXT:-0}" != 1 ]; then
+        # fail in a second, not after minutes of compiling: a toolkit assembled from pip wheels can pair
+        # nvcc with a newer nvvm whose PTX its ptxas rejects ("Unsupported .version")
+        mkdir -p "$out/cudalink"
+        echo '__global__ void probe(int *p) { *p = 1; }' >"$out/cudalink/probe.cu"
+        for arch in ${TORCH_CUDA_ARCH_LIST//;/ }; do
+            arch=${arch%+PTX}
+            arch=${arch//./}
+            nvcc -c "$out/cudalink/probe.cu" -o "$out/cudalink/probe.o" -gencode="arch=compute_$arch,code=sm_$arch" || {
+                echo "nvcc cannot compile a trivial kernel for sm_$arch: fix the CUDA toolkit first"
+                exit 1
+            }
+        done
+        # the extension links with -lcudart; pip's CUDA runtime wheel ships only libcudart.so.13
+        # (no development symlink), so give the linker one (the built module still needs .so.13,
+        # which torch loads first); the toolkit's own, else the one next to torch
+        if ! ls "$CUDA_HOME"/lib64/libcudart.so "$CUDA_HOME"/lib/libcudart.so >/dev/null 2>&1; then
+            cudart=$(ls "$CUDA_HOME"/lib*/libcudart.so.[0-9]* 2>/dev/null | head -1 || true)
+            [ -n "$cudart" ] || cudart=$(next_to_torch "*/lib/libcudart.so.[0-9]*")
+            [ -n "$cudart" ] || { echo "no libcudart.so under $CUDA_HOME/lib64, $CUDA_HOME/lib or next to torch"; exit 1; }
+            ln -s "$cudart" "$out/cudalink/libcudart.so"
+            export LDFLAGS="-L$out/cudalink${LDFLAGS:+ $LDFLAGS}"
+            echo "linking against $cudart"
+        fi
+    fi
     tar xzf "$sdist" -C "$out/src"
     src=$(ls -d "$out"/src/lmcache-*)
     # build-only tools the machine lacks (setuptools_scm reads the version from the sdist's PKG-INFO),
@@ -86,7 +118,6 @@ build)
     # lmcache_redis) without the wheel's build_py step, which generates gRPC stubs for the
     # multi-process server (grpc_tools) that the in-process engine does not use.
     cd "$src"
-    export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
     export MAX_JOBS=${MAX_JOBS:-$(nproc)}
     export ENABLE_CXX11_ABI=1
     echo "== TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS CUDA_HOME=${CUDA_HOME:-}"
