@@ -8,6 +8,7 @@
 # 3. The TP=2 groups on both GPUs, with nothing else running on the host: the 70B shape at 131k,
 #    then Qwen2.5-7B at 131k, 262k and 410k (NVMe at 262k); each times one-shot and chunked prefill.
 # Every ratio is against a floor measured in the same process at the same time.
+# SKIP_WORKER=1 leaves out the vLLM worker benchmark.
 # Usage: run-h200x2-lmcache-tp.sh OUTDIR WHEELS  (WHEELS/15: LMCache's sdist and the wheels it lacks),
 # from the repository root with kvtier importable. Progress: OUTDIR/stages.log.
 set -u
@@ -33,14 +34,16 @@ stage() { echo "[$(($(date +%s) - start))s] $*" >>"$out/stages.log"; }
 
 stage "lmcache build started; vllm-worker on GPU0, CUDA tests on GPU1"
 MAX_JOBS=${LMCACHE_JOBS:-24} bash bench/lmcache-build.sh start "$wheels/15" "$lm" >"$out/lmcache-start.log" 2>&1
-CUDA_VISIBLE_DEVICES=0 timeout 240 $kv bench vllm-worker "$out" --tokens 16384,65536,131072 \
-    >"$out/vllm-worker.log" 2>&1 &
-worker=$!
+worker=
+if [ "${SKIP_WORKER:-0}" != 1 ]; then
+    CUDA_VISIBLE_DEVICES=0 timeout 240 $kv bench vllm-worker "$out" --tokens 16384,65536,131072 \
+        >"$out/vllm-worker.log" 2>&1 &
+    worker=$!
+fi
 CUDA_VISIBLE_DEVICES=1 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu \
     tests/torch/test_paged_copies.py tests/torch/test_hf_connector_cpu.py >"$out/gpu-tests.log" 2>&1
 stage "gpu tests rc=$?"
-wait $worker
-stage "vllm-worker rc=$?"
+[ -z "$worker" ] || { wait "$worker"; stage "vllm-worker rc=$?"; }
 
 for _ in $(seq 1 "${LMCACHE_WAIT_S:-900}"); do
     bash bench/lmcache-build.sh status "$lm" 2>/dev/null | head -1 | grep -q -E 'status: (ok|failed)' && break

@@ -21,6 +21,15 @@ def test_block_keys_chain_and_only_full_blocks():
     assert all(len(k) == 32 for k in keys)
 
 
+@pytest.mark.parametrize("extra", [None, "salt"])
+def test_block_keys_continue_from_a_known_prefix(extra):
+    """A restore hashes the first chunk's keys, then the rest from the last of them: same keys."""
+    tokens = list(range(10 * 4 + 3))
+    whole = block_keys(tokens, 4, extra)
+    first = block_keys(tokens[:12], 4, extra)
+    assert first + block_keys(tokens[12:], 4, extra, after=first[-1]) == whole
+
+
 def test_layout_fingerprint_separates_incompatible_kv():
     a = KVLayout("qwen2.5-7b", "bfloat16", 28, 4, 128, 256)
     assert a.block_bytes == 256 * 57344, "Qwen2.5-7B: 57,344 KV bytes per token in bf16"

@@ -24,9 +24,14 @@ ROOT = hashlib.sha256(b"kvtier-chain-v1").digest()
 
 
 def block_keys(
-    token_ids: list[int] | tuple[int, ...], block_tokens: int, extra: bytes | str | None = None
+    token_ids: list[int] | tuple[int, ...],
+    block_tokens: int,
+    extra: bytes | str | None = None,
+    after: bytes | None = None,
 ) -> list[bytes]:
-    """Keys of the full blocks of a token sequence (a partial last block gets none)."""
+    """Keys of the full blocks of a token sequence (a partial last block gets none). `after`: the
+    key of the block before these (the sequence continues a prefix whose keys are known; `extra`
+    belongs to the first block of the whole sequence, so it is not applied again)."""
     n = len(token_ids) // block_tokens
     try:
         packed = memoryview(array.array("I", token_ids[: n * block_tokens]).tobytes())  # 4-byte LE, in C
@@ -37,9 +42,11 @@ def block_keys(
     if sys.byteorder != "little":
         packed = memoryview(struct.pack(f"<{n * block_tokens}I", *token_ids[: n * block_tokens]))
     extra_bytes = extra.encode() if isinstance(extra, str) else (extra or b"")
+    if after is not None:
+        extra_bytes = b""
     step = 4 * block_tokens
     keys = []
-    parent = ROOT
+    parent = ROOT if after is None else after
     for i in range(n):
         h = hashlib.sha256(parent)
         h.update(packed[i * step : (i + 1) * step])

@@ -44,7 +44,8 @@ class GpuArena:
                     tensor.data_ptr(), tensor.numel(), _REGISTER_READ_ONLY if readonly else 0
                 )
                 if int(err) != 0:
-                    raise RuntimeError(f"cudaHostRegister failed ({err}) for segment {seg_id}")
+                    _clear_cuda_error()  # else the next kernel launch anywhere reports it
+                    raise RuntimeError(f"cudaHostRegister failed ({int(err)}) for segment {seg_id}")
             self.host[seg_id] = tensor
 
     def close(self) -> None:
@@ -73,6 +74,12 @@ class ArenaConnection(AgentConnection):
             self._arena = GpuArena(self.client, pin=self.pin)
         self._arena.sync()
         return self._arena
+
+    def release_arena(self) -> None:
+        """Unregister the arena from CUDA (it registers again on the next use): before the memory it
+        covers can be unmapped, a registration over unmapped memory makes the next one there fail."""
+        with self._lock:
+            self._release()
 
     def _release(self) -> None:
         if self._arena is not None:
@@ -152,35 +159,39 @@ def gpu_to_host(
             torch.cuda.current_stream().synchronize()  # staging is reused by the next group
 
 
-_cudart_2d: Any = None  # cudaMemcpy2DAsync from the CUDA runtime torch loaded, False where none is found
+_cudart_fns: dict[str, Any] = {}  # functions of the CUDA runtime torch loaded; False where not found
 
 
-def _memcpy2d() -> Any:
-    """cudaMemcpy2DAsync from the CUDA runtime library torch loaded (torch does not expose it)."""
-    global _cudart_2d
-    if _cudart_2d is None:
-        _cudart_2d = False
+def _cudart(name: str, argtypes: list[Any]) -> Any:
+    """A function of the CUDA runtime library torch loaded (torch does not expose every one)."""
+    if name not in _cudart_fns:
+        _cudart_fns[name] = False
         try:
             with open("/proc/self/maps") as maps:
                 paths = [line.split()[-1] for line in maps if "/libcudart.so" in line]
             if paths:
-                fn = ctypes.CDLL(paths[0]).cudaMemcpy2DAsync
-                size = ctypes.c_size_t
-                fn.argtypes = [
-                    ctypes.c_void_p,
-                    size,
-                    ctypes.c_void_p,
-                    size,
-                    size,
-                    size,
-                    ctypes.c_int,
-                    ctypes.c_void_p,
-                ]
+                fn = getattr(ctypes.CDLL(paths[0]), name)
+                fn.argtypes = argtypes
                 fn.restype = ctypes.c_int
-                _cudart_2d = fn
+                _cudart_fns[name] = fn
         except (OSError, AttributeError):
             pass
-    return _cudart_2d
+    return _cudart_fns[name]
+
+
+def _memcpy2d() -> Any:
+    size = ctypes.c_size_t
+    return _cudart(
+        "cudaMemcpy2DAsync",
+        [ctypes.c_void_p, size, ctypes.c_void_p, size, size, size, ctypes.c_int, ctypes.c_void_p],
+    )
+
+
+def _clear_cuda_error() -> None:
+    """A failed runtime call leaves its error to be reported by the next kernel launch: clear it."""
+    fn = _cudart("cudaGetLastError", [])
+    if fn:
+        fn()
 
 
 def host_rows_available() -> bool:
@@ -198,8 +209,7 @@ def host_rows_to_gpu(
         return False
     err = fn(dst.data_ptr(), width, src_address, src_pitch, width, rows, _HOST_TO_DEVICE, stream.cuda_stream)
     if err != 0:  # an argument the runtime refuses (nothing was copied): copies row by row from now on
-        global _cudart_2d
-        _cudart_2d = False
+        _cudart_fns["cudaMemcpy2DAsync"] = False
         log.warning("cudaMemcpy2DAsync refused a copy (error %d): layer-wise loads copy block by block", err)
         return False
     return True

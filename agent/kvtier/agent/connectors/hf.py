@@ -12,6 +12,7 @@ token, head dim] (the fingerprint says so), so one block is one contiguous exten
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -62,6 +63,12 @@ class HFKVCache:
         self.layout = layout
         self.dtype = _DTYPES[layout.dtype]
         self._staging: dict[torch.device, Staging] = {}
+        # dropped without close(): its CUDA registrations go before the client's mappings can
+        weakref.finalize(self, self.conn.release_arena)
+
+    def close(self) -> None:
+        """Unregister the arena and close the connection (the client passed in too)."""
+        self.conn.close()
 
     @property
     def client(self) -> Client | None:
@@ -174,42 +181,41 @@ class HFKVCache:
 
     def _restore(self, token_ids, device, extra, keep_last, timings):
         lay = self.layout
+        B = lay.block_tokens
         t = timings or Timings()
         device = torch.device(device)
         staging = self.staging(device)
-        usable = max(0, len(token_ids) - keep_last)
-        keys = block_keys(token_ids[:usable], lay.block_tokens, extra)
+        blocks = max(0, len(token_ids) - keep_last) // B  # full blocks the model may skip
         t0 = time.perf_counter()
-        # The count first (cheap), so the destination is allocated once at its size; then pins and
-        # copies chunk by chunk, so each chunk's pin (and promotion from NVMe) runs while the GPU
-        # copies the one before, and each chunk is unpinned as soon as its copies are done.
-        have = self.client.lookup(lay.fingerprint, keys) if keys else 0
-        if have == 0:
-            t.mark("read", t0)
-            return None, 0
+        # Pins and copies go chunk by chunk: each chunk is pinned (and promoted from NVMe) while the
+        # GPU copies the one before, and unpinned once its copies are done. Only the first chunk's
+        # keys come before the first copy; the rest are hashed while it runs.
+        keys = block_keys(token_ids[: min(blocks, READ_FIRST) * B], B, extra)
         on_gpu = device.type == "cuda"
-        # one allocation for every layer's K and V: [layer, k/v, 1, heads, tokens, dim]
-        kv = torch.empty(
-            (lay.num_layers, 2, 1, lay.num_kv_heads, have * lay.block_tokens, lay.head_dim),
-            dtype=self.dtype,
-            device=device,
-        )
+        kv = None
         copying: list[tuple[torch.cuda.Event | None, Pinned]] = []  # chunks in flight, oldest first
         n, size = 0, READ_FIRST
         try:
-            while n < have:
+            while n < blocks:
                 # a shorter answer than asked (a reply carries at most so many new segments) goes on
-                # from where it stopped; an empty one is a block evicted since the lookup: the end
+                # from where it stopped; an empty one is the end of what the pool holds
                 pinned = self.client.read(lay.fingerprint, keys[n : n + size])
                 copying.append((None, pinned))
-                if not n:
-                    t0 = t.mark("read", t0)  # lookup + the first chunk's pin (+ promotion from NVMe)
                 if not pinned:
                     break
+                if kv is None:
+                    t0 = t.mark("read", t0)  # the first chunk's keys and pin (+ promotion from NVMe)
+                    # every layer's K and V in one allocation, [layer, k/v, 1, heads, tokens, dim], sized
+                    # for the whole prompt: the forward after a shorter hit needs that room anyway
+                    kv = torch.empty(
+                        (lay.num_layers, 2, 1, lay.num_kv_heads, blocks * B, lay.head_dim),
+                        dtype=self.dtype,
+                        device=device,
+                    )
 
-                def scatter(first: int, staged: torch.Tensor, lo: int = n) -> None:
+                def scatter(first: int, staged: torch.Tensor, lo: int = n, dest: torch.Tensor = kv) -> None:
                     g = staged.numel() // lay.block_bytes
-                    self._joint_blocks(kv, lo + first, lo + first + g).copy_(self._block_view(staged, g))
+                    self._joint_blocks(dest, lo + first, lo + first + g).copy_(self._block_view(staged, g))
 
                 locations = [(b.segment, b.offset) for b in pinned]
                 host_to_gpu(self.arena, locations, lay.block_bytes, scatter, staging)
@@ -218,10 +224,12 @@ class HFKVCache:
                     done.record(torch.cuda.current_stream(device))
                 copying[-1] = (done, pinned)
                 n, size = n + len(pinned), min(READ_MOST, size * 4)
+                if len(keys) < blocks:  # the remaining keys, chained from the last one, while the GPU copies
+                    keys += block_keys(token_ids[len(keys) * B : blocks * B], B, after=keys[-1])
                 while copying and (copying[0][0] is None or copying[0][0].query()):
                     copying.pop(0)[1].release()  # copied: the agent may evict or reuse these now
-            T = n * lay.block_tokens
-            if 0 < n < have:  # a shorter prefix than counted: a tensor of its own size
+            T = n * B
+            if 0 < n < blocks:  # a shorter prefix: a tensor of its own size (the big one is freed)
                 kv = kv[..., :T, :].contiguous()
             # built while the GPU still copies (holds views only)
             cache = dynamic_cache([(kv[li, 0], kv[li, 1]) for li in range(lay.num_layers)]) if n else None

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 GROUP_BYTES = 256 << 20  # staging buffer per group of blocks (two in flight)
-# A restore pins blocks chunk by chunk: a small first chunk (its pin is all the copies wait for), then
-# chunks growing 4x up to READ_MOST blocks, each pinned while the GPU copies the one before.
-READ_FIRST, READ_MOST = 16, 512
+# A restore pins blocks chunk by chunk: a small first chunk (its keys and pin are all the copies wait
+# for), then chunks growing 4x up to READ_MOST blocks, each pinned while the GPU copies the one before.
+READ_FIRST, READ_MOST = 32, 512
 
 
 @dataclass(frozen=True)
