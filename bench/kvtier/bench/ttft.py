@@ -548,10 +548,16 @@ def report(args: argparse.Namespace) -> int:
     merged["runs"] = [
         {"command": p.get("command"), "date": p.get("date"), "ceilings": p.get("ceilings")} for p in parts
     ]
-    merged["prefill"] = {k: v for p in parts for k, v in (p.get("prefill") or {}).items()}
-    merged["results"] = sorted(
-        (r for p in parts for r in p["results"]), key=lambda r: (r["tier"], r["tokens"])
-    )
+    # a row (tier, length) or a prefill length that several files hold comes from the first of them:
+    # a later run adds what the earlier ones lack (a peer, a length), it does not replace their rows
+    merged["prefill"] = {}
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    for p in parts:
+        for k, v in (p.get("prefill") or {}).items():
+            merged["prefill"].setdefault(k, v)
+        for r in p["results"]:
+            rows.setdefault((r["tier"], r["tokens"]), r)
+    merged["results"] = sorted(rows.values(), key=lambda r: (r["tier"], r["tokens"]))
     Path(args.out).write_text(json.dumps(merged, indent=2))
     print_table(
         sorted(merged["results"], key=lambda r: (r["tokens"], r["tier"])),
