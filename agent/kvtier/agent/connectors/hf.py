@@ -187,19 +187,23 @@ class HFKVCache:
         staging = self.staging(device)
         blocks = max(0, len(token_ids) - keep_last) // B  # full blocks the model may skip
         t0 = time.perf_counter()
-        # Pins and copies go chunk by chunk: each chunk is pinned (and promoted from NVMe) while the
-        # GPU copies the one before, and unpinned once its copies are done. Only the first chunk's
-        # keys come before the first copy; the rest are hashed while it runs.
-        keys = block_keys(token_ids[: min(blocks, READ_FIRST) * B], B, extra)
+        # Pins and copies go chunk by chunk: each chunk's keys are hashed and its blocks pinned (and
+        # promoted from NVMe) while the GPU copies the chunk before, and unpinned once copied. Only
+        # the first chunk's keys and pin come before the first copy.
+        keys: list[bytes] = []
         on_gpu = device.type == "cuda"
         kv = None
         copying: list[tuple[torch.cuda.Event | None, Pinned]] = []  # chunks in flight, oldest first
         n, size = 0, READ_FIRST
         try:
             while n < blocks:
+                end = min(blocks, n + size)
+                if len(keys) < end:  # chained from the last key hashed
+                    more = token_ids[len(keys) * B : end * B]
+                    keys += block_keys(more, B, extra, after=keys[-1] if keys else None)
                 # a shorter answer than asked (a reply carries at most so many new segments) goes on
                 # from where it stopped; an empty one is the end of what the pool holds
-                pinned = self.client.read(lay.fingerprint, keys[n : n + size])
+                pinned = self.client.read(lay.fingerprint, keys[n:end])
                 copying.append((None, pinned))
                 if not pinned:
                     break
@@ -224,8 +228,6 @@ class HFKVCache:
                     done.record(torch.cuda.current_stream(device))
                 copying[-1] = (done, pinned)
                 n, size = n + len(pinned), min(READ_MOST, size * 4)
-                if len(keys) < blocks:  # the remaining keys, chained from the last one, while the GPU copies
-                    keys += block_keys(token_ids[len(keys) * B : blocks * B], B, after=keys[-1])
                 while copying and (copying[0][0] is None or copying[0][0].query()):
                     copying.pop(0)[1].release()  # copied: the agent may evict or reuse these now
             T = n * B
