@@ -34,11 +34,12 @@ def test_tensor_parallel_results_reproduce_their_summary(tmp_path):
     assert {("DeepSeek-R1-Distill-Llama-70B", 2, 2), ("Qwen2.5-7B", 2, 2), ("Qwen2.5-7B", 1, 1)} <= groups
     for r in summary:
         assert r["kv_bitwise_equal"], r
-    # the docs' claims: whole TP=2 Qwen groups within 1.2x of the per-GPU floor at 131k-410k, the 70B
-    # group at 1.33x (an open item), and two links adding up to within 1.07x of twice one link
+    # the docs' claims: every whole TP=2 group (Qwen at 131k-410k, the 70B at 131k) within 1.15x of
+    # the per-GPU floor
     qwen2 = [r for r in summary if r["tp"] == 2 and r["model"].startswith("Qwen")]
     assert [r["tokens"] for r in qwen2] == [131072, 262144, 419840]
-    assert all(r["dram_vs_floor"] <= 1.2 and r["n_x_h2d_over_aggregate"] <= 1.07 for r in qwen2), qwen2
+    whole_groups = [r for r in summary if r["tp"] == 2 and len(r["ranks"]) == 2]
+    assert len(whole_groups) == 4 and all(r["dram_vs_floor"] <= 1.15 for r in whole_groups), whole_groups
     tp1 = {r["tokens"]: r for r in summary if r["tp"] == 1}
     for r in qwen2:  # the same context restores faster on two links than on one
         assert r["dram_restore_s"] < tp1[r["tokens"]]["dram_restore_s"], r
@@ -103,3 +104,19 @@ def test_single_gpu_rows_divide_by_the_fastest_recompute_measured(tmp_path):
         )
     assert run["prefill"]["419840"]["fastest"].startswith("chunked")
     assert run["prefill"]["1015808"]["fastest"].startswith("chunked")
+
+
+def test_lmcache_peer_ran_with_its_cuda_ops_and_kvtier_restored_faster():
+    """docs/benchmarks: LMCache built against the GPU machine's torch (its CUDA ops loaded), the same
+    KV bit for bit from every backend, and kvtier's restore (before the decode step) faster than
+    LMCache's retrieve from host memory and from the disk, at each length measured."""
+    run = json.loads((RESULTS / "ttft-h200-lmcache.json").read_text())
+    assert run["lmcache"] == {"version": "0.5.6", "unavailable": None}
+    rows = {(r["tier"], r["tokens"]): r for r in run["results"]}
+    for tokens in (16384, 131072):
+        for ours, theirs in (("dram", "lmcache:cpu"), ("nvme", "lmcache:disk")):
+            kvtier, lmcache = rows[(ours, tokens)], rows[(theirs, tokens)]
+            assert kvtier["kv_bitwise_equal_sampled"] and lmcache["kv_bitwise_equal_sampled"]
+            assert lmcache["kv_bitwise_equal_all"]
+            restore = kvtier["phases"]["read"] + kvtier["phases"]["copy"]
+            assert restore < lmcache["phases"]["retrieve"], (tokens, ours, restore, lmcache["phases"])
