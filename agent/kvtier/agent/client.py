@@ -64,6 +64,19 @@ class Pinned(list):
     def __exit__(self, *exc: object) -> None:
         self.release()
 
+    def usable(self, size: int) -> int:
+        """How many leading blocks are `size` bytes and inside their segment. The rest is a miss:
+        another engine's geometry under the same fingerprint (a client of the namespace may commit
+        any size), or a reply that lies; copying `size` bytes from it would read past the block."""
+        for i, b in enumerate(self):
+            if b.size != size:
+                log.warning("kvtier block of %d bytes where %d were expected: not loaded", b.size, size)
+                return i
+            if b.offset < 0 or len(b.view) != size:
+                log.warning("kvtier block at %d is not inside segment %d: not loaded", b.offset, b.segment)
+                return i
+        return len(self)
+
     def release(self) -> None:
         if self:
             self._client.release([b.handle for b in self])

@@ -185,7 +185,7 @@ class HFKVCache:
         t = timings or Timings()
         device = torch.device(device)
         staging = self.staging(device)
-        blocks = max(0, len(token_ids) - keep_last) // B  # full blocks the model may skip
+        blocks = max(0, len(token_ids) - max(0, keep_last)) // B  # full blocks the model may skip
         t0 = time.perf_counter()
         # Pins and copies go chunk by chunk: each chunk's keys are hashed and its blocks pinned (and
         # promoted from NVMe) while the GPU copies the chunk before, and unpinned once copied. Only
@@ -205,7 +205,8 @@ class HFKVCache:
                 # from where it stopped; an empty one is the end of what the pool holds
                 pinned = self.client.read(lay.fingerprint, keys[n:end])
                 copying.append((None, pinned))
-                if not pinned:
+                usable = pinned.usable(lay.block_bytes)  # a block of another size ends the prefix
+                if not usable:
                     break
                 if kv is None:
                     t0 = t.mark("read", t0)  # the first chunk's keys and pin (+ promotion from NVMe)
@@ -221,15 +222,17 @@ class HFKVCache:
                     g = staged.numel() // lay.block_bytes
                     self._joint_blocks(dest, lo + first, lo + first + g).copy_(self._block_view(staged, g))
 
-                locations = [(b.segment, b.offset) for b in pinned]
+                locations = [(b.segment, b.offset) for b in pinned[:usable]]
                 host_to_gpu(self.arena, locations, lay.block_bytes, scatter, staging)
                 done = torch.cuda.Event() if on_gpu else None
                 if done is not None:
                     done.record(torch.cuda.current_stream(device))
                 copying[-1] = (done, pinned)
-                n, size = n + len(pinned), min(READ_MOST, size * 4)
+                n, size = n + usable, min(READ_MOST, size * 4)
                 while copying and (copying[0][0] is None or copying[0][0].query()):
                     copying.pop(0)[1].release()  # copied: the agent may evict or reuse these now
+                if usable < len(pinned):
+                    break
             T = n * B
             if 0 < n < blocks:  # a shorter prefix: a tensor of its own size (the big one is freed)
                 kv = kv[..., :T, :].contiguous()
