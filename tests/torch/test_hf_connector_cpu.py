@@ -377,3 +377,60 @@ def test_an_agent_hung_mid_restore_costs_one_timeout_and_keeps_no_pins(agent, tm
     assert kv.save(tokens, original) == blocks
     restored, n = kv.restore(tokens, device="cpu")
     assert n == blocks * 16 and exact(restored, original, n)
+
+
+def test_blocks_on_nvme_restore_bit_for_bit_after_the_agent_is_killed_mid_restore(agent, tmp_path):
+    """The agent is killed while a restore promotes its blocks: a miss; the restarted agent finds
+    the blocks on its NVMe tier and the next restore of the same prompt is whole."""
+    cfg = agent_config(tmp_path)
+    a = agent(cfg)
+    kv = hf_cache(a, "tiny-hf-nvme-restart")
+    blocks = 170
+    original = random_cache(blocks * 16, 29)
+    tokens = list(range(blocks * 16 + 1))
+    assert kv.save(tokens, original, sync=True) == blocks
+    assert a.admin("evict_dram")["dropped"] == blocks
+    real_read = kv.client.read
+    reads = []
+
+    def read_then_die(fingerprint, keys):
+        reads.append(len(keys))
+        if len(reads) == 3:
+            a.kill()
+        return real_read(fingerprint, keys)
+
+    kv.client.read = read_then_die
+    assert kv.restore(tokens, device="cpu") == (None, 0)
+    assert reads == [32, 128, 10]
+    b = agent(cfg, name="agent-restarted")
+    b.tenant("team-a")
+    restored, n = kv.restore(tokens, device="cpu")
+    assert n == blocks * 16 and exact(restored, original, n), "from the NVMe tier the new agent found"
+
+
+def test_a_connection_the_agent_refuses_is_a_miss(agent, tmp_path):
+    """The tenant's connections are at the pool's limit when the connector reconnects: the agent
+    refuses it, and the restore and save are a miss (nothing raised); with a slot free they work."""
+    from kvtier.agent.client import Client
+
+    a = agent(agent_config(tmp_path, nvme=None, limits={"connectionsPerTenant": 1}))
+    kv = hf_cache(a, "tiny-hf-refused")
+    original = random_cache(2 * 16, 31)
+    tokens = list(range(2 * 16 + 1))
+    assert kv.save(tokens, original) == 2
+    kv.conn.lost(ConnectionResetError("the previous connection broke"))
+    deadline = time.monotonic() + 5
+    while True:  # the agent frees the slot once it sees the close
+        try:
+            other = Client(kv.conn.path)
+            break
+        except Exception:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert kv.restore(tokens, device="cpu") == (None, 0), "refused: a miss"
+    assert kv.save(tokens, original) == 0, "refused: nothing stored, nothing raised"
+    other.close()
+    deadline = time.monotonic() + 5
+    while kv.restore(tokens, device="cpu")[1] != 32:
+        assert time.monotonic() < deadline, "the connector connects again once a slot is free"
+        time.sleep(0.05)

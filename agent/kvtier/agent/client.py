@@ -93,7 +93,11 @@ class Client:
         self._lock = threading.Lock()
         self.segments: dict[int, mmap.mmap] = {}
         self.readonly: set[int] = set()  # segments mapped read-only (no client may write them)
-        self.hello = self.call("hello")
+        try:
+            self.hello = self.call("hello")
+        except BaseException:  # refused or gone: the socket is not left to the garbage collector
+            self.sock.close()
+            raise
         self.namespace: str = self.hello["namespace"]
         self.block_tokens: int = self.hello["blockTokens"]
 
@@ -248,7 +252,7 @@ class AgentConnection:
             if self.client is None and time.monotonic() >= self._retry_at:
                 try:
                     self.client = Client(self.path, timeout=self.timeout)
-                except CONNECTION_LOST as exc:
+                except (*CONNECTION_LOST, AgentError) as exc:  # down, or refusing (its connection limit)
                     log.warning("kvtier agent not reachable at %s: %s", self.path, exc)
                     self._retry_at = time.monotonic() + self.retry_after
             return self.client
