@@ -434,3 +434,29 @@ def test_a_connection_the_agent_refuses_is_a_miss(agent, tmp_path):
     while kv.restore(tokens, device="cpu")[1] != 32:
         assert time.monotonic() < deadline, "the connector connects again once a slot is free"
         time.sleep(0.05)
+
+
+def test_a_block_corrupted_on_nvme_ends_the_restore_before_it(agent, tmp_path):
+    """One block's bytes rot on the NVMe tier (in the second chunk): its promotion fails its
+    checksum, and the restore is the blocks before it, bit for bit: never wrong KV."""
+    from kvtier.agent.keys import block_keys
+
+    a = agent(agent_config(tmp_path))
+    kv = hf_cache(a, "tiny-hf-rot")
+    blocks, bad = 100, 45
+    original = random_cache(blocks * 16, 37)
+    tokens = list(range(blocks * 16 + 1))
+    assert kv.save(tokens, original, sync=True) == blocks
+    blob = kv.client.get(kv.layout.fingerprint, block_keys(tokens, 16)[bad : bad + 1])[0]
+    assert a.admin("evict_dram")["dropped"] == blocks
+    image = tmp_path / "nvme.img"
+    data = image.read_bytes()
+    at = data.find(blob)
+    assert at >= 0 and data.find(blob, at + 1) < 0
+    with open(image, "r+b") as f:
+        f.seek(at + len(blob) // 2)
+        f.write(bytes([data[at + len(blob) // 2] ^ 0x01]))
+    restored, n = kv.restore(tokens, device="cpu")
+    assert n == bad * 16 and exact(restored, original, n)
+    # the chunk's other blocks were promoted beside it; the rotten one is gone
+    assert a.admin("evict_dram")["dropped"] == blocks - 1, "nothing left pinned"
