@@ -460,3 +460,36 @@ def test_a_block_corrupted_on_nvme_ends_the_restore_before_it(agent, tmp_path):
     assert n == bad * 16 and exact(restored, original, n)
     # the chunk's other blocks were promoted beside it; the rotten one is gone
     assert a.admin("evict_dram")["dropped"] == blocks - 1, "nothing left pinned"
+
+
+def test_an_interrupt_while_a_reply_is_awaited_never_serves_that_reply_to_another_prompt(agent, tmp_path):
+    """Ctrl-C (or any exception) lands while a restore waits for its read's reply: the reply is
+    still on its way. The next restore, of another prompt, must not take it for its own (it names
+    the first prompt's blocks: wrong KV); it is that prompt's KV or a miss, and no pin is left."""
+    from kvtier.agent.api import protocol
+
+    a = agent(agent_config(tmp_path, nvme=None))
+    kv = hf_cache(a, "tiny-hf-interrupted")
+    first, second = random_cache(20 * 16, 41), random_cache(20 * 16, 43)
+    tokens_a, tokens_b = list(range(20 * 16 + 1)), list(range(10**5, 10**5 + 20 * 16 + 1))
+    assert kv.save(tokens_a, first) == kv.save(tokens_b, second) == 20
+    real_recv = protocol.recv
+
+    def interrupted(*args, **kw):
+        protocol.recv = real_recv
+        raise KeyboardInterrupt
+
+    protocol.recv = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            kv.restore(tokens_a, device="cpu")
+    finally:
+        protocol.recv = real_recv
+    for _ in range(3):
+        restored, n = kv.restore(tokens_b, device="cpu")
+        assert n == 0 or exact(restored, second, n), "the other prompt's KV"
+    assert n == 20 * 16, "and soon whole"
+    deadline = time.monotonic() + 5
+    while a.admin("evict_dram")["dropped"] != 40:  # the agent drops a closed connection's pins
+        assert time.monotonic() < deadline, "pins outlived their connection"
+        time.sleep(0.05)

@@ -106,9 +106,16 @@ class Client:
     def call(self, op: str, **fields: Any) -> dict[str, Any]:
         with self._lock:
             rid = next(self._ids)
-            protocol.send(self.sock, {"id": rid, "op": op, **fields})
-            reply, fds = protocol.recv(self.sock)
-            self._map_segments(reply.get("segments", []), fds)
+            try:
+                protocol.send(self.sock, {"id": rid, "op": op, **fields})
+                reply, fds = protocol.recv(self.sock)
+                self._map_segments(reply.get("segments", []), fds)
+            except BaseException:
+                # A request cut off half way (an interrupt, a timeout) leaves its reply on the way,
+                # and the next call would take it for its own (another prompt's blocks): the
+                # connection is done, and its callers see a lost one (the agent drops its pins).
+                self.sock.close()
+                raise
         if not reply.get("ok"):
             raise AgentError(reply.get("error", "agent refused the request"))
         return reply
