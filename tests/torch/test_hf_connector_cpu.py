@@ -467,6 +467,8 @@ def test_an_interrupt_while_a_reply_is_awaited_never_serves_that_reply_to_anothe
     still on its way. The next restore, of another prompt, must not take it for its own (it names
     the first prompt's blocks: wrong KV); it is that prompt's KV or a miss, and no pin is left."""
     from kvtier.agent.api import protocol
+    from kvtier.agent.client import Client
+    from kvtier.agent.keys import block_keys
 
     a = agent(agent_config(tmp_path, nvme=None))
     kv = hf_cache(a, "tiny-hf-interrupted")
@@ -489,6 +491,10 @@ def test_an_interrupt_while_a_reply_is_awaited_never_serves_that_reply_to_anothe
         restored, n = kv.restore(tokens_b, device="cpu")
         assert n == 0 or exact(restored, second, n), "the other prompt's KV"
     assert n == 20 * 16, "and soon whole"
+    other = Client(kv.conn.path)
+    pinned = other.read(kv.layout.fingerprint, block_keys(tokens_b, 16))
+    other.sock.close()  # as an interrupted call leaves it
+    pinned.release()  # nothing to release on a closed connection, nothing raised over the interrupt
     deadline = time.monotonic() + 5
     while a.admin("evict_dram")["dropped"] != 40:  # the agent drops a closed connection's pins
         assert time.monotonic() < deadline, "pins outlived their connection"

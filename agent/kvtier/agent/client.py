@@ -78,9 +78,9 @@ class Pinned(list):
         return len(self)
 
     def release(self) -> None:
-        if self:
+        if self and self._client.sock.fileno() != -1:  # a closed connection's pins went with it
             self._client.release([b.handle for b in self])
-            self.clear()
+        self.clear()
 
 
 class Client:

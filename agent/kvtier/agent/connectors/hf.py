@@ -239,9 +239,14 @@ class HFKVCache:
             # built while the GPU still copies (holds views only)
             cache = dynamic_cache([(kv[li, 0], kv[li, 1]) for li in range(lay.num_layers)]) if n else None
         finally:
-            for done, pinned in copying:  # the arena may be reused once released: wait for the copies
+            # Every copy from the arena ends before any pin goes: a released block may be reused, and
+            # a release that fails is a lost agent, whose arena is unregistered and unmapped next.
+            for done, _ in copying:
                 if done is not None:
                     done.synchronize()
+            if on_gpu and copying:
+                staging.stream.synchronize()  # a chunk cut off by an error mid-copy has no event
+            for _, pinned in copying:
                 pinned.release()
         t.blocks = n
         t.mark("copy", t0)
