@@ -256,6 +256,8 @@ class AgentConnection:
 
     def get(self) -> Client | None:
         with self._lock:
+            if self.client is not None and self.client.sock.fileno() == -1:  # a call was cut off
+                self._close()
             if self.client is None and time.monotonic() >= self._retry_at:
                 try:
                     self.client = Client(self.path, timeout=self.timeout)
