@@ -49,3 +49,22 @@ def test_adjacent_blocks_merge_into_one_copy():
     locs = [(1, 0), (1, 100), (1, 200), (2, 0), (1, 400)]
     assert runs(locs, 100) == [HostRun(1, 0, 0, 3), HostRun(2, 0, 3, 1), HostRun(1, 400, 4, 1)]
     assert list(groups(10, 100, group_bytes=400)) == [(0, 4), (4, 8), (8, 10)]
+
+
+def test_only_the_leading_blocks_of_the_expected_size_inside_their_segment_are_usable():
+    """What a read pinned is copied only up to the first block of another size (another engine's
+    geometry under the fingerprint) or one not inside its segment: copies never read past a block."""
+    from kvtier.agent.client import Pinned, PinnedBlock
+
+    segment = memoryview(bytearray(4096))
+
+    def block(offset: int, size: int) -> PinnedBlock:
+        return PinnedBlock(b"h", 1, offset, size, segment[offset : offset + size])
+
+    good = [block(0, 1024), block(1024, 1024)]
+    assert Pinned(None, good).usable(1024) == 2
+    assert Pinned(None, [*good, block(2048, 100), block(3072, 1024)]).usable(1024) == 2, "a short one"
+    assert Pinned(None, [*good, block(2048, 2048)]).usable(1024) == 2, "a long one"
+    assert Pinned(None, [*good, block(3584, 1024)]).usable(1024) == 2, "one running past its segment"
+    assert Pinned(None, [block(-1024, 1024)]).usable(1024) == 0, "one before its segment"
+    assert Pinned(None, []).usable(1024) == 0

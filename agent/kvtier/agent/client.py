@@ -64,10 +64,23 @@ class Pinned(list):
     def __exit__(self, *exc: object) -> None:
         self.release()
 
+    def usable(self, size: int) -> int:
+        """How many leading blocks are `size` bytes and inside their segment. The rest is a miss:
+        another engine's geometry under the same fingerprint (a client of the namespace may commit
+        any size), or a reply that lies; copying `size` bytes from it would read past the block."""
+        for i, b in enumerate(self):
+            if b.size != size:
+                log.warning("kvtier block of %d bytes where %d were expected: not loaded", b.size, size)
+                return i
+            if b.offset < 0 or len(b.view) != size:
+                log.warning("kvtier block at %d is not inside segment %d: not loaded", b.offset, b.segment)
+                return i
+        return len(self)
+
     def release(self) -> None:
-        if self:
+        if self and self._client.sock.fileno() != -1:  # a closed connection's pins went with it
             self._client.release([b.handle for b in self])
-            self.clear()
+        self.clear()
 
 
 class Client:
@@ -80,7 +93,11 @@ class Client:
         self._lock = threading.Lock()
         self.segments: dict[int, mmap.mmap] = {}
         self.readonly: set[int] = set()  # segments mapped read-only (no client may write them)
-        self.hello = self.call("hello")
+        try:
+            self.hello = self.call("hello")
+        except BaseException:  # refused or gone: the socket is not left to the garbage collector
+            self.sock.close()
+            raise
         self.namespace: str = self.hello["namespace"]
         self.block_tokens: int = self.hello["blockTokens"]
 
@@ -89,9 +106,16 @@ class Client:
     def call(self, op: str, **fields: Any) -> dict[str, Any]:
         with self._lock:
             rid = next(self._ids)
-            protocol.send(self.sock, {"id": rid, "op": op, **fields})
-            reply, fds = protocol.recv(self.sock)
-            self._map_segments(reply.get("segments", []), fds)
+            try:
+                protocol.send(self.sock, {"id": rid, "op": op, **fields})
+                reply, fds = protocol.recv(self.sock)
+                self._map_segments(reply.get("segments", []), fds)
+            except BaseException:
+                # A request cut off half way (an interrupt, a timeout) leaves its reply on the way,
+                # and the next call would take it for its own (another prompt's blocks): the
+                # connection is done, and its callers see a lost one (the agent drops its pins).
+                self.sock.close()
+                raise
         if not reply.get("ok"):
             raise AgentError(reply.get("error", "agent refused the request"))
         return reply
@@ -232,10 +256,12 @@ class AgentConnection:
 
     def get(self) -> Client | None:
         with self._lock:
+            if self.client is not None and self.client.sock.fileno() == -1:  # a call was cut off
+                self._close()
             if self.client is None and time.monotonic() >= self._retry_at:
                 try:
                     self.client = Client(self.path, timeout=self.timeout)
-                except CONNECTION_LOST as exc:
+                except (*CONNECTION_LOST, AgentError) as exc:  # down, or refusing (its connection limit)
                     log.warning("kvtier agent not reachable at %s: %s", self.path, exc)
                     self._retry_at = time.monotonic() + self.retry_after
             return self.client

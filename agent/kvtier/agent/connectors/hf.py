@@ -185,7 +185,7 @@ class HFKVCache:
         t = timings or Timings()
         device = torch.device(device)
         staging = self.staging(device)
-        blocks = max(0, len(token_ids) - keep_last) // B  # full blocks the model may skip
+        blocks = max(0, len(token_ids) - max(0, keep_last)) // B  # full blocks the model may skip
         t0 = time.perf_counter()
         # Pins and copies go chunk by chunk: each chunk's keys are hashed and its blocks pinned (and
         # promoted from NVMe) while the GPU copies the chunk before, and unpinned once copied. Only
@@ -205,7 +205,8 @@ class HFKVCache:
                 # from where it stopped; an empty one is the end of what the pool holds
                 pinned = self.client.read(lay.fingerprint, keys[n:end])
                 copying.append((None, pinned))
-                if not pinned:
+                usable = pinned.usable(lay.block_bytes)  # a block of another size ends the prefix
+                if not usable:
                     break
                 if kv is None:
                     t0 = t.mark("read", t0)  # the first chunk's keys and pin (+ promotion from NVMe)
@@ -221,24 +222,31 @@ class HFKVCache:
                     g = staged.numel() // lay.block_bytes
                     self._joint_blocks(dest, lo + first, lo + first + g).copy_(self._block_view(staged, g))
 
-                locations = [(b.segment, b.offset) for b in pinned]
+                locations = [(b.segment, b.offset) for b in pinned[:usable]]
                 host_to_gpu(self.arena, locations, lay.block_bytes, scatter, staging)
                 done = torch.cuda.Event() if on_gpu else None
                 if done is not None:
                     done.record(torch.cuda.current_stream(device))
                 copying[-1] = (done, pinned)
-                n, size = n + len(pinned), min(READ_MOST, size * 4)
+                n, size = n + usable, min(READ_MOST, size * 4)
                 while copying and (copying[0][0] is None or copying[0][0].query()):
                     copying.pop(0)[1].release()  # copied: the agent may evict or reuse these now
+                if usable < len(pinned):
+                    break
             T = n * B
             if 0 < n < blocks:  # a shorter prefix: a tensor of its own size (the big one is freed)
                 kv = kv[..., :T, :].contiguous()
             # built while the GPU still copies (holds views only)
             cache = dynamic_cache([(kv[li, 0], kv[li, 1]) for li in range(lay.num_layers)]) if n else None
         finally:
-            for done, pinned in copying:  # the arena may be reused once released: wait for the copies
+            # Every copy from the arena ends before any pin goes: a released block may be reused, and
+            # a release that fails is a lost agent, whose arena is unregistered and unmapped next.
+            for done, _ in copying:
                 if done is not None:
                     done.synchronize()
+            if on_gpu and copying:
+                staging.stream.synchronize()  # a chunk cut off by an error mid-copy has no event
+            for _, pinned in copying:
                 pinned.release()
         t.blocks = n
         t.mark("copy", t0)

@@ -155,16 +155,7 @@ class Worker:
             if isinstance(exc, CONNECTION_LOST):
                 self.conn.lost(exc)
             return 0
-        size = self.paged.block_bytes if self.paged else 0
-        usable = 0
-        for b in pinned:
-            if b.size != size:  # another engine's geometry under the same fingerprint: a miss
-                log.warning("kvtier block of %d bytes where %d were expected: not loaded", b.size, size)
-                break
-            if b.offset < 0 or len(b.view) != size:  # not inside its segment: copies would read past it
-                log.warning("kvtier block at %d is not inside segment %d: not loaded", b.offset, b.segment)
-                break
-            usable += 1
+        usable = pinned.usable(self.paged.block_bytes if self.paged else 0)
         self._loading.pinned.append(pinned)
         # only the usable prefix is copied; the rest of the pins go with the others after the copy
         return usable
