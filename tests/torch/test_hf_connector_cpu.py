@@ -497,3 +497,20 @@ def test_an_interrupt_while_a_reply_is_awaited_never_serves_that_reply_to_anothe
     while a.admin("evict_dram")["dropped"] != 40:  # the agent drops a closed connection's pins
         assert time.monotonic() < deadline, "pins outlived their connection"
         time.sleep(0.05)
+
+
+def test_a_save_the_agent_refuses_is_skipped_not_raised(agent, tmp_path):
+    """A context larger than the pool's DRAM: the agent refuses room for it; the save stores nothing
+    and the model code sees no exception (and a restore of it is a plain miss)."""
+    from kvtier.agent.client import Client
+    from kvtier.agent.connectors.hf import HFKVCache, dynamic_cache
+    from kvtier.agent.keys import KVLayout
+
+    a = agent(agent_config(tmp_path, dram="16Mi", nvme=None))
+    heads, dim, b, blocks = 8, 128, 64, 24  # 1 MiB blocks, 24 MiB of KV
+    layout = KVLayout("tiny-hf-big", "bfloat16", LAYERS, heads, dim, b)
+    kv = HFKVCache(Client(a.tenant("team-a")), layout, device="cpu")
+    layers = [tuple(torch.zeros(1, heads, blocks * b, dim).bfloat16() for _ in "kv") for _ in range(LAYERS)]
+    tokens = list(range(blocks * b + 1))
+    assert kv.save(tokens, dynamic_cache(layers)) == 0
+    assert kv.restore(tokens, device="cpu") == (None, 0)

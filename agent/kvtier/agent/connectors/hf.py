@@ -11,6 +11,7 @@ token, head dim] (the fingerprint says so), so one block is one contiguous exten
 
 from __future__ import annotations
 
+import logging
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -19,11 +20,13 @@ import torch
 from transformers import DynamicCache  # at import, not on the first restore (importing takes seconds)
 from transformers.cache_utils import DynamicLayer
 
+from kvtier.agent.api.protocol import AgentError
 from kvtier.agent.client import CONNECTION_LOST, Client, Pinned
 from kvtier.agent.connectors.gpu import ArenaConnection, GpuArena, Staging, gpu_to_host, host_to_gpu
 from kvtier.agent.connectors.runs import GROUP_BYTES, READ_FIRST, READ_MOST
 from kvtier.agent.keys import KVLayout, block_keys
 
+log = logging.getLogger("kvtier.hf")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -125,6 +128,9 @@ class HFKVCache:
         except CONNECTION_LOST as exc:
             self.conn.lost(exc)
             return 0
+        except AgentError as exc:  # refused (an arena full of pinned blocks, a bad request): skipped
+            log.warning("kvtier save skipped: %s", exc)
+            return 0
 
     def _save(self, token_ids, cache, extra, sync, wait, timings) -> int:
         lay = self.layout
@@ -177,6 +183,9 @@ class HFKVCache:
             return self._restore(token_ids, device, extra, keep_last, timings)
         except CONNECTION_LOST as exc:
             self.conn.lost(exc)
+            return None, 0
+        except AgentError as exc:  # refused: a miss, never an exception in the model's code
+            log.warning("kvtier restore missed: %s", exc)
             return None, 0
 
     def _restore(self, token_ids, device, extra, keep_last, timings):
