@@ -12,12 +12,7 @@
 set -u
 out=${1:?output folder}
 wheels=$(cd "${2:?wheels folder}" && pwd)
-mkdir -p "$out"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1
-kv="python3 -m kvtier.cli"
-start=$(date +%s)
-stage() { echo "[$(($(date +%s) - start))s] $*" >>"$out/stages.log"; }
+. "$(dirname "$0")/run-common.sh"
 left() { echo $((${BUDGET_S:-450} - ($(date +%s) - start))); }
 
 { nvidia-smi -L; df -h / /tmp; free -g; nproc; python3 -c 'import torch; print(torch.__version__)'; } >"$out/machine.log" 2>&1

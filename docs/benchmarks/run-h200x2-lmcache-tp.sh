@@ -14,13 +14,8 @@
 set -u
 out=${1:?output folder}
 wheels=$(cd "${2:?wheels folder}" && pwd)
-mkdir -p "$out"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1
-kv="python3 -m kvtier.cli"
 lm="/tmp/lmcache"
-start=$(date +%s)
-stage() { echo "[$(($(date +%s) - start))s] $*" >>"$out/stages.log"; }
+. "$(dirname "$0")/run-common.sh"
 
 {
     nvidia-smi -L

@@ -9,13 +9,9 @@
 # Usage: run-h200x2.sh OUTDIR  (from the repository root, PYTHONPATH holding kvtier)
 set -u
 out=${1:?output folder}
-mkdir -p "$out"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1
-ttft="python3 -m kvtier.cli bench ttft"
 lock=/tmp/kvtier-bench-io.lock
-start=$(date +%s)
-stage() { echo "[$(($(date +%s) - start))s] $*" >>"$out/stages.log"; }
+. "$(dirname "$0")/run-common.sh"
+ttft="$kv bench ttft"
 
 { nvidia-smi -L; df -h / /tmp /dev/shm; free -g; nproc; python3 -c 'import torch, transformers, safetensors; print(torch.__version__, transformers.__version__, safetensors.__version__, torch.backends.cudnn.version())'; } >"$out/machine.log" 2>&1
 

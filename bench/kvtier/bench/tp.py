@@ -316,7 +316,7 @@ def arena_placement(arena, device) -> dict[str, Any]:
     cost is in the copy's issue, not in the link)."""
     import statistics
 
-    from kvtier.agent.connectors.gpu import GpuArena, measure_h2d
+    from kvtier.agent.connectors.gpu import measure_h2d_from
 
     pages: dict[str, int] = {}
     try:
@@ -330,11 +330,9 @@ def arena_placement(arena, device) -> dict[str, Any]:
                         pages[node] = pages.get(node, 0) + int(count)
     except OSError:
         pass
-    gbps = []
-    for seg in arena.host.values():
-        one = GpuArena.__new__(GpuArena)
-        one.host = {0: seg}  # measure_h2d reads the largest segment: this one alone
-        gbps.append(round(measure_h2d(one, 256 << 20, device, repeats=2) / 1e9, 1))
+    gbps = [
+        round(measure_h2d_from(seg, 256 << 20, device, repeats=2) / 1e9, 1) for seg in arena.host.values()
+    ]
     return {
         "gpu_numa_node": _gpu_numa_node(device),
         "memfd_pages_per_node": pages,
@@ -351,12 +349,10 @@ def arena_placement(arena, device) -> dict[str, Any]:
 def _gpu_numa_node(device) -> int | None:
     import torch
 
-    try:
-        props = torch.cuda.get_device_properties(device)
-        bus = f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
-        return int(Path(f"/sys/bus/pci/devices/{bus}/numa_node").read_text())
-    except (AttributeError, OSError, ValueError):
-        return None
+    from kvtier.agent.devices.gpu import pci_numa_node
+
+    props = torch.cuda.get_device_properties(device)
+    return pci_numa_node(f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0")
 
 
 def summarize(L, shard_bytes, world, tp, per_rank, nvme, disk, shared=False) -> list[dict[str, Any]]:

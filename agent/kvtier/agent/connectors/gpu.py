@@ -217,16 +217,21 @@ def host_rows_to_gpu(
 
 def measure_h2d(arena: GpuArena, nbytes: int, device: torch.device, repeats: int = 5) -> float:
     """Host->GPU bandwidth (bytes/s) from the registered arena: the ceiling restores are judged by."""
-    seg = max(arena.host.values(), key=lambda t: t.numel())
-    nbytes = min(nbytes, seg.numel())
+    return measure_h2d_from(max(arena.host.values(), key=lambda t: t.numel()), nbytes, device, repeats)
+
+
+def measure_h2d_from(source: torch.Tensor, nbytes: int, device: torch.device, repeats: int = 5) -> float:
+    """Host->GPU bandwidth (bytes/s) of the best of `repeats` copies of `nbytes` from `source`
+    (registered host memory: one segment of an arena)."""
+    nbytes = min(nbytes, source.numel())
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst.copy_(seg[:nbytes], non_blocking=True)
+    dst.copy_(source[:nbytes], non_blocking=True)
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     best = 0.0
     for _ in range(repeats):
         start.record()
-        dst.copy_(seg[:nbytes], non_blocking=True)
+        dst.copy_(source[:nbytes], non_blocking=True)
         end.record()
         end.synchronize()
         best = max(best, nbytes / (start.elapsed_time(end) / 1e3))
