@@ -104,6 +104,11 @@ def test_single_gpu_rows_divide_by_the_fastest_recompute_measured(tmp_path):
         )
     assert run["prefill"]["419840"]["fastest"].startswith("chunked")
     assert run["prefill"]["1015808"]["fastest"].startswith("chunked")
+    # the NVMe floors: cold reads, the page cache dropped and checked empty before each read
+    for source in (TABLE, MILLION):
+        for r in json.loads(source.read_text())["results"]:
+            if r["tier"] == "nvme":
+                assert r["page_cache_dropped"] and r["page_cache_resident_bytes_before_reads"] == [0, 0, 0], r
 
 
 def test_lmcache_peer_ran_with_its_cuda_ops_and_kvtier_restored_faster():
@@ -120,3 +125,45 @@ def test_lmcache_peer_ran_with_its_cuda_ops_and_kvtier_restored_faster():
             assert lmcache["kv_bitwise_equal_all"]
             restore = kvtier["phases"]["read"] + kvtier["phases"]["copy"]
             assert restore < lmcache["phases"]["retrieve"], (tokens, ours, restore, lmcache["phases"])
+    # why the 1.5x goal cannot be met at 131k: LMCache's retrieve from host memory is within 1.5x of
+    # the link's floor (KV / host->GPU bandwidth), so 1.5x faster would beat the link
+    link = rows[("dram", 131072)]["kv_bytes"] / (run["ceilings"]["h2d_gbps"] * 1e9)
+    assert rows[("lmcache:cpu", 131072)]["phases"]["retrieve"] / 1.5 < link
+    kvtier = rows[("dram", 131072)]["phases"]
+    assert kvtier["read"] + kvtier["copy"] < 1.05 * link
+
+
+def test_many_users_on_one_gpu_say_what_the_docs_claim():
+    """docs/benchmarks (`kvtier bench serve` on an H200) and the README: kvtier against recompute at
+    the same HBM budget, 12x+ the turns per GPU-hour, $/M output tokens 90%+ lower, median TTFT 10x
+    lower; recompute spent 90%+ of the GPU on prefill; every kvtier turn restored."""
+    run = json.loads((RESULTS / "serve-h200.json").read_text())
+    assert "H200" in run["device"] and run["workload"]["users"] == 12 and run["workload"]["hbm_contexts"] == 4
+    ratios = run["ratios"]["kvtier/recompute"]
+    assert ratios["turns_per_gpu_hour"] >= 12 and ratios["usd_per_m_output_tokens_lower_by"] >= 0.9
+    assert ratios["ttft_p50_lower_by_x"] >= 10
+    policies = run["policies"]
+    assert policies["recompute"]["gpu_time_share"]["prefill"] >= 0.9
+    kvtier = policies["kvtier"]
+    assert kvtier["turn_sources"] == {"restored": kvtier["turns_started"]}
+    assert policies["kvtier+prefetch"]["notes"]["hints"]["blocks_promoted"] == 0  # all in DRAM already
+
+
+def test_vllm_worker_loads_and_nixl_copies_on_the_gpu_say_what_the_docs_claim():
+    """docs/engines.md and docs/transport.md: every vLLM worker load byte-exact, the layer-wise
+    loads within 1.25x of the link's floor from 64k on, the HF path within 1.15x at every length;
+    NIXL into the GPU bytes-exact and far slower than the connectors' copy."""
+    worker = json.loads((RESULTS / "vllm-worker-h200.json").read_text())
+    rows = worker["rows"]
+    assert all(r["equal"] for r in rows if "equal" in r)
+    for r in rows:
+        if r["mode"] == "layerwise" and r["tokens"] >= 65536:
+            assert r["x_floor"] <= 1.25, r
+        if r["mode"] == "hf":
+            assert r["x_floor"] <= 1.15, r
+    nixl = json.loads((RESULTS / "nixl-gpu-h200.json").read_text())
+    for size in nixl["sizes"]:
+        assert all(r["bytes_ok"] for r in size["rows"])
+        best = {r["path"]: r["gbps"] for r in size["rows"] if r["layout"] == "adjacent"}
+        assert best["nixl_read"] < 0.05 * best["connector"]
+        assert best["connector"] > 0.9 * best["torch_one_copy"]
