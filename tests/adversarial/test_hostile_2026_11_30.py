@@ -1,0 +1,166 @@
+"""Second round of hostile tenants, listeners and disks: attacks the first round (test_hostile.py)
+did not make. Each test is an attack and what the agent's other users see."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from kvtier.agent.api import protocol
+from kvtier.agent.client import Client
+from kvtier.agent.store.index import Store, checksum
+from kvtier.agent.tiers.dram import DramTier
+from kvtier.agent.tiers.nvme import NvmeTier
+from kvtier.agent.transports import open_transport
+from kvtier.bench.chaos import FP, block_of, key_of
+from tests.support import agent_config
+
+pytestmark = pytest.mark.adversarial
+MiB = 1 << 20
+BLOCK = 64 << 10
+
+
+def _keys(n: int, prefix: str = "k") -> list[bytes]:
+    return [key_of(prefix, i) for i in range(n)]
+
+
+# ------------------------------------------------------------------------- the NVMe directory
+
+
+def test_a_symlink_planted_at_the_manifests_temporary_name_is_not_written_through(tmp_path):
+    """Whoever can write the tier's folder links the manifest's temporary name to a file of theirs
+    choosing: the agent's (re)start writes a fresh manifest there and renames it into place."""
+    victim = tmp_path / "precious.db"
+    victim.write_bytes(b"customer data" * 100)
+    (tmp_path / "nvme.img.tmp").symlink_to(victim)
+    tier = NvmeTier(tmp_path / "nvme.img", 16 * MiB, pool="p")
+    try:
+        assert tier.recover() == {}
+    finally:
+        tier.close()
+    assert victim.read_bytes() == b"customer data" * 100, "the link's target was overwritten"
+    manifest = tmp_path / "nvme.img.manifest"
+    assert manifest.is_file() and not manifest.is_symlink()
+
+
+# ------------------------------------------------------------------- listeners on the peer port
+
+
+@contextlib.contextmanager
+def _transport(secret: bytes, name: str):
+    store = Store(secret, DramTier("p", 8 * MiB, 4 * MiB), None)
+    transport, _ = open_transport(store, secret, f"{name}-{os.getpid()}", "tcp", [], None)
+    try:
+        assert transport.name == "nixl", "NIXL is needed for this attack"
+        yield store, transport
+    finally:
+        store.close()
+
+
+def _serve_once(listener: socket.socket, handshake, transport) -> threading.Thread:
+    """A listener that answers one connection: `handshake(conn)`, then every request with what
+    `transport`'s own session authorises (real NIXL metadata of its memory)."""
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        session = transport.new_session()
+        with conn, contextlib.suppress(OSError, protocol.ProtocolError):
+            conn.settimeout(10)
+            handshake(conn)
+            while True:
+                msg, _ = protocol.recv(conn)
+                protocol.send(conn, session.handle(msg))
+        session.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_listener_without_the_pool_secret_cannot_serve_forged_blocks(tmp_path):
+    """A process on a peer's address (a stale one, a squatted port) that does not hold the pool
+    secret answers a fetch with its own NIXL memory holding bytes of its choosing, and checksums
+    that match them. The fetching agent must not index them: that would be wrong KV for the
+    tenant on every later read."""
+    secret = os.urandom(32)
+    with (
+        _transport(secret, "victim") as (victim, fetcher),
+        _transport(os.urandom(32), "rogue") as (rogue, liar),
+    ):
+        ikey = victim.index_key("team-a", FP, key_of("prompt", 0))  # what the victim will ask for
+        forged = b"\x66" * BLOCK
+        seg, ext = rogue.reserve_for_peer("team-a", BLOCK)
+        seg.view(ext, BLOCK)[:] = forged
+        assert rogue.adopt(ikey, "team-a", seg, ext, BLOCK, checksum(forged))
+
+        def pretend(conn: socket.socket) -> None:  # it cannot check the proof, nor prove anything
+            protocol.send(conn, {"nonce": os.urandom(16).hex()})
+            protocol.recv(conn)
+            protocol.send(conn, {"ok": True})
+
+        listener = socket.create_server(("127.0.0.1", 0))
+        with listener:
+            thread = _serve_once(listener, pretend, liar)
+            peer = f"127.0.0.1:{listener.getsockname()[1]}"
+            try:
+                landed = fetcher.fetch(peer, "team-a", [ikey], time.monotonic() + 5)
+            except OSError:
+                landed = []
+            thread.join(timeout=10)
+        assert landed == [] and ikey not in victim.blocks, "forged bytes were indexed as the tenant's KV"
+        assert victim.stats()["dram"]["usedBytes"] == 0
+
+
+def test_a_relay_without_the_secret_cannot_inject_requests_into_a_members_session(agent, tmp_path):
+    """A listener without the secret relays a fetching agent's handshake to a real agent (so the
+    real agent takes the relay for a member), then sends a request of its own on that connection:
+    a fetch of a tenant's blocks, whose answer would hand it their addresses and NIXL metadata."""
+    secret = os.urandom(32)
+    (tmp_path / "secret").write_bytes(secret)
+    cfg = agent_config(tmp_path, nvme=None, prefetch={"transport": "tcp"})
+    owner = agent(cfg.model_copy(update={"secretFile": str(tmp_path / "secret")}))
+    keys = _keys(4, "secret-prompt")
+    with Client(owner.tenant("team-a")) as c:
+        assert c.put(FP, keys, [block_of(k) for k in keys]) == 4
+    # the tenant's index keys: a relay sees them in the requests it passes on; the test computes them
+    store = Store(secret, DramTier("p", 4 * MiB, 4 * MiB), None)
+    ikeys = [store.index_key("team-a", FP, k) for k in keys]
+    store.close()
+    host, port = owner.peer.rsplit(":", 1)
+    upstream = socket.create_connection((host, int(port)), timeout=10)
+    injected: dict = {}
+
+    def relay(conn: socket.socket) -> None:
+        hello, _ = protocol.recv(upstream)
+        protocol.send(conn, hello)  # the real agent's nonce, as if it were ours
+        proof, _ = protocol.recv(conn)
+        protocol.send(upstream, proof)  # the fetching agent's proof, as if it were ours
+        verdict, _ = protocol.recv(upstream)
+        protocol.send(conn, verdict)
+        request = {"op": "fetch", "tenant": "team-a", "keys": [k.hex() for k in ikeys]}
+        try:
+            protocol.send(upstream, request)
+            injected.update(protocol.recv(upstream)[0])
+        except (OSError, protocol.ProtocolError) as exc:
+            injected["closed"] = str(exc) or type(exc).__name__
+        conn.close()  # the fetching agent's own requests are not the point here
+
+    with _transport(secret, "fetcher") as (_, fetcher), upstream:
+        listener = socket.create_server(("127.0.0.1", 0))
+        with listener:
+            thread = _serve_once(listener, relay, fetcher)  # never reached past the handshake
+            peer = f"127.0.0.1:{listener.getsockname()[1]}"
+            with contextlib.suppress(OSError):
+                fetcher.fetch(peer, "team-a", [os.urandom(24)], time.monotonic() + 3)
+            thread.join(timeout=10)
+    assert injected, "the relay never got to inject its request"
+    assert not injected.get("blocks"), f"the agent answered a request nobody in the pool signed: {injected}"
+    assert owner.proc.poll() is None
+    with Client(owner.tenant("team-a")) as c:
+        assert c.get(FP, keys) == [block_of(k) for k in keys]
+        assert c.stats()["pinned"] == 0, "the injected fetch left pins behind"
