@@ -164,3 +164,33 @@ def test_a_relay_without_the_secret_cannot_inject_requests_into_a_members_sessio
     with Client(owner.tenant("team-a")) as c:
         assert c.get(FP, keys) == [block_of(k) for k in keys]
         assert c.stats()["pinned"] == 0, "the injected fetch left pins behind"
+
+
+# --------------------------------------------------------------------------------- pins
+
+
+def test_a_block_on_nvme_longer_than_a_segment_is_a_miss_and_pins_nothing(agent, tmp_path):
+    """Blocks written under one segment size meet an agent restarted with a smaller one (the pool's
+    DRAM shrunk; or a manifest that says so): they can never be promoted. Reads and prefetches of
+    them must be misses that give back every pin, not errors that keep the chain pinned for good
+    (unevictable, the tenant's share filling up)."""
+    cfg = agent_config(tmp_path, dram="64Mi", nvme="256Mi")
+    first = agent(cfg, name="before")
+    keys = _keys(3, "long")
+    big = [os.urandom(6 * MiB) for _ in keys]
+    with Client(first.tenant("team-a")) as c:
+        assert c.put(FP, keys, big, sync=True) == 3
+    first.kill()
+    second = agent(cfg.model_copy(update={"segmentBytes": 4 * MiB}), name="after")
+    with Client(second.tenant("team-a")) as c:
+        assert c.lookup(FP, keys) == 3, "the blocks are still indexed"
+        for _ in range(3):
+            assert c.get(FP, keys) == []
+        assert c.stats()["pinned"] == 0, "a failed read kept its pins on a live connection"
+        c.call("prefetch", fingerprint=FP, keys=[k.hex() for k in keys], deadline=2)
+    with Client(second.tenant("team-a")) as c:
+        assert c.stats()["pinned"] == 0, "a failed prefetch kept its pin after its connection went"
+        small = _keys(2, "small")
+        assert c.put(FP, small, [block_of(k) for k in small]) == 2
+        assert c.get(FP, small) == [block_of(k) for k in small]
+    assert second.proc.poll() is None

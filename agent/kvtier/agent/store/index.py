@@ -661,7 +661,11 @@ class Store:
             rec = block.nvme
             if rec is None:
                 return False
-            got = self._allocate_dram(block.tenant, rec.length, self.sealed)
+            try:
+                got = self._allocate_dram(block.tenant, rec.length, self.sealed)
+            except (StoreError, OSError) as exc:  # longer than a segment (it shrank), no new memfd
+                self._log.warning("promote", "an NVMe block cannot be promoted (a miss): %s", str(exc))
+                got = None
             if got is None:
                 return False
             seg, ext = got
