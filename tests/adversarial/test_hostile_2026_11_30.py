@@ -4,10 +4,12 @@ did not make. Each test is an attack and what the agent's other users see."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -15,10 +17,11 @@ from kvtier.agent.api import protocol
 from kvtier.agent.client import Client
 from kvtier.agent.store.index import Store, checksum
 from kvtier.agent.tiers.dram import DramTier
+from kvtier.agent.tiers.manifest import Manifest
 from kvtier.agent.tiers.nvme import NvmeTier
 from kvtier.agent.transports import open_transport
 from kvtier.bench.chaos import FP, block_of, key_of
-from tests.support import agent_config
+from tests.support import agent_config, put_blocks, small_store
 
 pytestmark = pytest.mark.adversarial
 MiB = 1 << 20
@@ -194,3 +197,39 @@ def test_a_block_on_nvme_longer_than_a_segment_is_a_miss_and_pins_nothing(agent,
         assert c.put(FP, small, [block_of(k) for k in small]) == 2
         assert c.get(FP, small) == [block_of(k) for k in small]
     assert second.proc.poll() is None
+
+
+def _relabel(manifest_path: Path, **changes) -> None:
+    """Rewrite every record of a (stopped) tier's manifest with `changes`: what whoever can write
+    the tier's folder can do, CRCs included."""
+    log = Manifest(manifest_path)
+    live = log.open()
+    log.compact([dataclasses.replace(rec, **changes) for rec in live.values()])
+    log.close()
+
+
+@pytest.mark.parametrize(
+    "changes", [{"tenant": "team-b"}, {"size": 8 * BLOCK}], ids=["another-tenant", "size-past-extent"]
+)
+def test_manifest_records_that_lie_are_misses_not_another_tenants_memory(tmp_path, changes):
+    """A manifest rewritten with valid CRCs: team-a's blocks labelled as team-b's (their promotion
+    would land in team-b's segment, and team-a's read would be handed that segment), or a size
+    past the block's extent (a reader would be pointed at the bytes after it)."""
+    store = small_store(tmp_path)
+    lease = store.lease("team-a")
+    keys = _keys(3, "relabelled")
+    put_blocks(store, lease, FP, keys, size=BLOCK, sync=True)
+    secret = store.secret
+    store.close()
+    _relabel(tmp_path / "nvme.img.manifest", **changes)
+    nvme = NvmeTier(tmp_path / "nvme.img", 8 * MiB, io_threads=2, pool="p")
+    store = Store(secret, DramTier("p", 8 * MiB, 4 * MiB), nvme)
+    try:
+        b_lease = store.lease("team-b")
+        put_blocks(store, b_lease, FP, _keys(1, "b"), size=BLOCK)  # team-b owns a segment now
+        got = store.read(store.lease("team-a"), FP, keys)
+        assert got == [], "a lying record was served"
+        assert store.lookup("team-a", FP, keys) == []
+        assert store.stats()["pinned"] == 0
+    finally:
+        store.close()

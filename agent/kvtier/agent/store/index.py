@@ -368,11 +368,18 @@ class Store:
         tiers = []
         with self.lock:
             for key in keys:
-                block = self.blocks.get(self.index_key(tenant, fingerprint, key))
+                block = self._hit(tenant, self.index_key(tenant, fingerprint, key))
                 if block is None:
                     break
                 tiers.append(block.tier)
         return tiers
+
+    def _hit(self, tenant: str, ikey: bytes) -> Block | None:
+        """Under the lock: the tenant's block under an index key. A block of another tenant there
+        (the key space is salted per tenant, so only a manifest that lies puts one there) is a
+        miss: its memory is that tenant's."""
+        block = self.blocks.get(ikey)
+        return block if block is not None and block.tenant == tenant else None
 
     def read(self, lease: Lease, fingerprint: str, keys: list[bytes]) -> list[tuple[Segment, Extent, Block]]:
         """Pin the leading blocks that hit, promoting NVMe blocks into the arena first (in parallel,
@@ -385,7 +392,7 @@ class Store:
         pinned: list[Block] = []
         with self.lock:
             for key in keys:
-                block = self.blocks.get(self.index_key(lease.tenant, fingerprint, key))
+                block = self._hit(lease.tenant, self.index_key(lease.tenant, fingerprint, key))
                 if block is None:
                     break
                 self.pins.take(block, lease)
@@ -434,7 +441,7 @@ class Store:
                 late = True
                 break
             with self.lock:
-                block = self.blocks.get(ikey)
+                block = self._hit(tenant, ikey)
                 if block is None:
                     break
                 if block.seg:
