@@ -21,7 +21,7 @@ from kvtier.agent.tiers.manifest import Manifest
 from kvtier.agent.tiers.nvme import NvmeTier
 from kvtier.agent.transports import open_transport
 from kvtier.bench.chaos import FP, block_of, key_of
-from tests.support import agent_config, put_blocks, small_store
+from tests.support import agent_config, eventually, put_blocks, small_store
 
 pytestmark = pytest.mark.adversarial
 MiB = 1 << 20
@@ -233,3 +233,25 @@ def test_manifest_records_that_lie_are_misses_not_another_tenants_memory(tmp_pat
         assert store.stats()["pinned"] == 0
     finally:
         store.close()
+
+
+def test_pin_handles_replayed_on_other_connections_release_nothing(agent, tmp_path):
+    """A read's handles are the blocks' index keys. Another tenant, or another connection of the
+    same tenant, that sends them in `release` (or asks for them as keys) must not end the pins of
+    the connection that holds them, nor reach the blocks."""
+    a = agent(agent_config(tmp_path, nvme=None))
+    keys = _keys(4, "pinned")
+    holder = Client(a.tenant("team-a"))
+    holder.put(FP, keys, [block_of(k) for k in keys])
+    blocks = holder.read(FP, keys)
+    handles = [b.handle for b in blocks]
+    with Client(a.tenant("team-b")) as other, Client(a.tenant("team-a")) as sibling:
+        for hostile in (other, sibling):
+            for _ in range(3):
+                hostile.release(handles)
+        assert other.lookup(FP, handles) == 0 and other.get(FP, keys) == []
+        assert sibling.stats()["pinned"] == 4, "the holder's pins survived every replayed release"
+    assert [bytes(b.view) for b in blocks] == [block_of(k) for k in keys]
+    holder.close()  # its pins go with its connection
+    with Client(a.tenant("team-a")) as c:
+        eventually(lambda: c.stats()["pinned"] == 0, timeout=5, message="the closed connection's pins ended")
