@@ -255,3 +255,67 @@ def test_pin_handles_replayed_on_other_connections_release_nothing(agent, tmp_pa
     holder.close()  # its pins go with its connection
     with Client(a.tenant("team-a")) as c:
         eventually(lambda: c.stats()["pinned"] == 0, timeout=5, message="the closed connection's pins ended")
+
+
+# ------------------------------------------------------------------------- the vLLM worker
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("retry_after", [0.0, 5.0], ids=["reconnects", "waits"])
+@pytest.mark.parametrize("layerwise", [False, True], ids=["whole", "layer-wise"])
+def test_an_agent_lost_between_two_loads_of_a_step_loads_no_stale_pins(
+    agent, tmp_path, layerwise, retry_after
+):
+    """The vLLM worker on the CPU pins each load of a step in turn. The agent is killed and
+    restarted after the first load's read: the second read finds the connection gone. The first
+    load's pins went with that connection, and a restarted agent numbers its segments from 1
+    again, so its (segment, offset) locations now name other memory. The step must go on (no
+    exception into the engine) and every load it reports as done must hold the saved KV."""
+    torch = pytest.importorskip("torch")
+    from kvtier.agent.connectors.gpu import ArenaConnection
+    from kvtier.agent.connectors.vllm.plan import Transfer
+    from kvtier.agent.connectors.vllm.worker import Worker
+
+    pages, page, block = 24, 16, 64  # 4 pages a block
+    cfg = agent_config(tmp_path, dram="64Mi", nvme="256Mi")
+    first = agent(cfg, name="first")
+    path = first.tenant("team-a")
+    g = torch.Generator().manual_seed(5)
+    kv = {f"layer{i}": torch.randn(pages, 2, page, 32, generator=g) for i in range(2)}
+    client = Client(path)
+    worker = Worker(
+        ArenaConnection(client=client, pin=False, retry_after=retry_after), "fp", page, block, layerwise
+    )
+    worker.register(kv, pages)
+    keys = [[bytes([i, j]) * 16 for j in range(1)] for i in range(3)]  # three requests, one block each
+    for i, k in enumerate(keys):
+        worker.submit_saves([Transfer(f"saved{i}", k, list(range(4 * i, 4 * i + 4)))], sync=True)
+    saved = {name: t[:12].clone() for name, t in kv.items()}
+    first.admin("evict_dram")  # on NVMe: the restarted agent finds them there, in new segments
+    restarted = []
+    real_read = client.read
+
+    def read(fingerprint, want):  # the agent dies right after the first load's read
+        if restarted:
+            return real_read(fingerprint, want)
+        got = real_read(fingerprint, want)
+        first.kill()
+        restarted.append(agent(cfg, name="second"))
+        return got
+
+    client.read = read
+    for t in kv.values():
+        t[12:].zero_()
+    loads = [Transfer(f"load{i}", k, list(range(12 + 4 * i, 16 + 4 * i))) for i, k in enumerate(keys)]
+    worker.start_loads(loads)
+    worker.finish_loads()
+    assert "load0" in worker.failed_reqs, "the first load's pins went with the lost connection"
+    assert "load1" in worker.failed_reqs
+    for i in range(3):
+        if f"load{i}" in worker.failed_reqs:
+            continue
+        for name, t in kv.items():
+            assert torch.equal(t[12 + 4 * i : 16 + 4 * i], saved[name][4 * i : 4 * i + 4]), (
+                f"load{i}: wrong KV"
+            )
+    worker.close()
