@@ -319,3 +319,54 @@ def test_an_agent_lost_between_two_loads_of_a_step_loads_no_stale_pins(
                 f"load{i}: wrong KV"
             )
     worker.close()
+
+
+@pytest.mark.torch
+def test_a_save_whose_connection_changed_under_it_writes_nothing(agent, tmp_path):
+    """The worker's saver thread shares the connection with the loads of the next step. A load that
+    loses the connection (and connects again, retry_after 0) while a save sits between its allocate
+    and its copy: the agent freed that save's extents with the old connection, and another engine of
+    the namespace has since stored a block there. The save must not write over that block."""
+    torch = pytest.importorskip("torch")
+    from kvtier.agent.connectors.gpu import ArenaConnection
+    from kvtier.agent.connectors.vllm.plan import Transfer
+    from kvtier.agent.connectors.vllm.worker import Worker
+
+    pages, page, block = 8, 16, 64
+    a = agent(agent_config(tmp_path, nvme=None))
+    path = a.tenant("team-a")
+    g = torch.Generator().manual_seed(7)
+    kv = {f"layer{i}": torch.randn(pages, 2, page, 32, generator=g) for i in range(2)}
+    client = Client(path)
+    conn = ArenaConnection(client=client, pin=False, retry_after=0)
+    worker = Worker(conn, "fp", page, block, layerwise=False)
+    paged = worker.register(kv, pages)
+    other_key, other_block = b"o" * 32, os.urandom(paged.block_bytes)
+    real_allocate = client.allocate
+    landed: list[tuple[int, int]] = []
+
+    def allocate(sizes, wait=0.0):
+        slots = real_allocate(sizes, wait)
+        conn.lost(ConnectionError("a load on the main thread lost it"))
+        with Client(path) as other:  # once the agent has freed the old connection's extents
+
+            def stored_where_the_save_was() -> bool:
+                got = other.allocate([paged.block_bytes])
+                if (got[0].segment, got[0].offset) != (slots[0].segment, slots[0].offset):
+                    return False
+                got[0].view[:] = other_block
+                other.commit("fp", [other_key], got, [paged.block_bytes])
+                return True
+
+            eventually(stored_where_the_save_was, timeout=5, message="the freed extent taken again")
+            landed.append((slots[0].segment, slots[0].offset))
+        assert conn.get() is not None  # the loader connects again
+        return slots
+
+    client.allocate = allocate
+    worker.submit_saves([Transfer("save", [b"s" * 32], list(range(4)))], sync=True)
+    assert landed, "the other engine's block went where the save's extent was"
+    with Client(path) as reader:
+        assert reader.get("fp", [other_key]) == [other_block], "the save wrote over another block"
+        assert reader.lookup("fp", [b"s" * 32]) == 0
+    worker.close()

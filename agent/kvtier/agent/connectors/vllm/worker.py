@@ -124,11 +124,12 @@ class Worker:
         # A connection lost later in the step took the earlier loads' pins with it, and the next one
         # (a restarted agent numbers its segments from 1 again) maps other memory at those locations.
         current = self.conn.client
+        arena = self.conn.arena_for(current) if current is not None else None
         located: list[tuple[int, int]] = []  # (segment, offset) of each usable block, in page order
         page_ids: list[int] = []
         keep: list[bool] = []
         for t, got, client, blocks in pinned:
-            if client is not current:
+            if arena is None or client is not current:
                 self._failed(t, 0)
                 continue
             if got < len(t.keys):
@@ -140,9 +141,8 @@ class Worker:
             with self._lock:
                 self.counters.loaded_blocks += got
                 self.counters.loaded_bytes += got * paged.block_bytes
-        if not located:
+        if not located or arena is None:
             return
-        arena = self.conn.arena()
         if self.layerwise:
             views = [arena.host[seg][off : off + paged.block_bytes] for seg, off in located]
             self._loading.layers = LayerLoad(paged, views, page_ids, keep)
@@ -255,9 +255,11 @@ class Worker:
         if todo:
             size = paged.block_bytes
             slots = client.allocate([size] * len(todo))  # wait=0: a full arena skips the save
-            paged.save(
-                self.conn.arena(), [(s.segment, s.offset) for s in slots], t.page_ids[present * paged.per :]
-            )
+            arena = self.conn.arena_for(client)
+            if arena is None:  # a load lost the connection meanwhile: these extents are gone with it
+                log.warning("kvtier save for %s skipped: the connection was lost", t.req_id)
+                return 0
+            paged.save(arena, [(s.segment, s.offset) for s in slots], t.page_ids[present * paged.per :])
             client.commit(self.fingerprint, todo, slots, [size] * len(todo))
             with self._lock:
                 self.counters.saved_blocks += len(todo)
