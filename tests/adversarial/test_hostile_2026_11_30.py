@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from kvtier.agent.api import protocol
+from kvtier.agent.api.protocol import AgentError
 from kvtier.agent.client import Client
 from kvtier.agent.store.index import Store, checksum
 from kvtier.agent.tiers.dram import DramTier
@@ -370,3 +371,27 @@ def test_a_save_whose_connection_changed_under_it_writes_nothing(agent, tmp_path
         assert reader.get("fp", [other_key]) == [other_block], "the save wrote over another block"
         assert reader.lookup("fp", [b"s" * 32]) == 0
     worker.close()
+
+
+def test_a_namespace_of_a_shared_pool_cannot_pin_the_whole_arena(agent, tmp_path):
+    """In a shared pool committed blocks live in sealed segments that belong to no namespace, so
+    they never counted against a namespace's share. One namespace stores blocks and keeps every
+    one pinned (a read it never releases): the others must still be able to save and read."""
+    cfg = agent_config(tmp_path, dram="32Mi", nvme=None, tenancy={"isolation": "shared", "dramShare": 0.5})
+    a = agent(cfg)
+    hostile = Client(a.tenant("hostile"))
+    held, pinned = [], 0
+    for i in range(40):
+        k = [key_of("hog", i)]
+        try:
+            hostile.put(FP, k, [os.urandom(MiB)])
+        except AgentError:
+            break
+        held.append(hostile.read(FP, k))
+        pinned += sum(b.size for b in held[-1])
+    assert pinned <= 16 * MiB, "a namespace pinned more than its share of the arena"
+    with Client(a.tenant("victim")) as victim:
+        keys = _keys(4, "victim")
+        assert victim.put(FP, keys, [block_of(k) for k in keys]) == 4
+        assert victim.get(FP, keys) == [block_of(k) for k in keys]
+    hostile.close()
