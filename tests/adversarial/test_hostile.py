@@ -364,13 +364,15 @@ def test_sigkill_loop_under_concurrent_writers_never_returns_wrong_bytes(agent, 
 
 
 def test_a_rogue_peer_cannot_make_the_fetching_agent_allocate_or_crash(tmp_path):
-    """The peer path's reader side: a server that passes for a peer and lies in its answers gets a
-    miss (or a refused fetch), and the reader's arena stays empty."""
+    """The peer path's reader side: a pool member that lies in its answers gets a miss (or a
+    refused fetch), and the reader's arena stays empty."""
     import threading
 
+    from kvtier.agent.api.server import ServerLimits
     from kvtier.agent.store.index import Store
     from kvtier.agent.tiers.dram import DramTier
     from kvtier.agent.transports import open_transport
+    from kvtier.agent.transports.control import accept
     from kvtier.agent.transports.nixl import PeerError
 
     key = os.urandom(24)
@@ -402,23 +404,22 @@ def test_a_rogue_peer_cannot_make_the_fetching_agent_allocate_or_crash(tmp_path)
         },
     ]
     server = socket.create_server(("127.0.0.1", 0))
+    secret = os.urandom(32)  # the liar is a pool member: it holds the secret
 
     def serve() -> None:
         for lie in lies:
             conn, _ = server.accept()
             with conn:
-                protocol.send(conn, {"nonce": "00" * 16})
-                protocol.recv(conn)
-                protocol.send(conn, {"ok": True})
-                protocol.recv(conn)
-                protocol.send(conn, lie)
+                channel = accept(conn, secret, ServerLimits())
+                assert channel is not None
+                channel.open(protocol.recv(conn)[0])
+                channel.send(lie)
                 with contextlib.suppress(OSError, protocol.ProtocolError):
-                    protocol.recv(conn)  # "done"
-                    protocol.send(conn, {"ok": True})
+                    channel.open(protocol.recv(conn)[0])  # "done"
+                    channel.send({"ok": True})
 
     threading.Thread(target=serve, daemon=True).start()
     peer = f"127.0.0.1:{server.getsockname()[1]}"
-    secret = os.urandom(32)
     store = Store(secret, DramTier("p", 32 << 20, 8 << 20), None)
     transport, _ = open_transport(store, secret, f"rogue-test-{os.getpid()}", "tcp", [], None)
     try:

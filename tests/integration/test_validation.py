@@ -88,3 +88,22 @@ def test_pool_names_that_would_break_child_names_are_refused(kube, crds_installe
         api.KVCachePool.model_validate(body)
     ok = _body("a" * 44 + uuid.uuid4().hex[:6], _dram("1Gi"))  # 50 characters, unique per case
     assert _api_server_refusal(kube, ok) is None
+
+
+@pytest.mark.parametrize(("before", "after"), [("namespace", "shared"), ("shared", "namespace")])
+def test_a_pools_isolation_cannot_change(kube, crds_installed, before, after):
+    """Blocks on NVMe outlive the change, and under the other isolation the namespace called
+    `shared` and the shared key space are one: its private blocks would be read by every namespace
+    (or it would read everyone's). The API server refuses the change; other tenancy edits pass."""
+    custom = client.CustomObjectsApi(kube)
+    name = f"iso-{uuid.uuid4().hex[:6]}"
+    custom.create_cluster_custom_object(
+        *POOL_ARGS, _body(name, {**_dram("1Gi"), "tenancy": {"isolation": before}})
+    )
+    try:
+        with pytest.raises(ApiException) as exc:
+            custom.patch_cluster_custom_object(*POOL_ARGS, name, {"spec": {"tenancy": {"isolation": after}}})
+        assert exc.value.status == 422 and "tenancy.isolation is immutable" in exc.value.body
+        custom.patch_cluster_custom_object(*POOL_ARGS, name, {"spec": {"tenancy": {"dramShare": 0.25}}})
+    finally:
+        custom.delete_cluster_custom_object(*POOL_ARGS, name)

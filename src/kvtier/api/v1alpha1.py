@@ -362,6 +362,20 @@ class LabelSelector(Model):
 
 
 class Tenancy(Model):
+    # Blocks on NVMe outlive a change: under the other isolation the namespace called `shared` and
+    # the shared key space are one, so a namespace's private blocks would be read by all (or the
+    # other way round).
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            cel(
+                "self.isolation == oldSelf.isolation",
+                "tenancy.isolation is immutable: blocks stored under one isolation would be read under "
+                "the other; create a new pool instead",
+                fieldPath=".isolation",
+            )
+        )
+    )
+
     namespaceSelector: LabelSelector | None = Field(
         None, description="Namespaces whose pods may attach; empty admits every namespace."
     )

@@ -75,6 +75,13 @@ class ArenaConnection(AgentConnection):
         self._arena.sync()
         return self._arena
 
+    def arena_for(self, client: Client) -> GpuArena | None:
+        """The arena of `client` while it is still this connection's; None once another thread has
+        lost it (and maybe connected again: the locations `client` handed out name other memory in
+        the new arena, and the extents they named went back to the agent with the old connection)."""
+        with self._lock:
+            return self.arena() if self.client is client else None
+
     def release_arena(self) -> None:
         """Unregister the arena from CUDA (it registers again on the next use): before the memory it
         covers can be unmapped, a registration over unmapped memory makes the next one there fail."""

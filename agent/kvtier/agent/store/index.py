@@ -191,6 +191,7 @@ class Store:
         self.pins = Pins()
         self.refusing: str | None = None  # set while the node drains (drain.py): no new blocks
         self._salts: dict[str, bytes] = {}
+        self._leases: dict[int, Lease] = {}  # the open connections' leases (shared pools count their pins)
         # promotions run beside the NVMe tier's own I/O pool (each one fans out into chunk reads there)
         self._promoters = ThreadPoolExecutor(
             nvme.pool._max_workers if nvme else 1, thread_name_prefix="kvtier-promote"
@@ -216,7 +217,31 @@ class Store:
         return self.isolation == "shared"
 
     def lease(self, namespace: str) -> Lease:
-        return Lease(tenant=self.tenant_of(namespace), namespace=namespace)
+        lease = Lease(tenant=self.tenant_of(namespace), namespace=namespace)
+        with self.lock:
+            self._leases[id(lease)] = lease
+        return lease
+
+    def _pinned_bytes(self, namespace: str) -> int:
+        """Under the lock: bytes of the blocks a namespace's connections keep pinned."""
+        return sum(
+            b.size
+            for lease in self._leases.values()
+            if lease.namespace == namespace
+            for b in lease.held.values()
+        )
+
+    def _pin_room(self, lease: Lease) -> float:
+        """Under the lock: bytes of blocks the lease's namespace may still pin. In shared pools its
+        share, less what its connections hold (pinned, or allocated in its own segments): sealed
+        blocks belong to no namespace, and one that pinned them all would leave the others no room
+        to save. Unbounded elsewhere: a namespace's blocks sit in its own segments, within its share."""
+        quota = self.dram.quota_segments
+        if not self.sealed or quota is None:
+            return math.inf
+        namespace = lease.namespace or lease.tenant
+        own = sum(s.alloc.used for s in self.dram.segments_of(namespace, False))
+        return quota * self.dram.segment_bytes - own - self._pinned_bytes(namespace)
 
     def segments_for(self, lease: Lease) -> list[Segment]:
         """Every segment a connection may map: its namespace's own and, in shared pools, the sealed ones."""
@@ -255,12 +280,13 @@ class Store:
             if self.refusing:
                 raise StoreError(self.refusing)
             owner = lease.namespace or lease.tenant
+            held = self._pinned_bytes(owner) if self.sealed else 0  # shared pools: pins count too
             for size in sizes:
-                got = self._allocate_dram(owner, size)
+                got = self._allocate_dram(owner, size, held=held)
                 while got is None and self.nvme and time.monotonic() < deadline:
                     self.work.notify_all()
                     self.persisted.wait(timeout=min(0.05, max(0.0, deadline - time.monotonic())))
-                    got = self._allocate_dram(owner, size)
+                    got = self._allocate_dram(owner, size, held=held)
                 if got is None:
                     for seg, ext in out:
                         self.dram.free(seg, ext)
@@ -368,11 +394,18 @@ class Store:
         tiers = []
         with self.lock:
             for key in keys:
-                block = self.blocks.get(self.index_key(tenant, fingerprint, key))
+                block = self._hit(tenant, self.index_key(tenant, fingerprint, key))
                 if block is None:
                     break
                 tiers.append(block.tier)
         return tiers
+
+    def _hit(self, tenant: str, ikey: bytes) -> Block | None:
+        """Under the lock: the tenant's block under an index key. A block of another tenant there
+        (the key space is salted per tenant, so only a manifest that lies puts one there) is a
+        miss: its memory is that tenant's."""
+        block = self.blocks.get(ikey)
+        return block if block is not None and block.tenant == tenant else None
 
     def read(self, lease: Lease, fingerprint: str, keys: list[bytes]) -> list[tuple[Segment, Extent, Block]]:
         """Pin the leading blocks that hit, promoting NVMe blocks into the arena first (in parallel,
@@ -384,10 +417,15 @@ class Store:
         t0 = time.perf_counter()
         pinned: list[Block] = []
         with self.lock:
+            room = self._pin_room(lease)
             for key in keys:
-                block = self.blocks.get(self.index_key(lease.tenant, fingerprint, key))
+                block = self._hit(lease.tenant, self.index_key(lease.tenant, fingerprint, key))
                 if block is None:
                     break
+                if block.key not in lease.held:
+                    if block.size > room:  # the namespace holds its share: a miss for the rest
+                        break
+                    room -= block.size
                 self.pins.take(block, lease)
                 pinned.append(block)
         tiers = [b.tier for b in pinned]
@@ -434,7 +472,7 @@ class Store:
                 late = True
                 break
             with self.lock:
-                block = self.blocks.get(ikey)
+                block = self._hit(tenant, ikey)
                 if block is None:
                     break
                 if block.seg:
@@ -471,6 +509,7 @@ class Store:
     def close_lease(self, lease: Lease) -> None:
         """A client went away: its pins end and its uncommitted extents return to the arena."""
         with self.lock:
+            self._leases.pop(id(lease), None)
             self.pins.end_lease(lease)
             for seg, ext in lease.reserved.values():
                 if self.dram.slots[seg.slot] is seg:
@@ -597,21 +636,25 @@ class Store:
 
     # ----------------------------------------------------------------------------- internals
 
-    def _allocate_dram(self, owner: str, size: int, sealed: bool = False) -> tuple[Segment, Extent] | None:
+    def _allocate_dram(
+        self, owner: str, size: int, sealed: bool = False, held: int = 0
+    ) -> tuple[Segment, Extent] | None:
+        """Room in the owner's segments, evicting what is safe to evict; `held`: bytes the owner
+        keeps pinned outside its segments (shared pools), which count against its share."""
         try:
-            got = self.dram.allocate(owner, size, sealed)
+            got = self.dram.allocate(owner, size, sealed, held)
         except DramFull as exc:
             raise StoreError(str(exc)) from None
         # Full: drop blocks that are safe to drop right now (already on NVMe, or no NVMe tier)
         # from this owner's segments, then (below its share only) reclaim what others left empty.
         while got is None:
             victim = self.dram_policy.victim(lambda k: self._cheap_dram_victim(k, owner))
-            if victim is None and not self.dram.at_quota(owner, sealed):
+            if victim is None and not self.dram.at_quota(owner, sealed, held):
                 victim = self.dram_policy.victim(lambda k: self._cheap_dram_victim(k, None))
             if victim is None:
                 return None
             self._drop_dram_copy(self.blocks[victim])
-            got = self.dram.allocate(owner, size, sealed)
+            got = self.dram.allocate(owner, size, sealed, held)
         return got
 
     def _cheap_dram_victim(self, ikey: bytes, tenant: str | None) -> bool:
@@ -661,7 +704,11 @@ class Store:
             rec = block.nvme
             if rec is None:
                 return False
-            got = self._allocate_dram(block.tenant, rec.length, self.sealed)
+            try:
+                got = self._allocate_dram(block.tenant, rec.length, self.sealed)
+            except (StoreError, OSError) as exc:  # longer than a segment (it shrank), no new memfd
+                self._log.warning("promote", "an NVMe block cannot be promoted (a miss): %s", str(exc))
+                got = None
             if got is None:
                 return False
             seg, ext = got

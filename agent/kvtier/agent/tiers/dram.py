@@ -165,7 +165,9 @@ class DramTier(Tier):
 
     # ------------------------------------------------------------------------- allocation
 
-    def allocate(self, owner: str, length: int, sealed: bool = False) -> tuple[Segment, Extent] | None:
+    def allocate(
+        self, owner: str, length: int, sealed: bool = False, held: int = 0
+    ) -> tuple[Segment, Extent] | None:
         """An extent in one of the owner's segments, taking a free slot when needed; None when full
         (no free or reclaimable slot, or the owner at its quota). Raises DramFull when `length`
         exceeds a segment (no eviction can help) and OSError when the OS refuses a new memfd.
@@ -180,7 +182,7 @@ class DramTier(Tier):
                 return seg, extent
         if length > self.segment_bytes:
             raise DramFull(f"a block of {length} bytes exceeds the segment size {self.segment_bytes}")
-        if self.at_quota(owner, sealed):
+        if self.at_quota(owner, sealed, held):
             return None
         seg = self._take_slot(owner, sealed)
         if not seg:
@@ -189,12 +191,14 @@ class DramTier(Tier):
         assert extent is not None
         return seg, extent
 
-    def at_quota(self, owner: str, sealed: bool) -> bool:
-        """The owner holds its whole share: it may only reuse its own memory."""
+    def at_quota(self, owner: str, sealed: bool, held: int = 0) -> bool:
+        """The owner holds its whole share (its writable segments, and `held` bytes it keeps
+        pinned elsewhere: a shared pool's sealed blocks): it may only reuse its own memory."""
         return (
             not sealed
             and self.quota_segments is not None
-            and len(self.segments_of(owner, False)) >= self.quota_segments
+            and len(self.segments_of(owner, False)) * self.segment_bytes + held
+            >= self.quota_segments * self.segment_bytes
         )
 
     def free(self, seg: Segment, extent: Extent) -> None:

@@ -139,8 +139,13 @@ class Manifest:
     def _rewrite(self, live: list[Record]) -> None:
         tmp = self.path.with_suffix(".tmp")
         data = MAGIC + b"".join(_encode(_ADD, r) for r in live)
+        # Whatever sits at the temporary name goes first (unlink removes a planted symlink, not its
+        # target) and the file is created new, never opened through a link someone put there.
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
         try:
-            with open(tmp, "wb") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
@@ -156,7 +161,7 @@ class Manifest:
             os.close(dir_fd)
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
         self._size = len(data)
         self.records_written = len(live)
 

@@ -157,9 +157,11 @@ class NvmeTier(Tier):
         live = self.manifest.open()
         for rec in list(live.values()):
             try:
+                if not 0 < rec.size <= rec.length:
+                    raise ValueError("a block larger than its extent")  # a reader would read past it
                 self.alloc.reserve(Extent(rec.offset, rec.length))
             except ValueError:
-                del live[rec.key]  # overlaps or lies outside a resized tier: not trusted
+                del live[rec.key]  # overlaps, lies outside a resized tier, or lies: not trusted
         return live
 
     @property

@@ -1,8 +1,13 @@
 """The peer control channel: small authenticated messages between agents over TCP (no block bytes).
 
-A peer proves it belongs to the pool with an HMAC of a fresh nonce under the pool's secret (the
-same secret tenant salts come from, so only pool members can name keys at all). After that, each
-request is one JSON frame and one reply; the data itself moves over NIXL (see `nixl.py`).
+Both ends prove they belong to the pool: each sends a fresh nonce, and each answers with an HMAC
+of both nonces under the pool's secret (the same secret tenant salts come from, so only pool
+members can name keys at all), labelled by its side so one side's proof is never the other's. The
+session key derived from both nonces then signs every frame with its direction and sequence number:
+a listener without the secret gets nothing past the handshake (it cannot pass for an owner and
+serve forged blocks), and whoever relays a connection can neither inject, alter, replay nor reorder
+a request or an answer. Frames are not encrypted. After the handshake, each request is one frame
+and one reply; the data itself moves over NIXL (see `nixl.py`).
 
 A connection is one reader's session with this agent: whatever the handler holds for it (pinned
 blocks) is released when the reader says so, when it goes quiet for `idle_s` (longer than the
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import os
 import socket
@@ -28,8 +34,83 @@ from kvtier.agent.metrics import Metrics
 log = logging.getLogger("kvtier.agent.peer")
 
 
-def _mac(secret: bytes, nonce: bytes) -> str:
-    return hmac.new(secret, b"kvtier-peer\0" + nonce, hashlib.sha256).hexdigest()
+NONCE_BYTES = 16
+
+
+def _mac(secret: bytes, label: bytes, *parts: bytes) -> bytes:
+    return hmac.new(secret, b"kvtier-peer\0" + label + b"\0" + b"".join(parts), hashlib.sha256).digest()
+
+
+def _nonce(message: dict[str, Any]) -> bytes:
+    """The other side's nonce; ValueError unless it is NONCE_BYTES of hex."""
+    nonce = bytes.fromhex(str(message.get("nonce", "")))
+    if len(nonce) != NONCE_BYTES:
+        raise ValueError("a nonce must be 16 bytes of hex")
+    return nonce
+
+
+def _proved(message: dict[str, Any], expected: bytes) -> bool:
+    return hmac.compare_digest(str(message.get("mac", "")), expected.hex())
+
+
+class Channel:
+    """The frames of one authenticated session. Each is {"body": JSON text, "mac": HMAC under the
+    session key of its direction, its sequence number and that text}; a frame that fails the check
+    ends the session (ProtocolError)."""
+
+    def __init__(
+        self, sock: socket.socket, secret: bytes, server_nonce: bytes, client_nonce: bytes, server: bool
+    ):
+        self.sock = sock
+        self.key = _mac(secret, b"session", server_nonce, client_nonce)
+        self.sending, self.receiving = (b"server", b"client") if server else (b"client", b"server")
+        self.sent = self.received = 0
+
+    def _tag(self, direction: bytes, seq: int, body: str) -> str:
+        return hmac.new(
+            self.key, direction + seq.to_bytes(8, "big") + body.encode(), hashlib.sha256
+        ).hexdigest()
+
+    def send(self, message: dict[str, Any]) -> None:
+        body = json.dumps(message, separators=(",", ":"))
+        protocol.send(self.sock, {"body": body, "mac": self._tag(self.sending, self.sent, body)})
+        self.sent += 1
+
+    def open(self, frame: dict[str, Any]) -> dict[str, Any]:
+        """The message a received frame carries, once its MAC checks out."""
+        body, tag = frame.get("body"), frame.get("mac")
+        if not (
+            isinstance(body, str)
+            and isinstance(tag, str)
+            and hmac.compare_digest(tag, self._tag(self.receiving, self.received, body))
+        ):
+            raise protocol.ProtocolError("a frame that does not carry this session's MAC")
+        self.received += 1
+        try:
+            message = json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            raise protocol.ProtocolError(f"frame is not JSON: {exc}") from None
+        if not isinstance(message, dict):
+            raise protocol.ProtocolError("frame is not a JSON object")
+        return message
+
+
+def accept(sock: socket.socket, secret: bytes, limits: ServerLimits) -> Channel | None:
+    """The listening side of the handshake: the session, or None once the other side has been
+    refused (it did not prove membership). OSError/ProtocolError when it broke off."""
+    nonce = os.urandom(NONCE_BYTES)
+    protocol.send(sock, {"nonce": nonce.hex()})
+    # before the MAC is checked: a tiny frame, and it must come promptly
+    auth, _ = limits.recv(sock, limits.peer_pre_auth_frame_bytes, idle=limits.read_timeout)
+    try:
+        theirs = _nonce(auth)
+    except ValueError:
+        theirs = b""
+    if not theirs or not _proved(auth, _mac(secret, b"client", nonce, theirs)):
+        protocol.send(sock, {"ok": False, "error": "not a member of this pool"})
+        return None
+    protocol.send(sock, {"ok": True, "mac": _mac(secret, b"server", nonce, theirs).hex()})
+    return Channel(sock, secret, nonce, theirs, server=True)
 
 
 class Session(Protocol):
@@ -46,28 +127,19 @@ class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         sock, server = self.request, self.server
         limits = server.limits
-        nonce = os.urandom(16)
         try:
-            protocol.send(sock, {"nonce": nonce.hex()})
-            # before the MAC is checked: a tiny frame, and it must come promptly
-            auth, _ = limits.recv(sock, limits.peer_pre_auth_frame_bytes, idle=limits.read_timeout)
-            if not hmac.compare_digest(str(auth.get("mac", "")), _mac(server.secret, nonce)):
-                protocol.send(sock, {"ok": False, "error": "not a member of this pool"})
-                return
-            protocol.send(sock, {"ok": True})
+            channel = accept(sock, server.secret, limits)
         except (OSError, protocol.ProtocolError):
+            return
+        if channel is None:
             return
         session = server.new_session()
         try:
             while True:
-                try:
-                    msg, _ = limits.recv(sock, limits.frame_bytes, idle=server.idle_s)
-                except protocol.BadMessage as exc:
-                    protocol.send(sock, {"ok": False, "error": str(exc)})
-                    continue
-                protocol.send(sock, session.handle(msg))
+                frame, _ = limits.recv(sock, limits.frame_bytes, idle=server.idle_s)
+                channel.send(session.handle(channel.open(frame)))
         except (OSError, protocol.ProtocolError):
-            pass  # gone, silent past idle_s, or not speaking the protocol: its session ends
+            pass  # gone, silent past idle_s, a frame not of this session: its session ends
         finally:
             session.close()
 
@@ -119,10 +191,16 @@ class ControlClient:
         self.sock = socket.create_connection((host, int(port)), timeout=timeout)
         try:
             hello, _ = protocol.recv(self.sock)
-            protocol.send(self.sock, {"mac": _mac(secret, bytes.fromhex(str(hello.get("nonce", ""))))})
+            theirs, mine = _nonce(hello), os.urandom(NONCE_BYTES)
+            protocol.send(
+                self.sock, {"nonce": mine.hex(), "mac": _mac(secret, b"client", theirs, mine).hex()}
+            )
             ok, _ = protocol.recv(self.sock)
             if not ok.get("ok"):
                 raise PermissionError(ok.get("error", "peer refused"))
+            if not _proved(ok, _mac(secret, b"server", theirs, mine)):
+                raise PermissionError(f"{peer} did not prove membership of this pool")
+            self.channel = Channel(self.sock, secret, theirs, mine, server=False)
         except (protocol.ProtocolError, ValueError) as exc:
             self.sock.close()
             raise ConnectionError(f"{peer} does not speak the peer protocol: {exc}") from exc
@@ -133,11 +211,11 @@ class ControlClient:
     def call(self, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
         self.sock.settimeout(max(timeout, 0.001))
         try:
-            protocol.send(self.sock, msg)
-            reply, _ = protocol.recv(self.sock)
+            self.channel.send(msg)
+            frame, _ = protocol.recv(self.sock)
+            return self.channel.open(frame)
         except protocol.ProtocolError as exc:
             raise ConnectionError(f"peer broke the protocol: {exc}") from exc
-        return reply
 
     def close(self) -> None:
         self.sock.close()

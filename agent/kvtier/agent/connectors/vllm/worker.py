@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvtier.agent.client import CONNECTION_LOST, Pinned
+from kvtier.agent.client import CONNECTION_LOST, Client, Pinned
 from kvtier.agent.connectors.gpu import ArenaConnection, Staging
 from kvtier.agent.connectors.paged import LayerLoad, PagedCache
 from kvtier.agent.connectors.runs import GROUP_BYTES, pages_ok
@@ -108,33 +108,41 @@ class Worker:
         paged = self.paged
         if paged is None or not loads:
             return
-        located: list[tuple[int, int]] = []  # (segment, offset) of each usable block, in page order
-        page_ids: list[int] = []
-        keep: list[bool] = []
+        pinned: list[tuple[Transfer, int, Client, Pinned]] = []  # (load, usable, its connection, blocks)
         written: set[int] = set()  # pages this step's loads write
         for t in loads:
             limit = len(t.page_ids) if t.limit is None else t.limit
             kept = [p for i, p in enumerate(t.page_ids) if t.skip <= i < limit]
             # another block size, or pages to write that are not distinct pages of this cache: a miss
             fits = len(t.page_ids) == len(t.keys) * paged.per and pages_ok(kept, paged.num_pages, written)
-            got = self._pin(t) if fits else 0
-            if got < len(t.keys):
-                self.failed_reqs.add(t.req_id)
-                self.failed_pages.update(t.page_ids[max(t.skip, got * paged.per) : limit])
-                with self._lock:
-                    self.counters.failed_blocks += len(t.keys) - got
-            if not got:
+            got, client, blocks = self._pin(t) if fits else (0, None, None)
+            if got and client is not None and blocks is not None:
+                written.update(kept)
+                pinned.append((t, got, client, blocks))
+            else:
+                self._failed(t, 0)
+        # A connection lost later in the step took the earlier loads' pins with it, and the next one
+        # (a restarted agent numbers its segments from 1 again) maps other memory at those locations.
+        current = self.conn.client
+        arena = self.conn.arena_for(current) if current is not None else None
+        located: list[tuple[int, int]] = []  # (segment, offset) of each usable block, in page order
+        page_ids: list[int] = []
+        keep: list[bool] = []
+        for t, got, client, blocks in pinned:
+            if arena is None or client is not current:
+                self._failed(t, 0)
                 continue
-            written.update(kept)
-            located += [(b.segment, b.offset) for b in self._loading.pinned[-1][:got]]
+            if got < len(t.keys):
+                self._failed(t, got)
+            limit = len(t.page_ids) if t.limit is None else t.limit
+            located += [(b.segment, b.offset) for b in blocks[:got]]
             page_ids += t.page_ids[: got * paged.per]
             keep += [t.skip <= i < limit for i in range(got * paged.per)]
             with self._lock:
                 self.counters.loaded_blocks += got
                 self.counters.loaded_bytes += got * paged.block_bytes
-        if not located:
+        if not located or arena is None:
             return
-        arena = self.conn.arena()
         if self.layerwise:
             views = [arena.host[seg][off : off + paged.block_bytes] for seg, off in located]
             self._loading.layers = LayerLoad(paged, views, page_ids, keep)
@@ -143,22 +151,32 @@ class Worker:
                 self._staging = Staging(paged.device, max(GROUP_BYTES, paged.block_bytes))
             paged.load(arena, self._staging, located, page_ids, keep)
 
-    def _pin(self, t: Transfer) -> int:
-        """Pin the transfer's blocks; how many leading ones are usable (the rest is recomputed)."""
+    def _failed(self, t: Transfer, got: int) -> None:
+        """Blocks of a load from `got` on are not loaded: vLLM recomputes their pages."""
+        assert self.paged is not None
+        limit = len(t.page_ids) if t.limit is None else t.limit
+        self.failed_reqs.add(t.req_id)
+        self.failed_pages.update(t.page_ids[max(t.skip, got * self.paged.per) : limit])
+        with self._lock:
+            self.counters.failed_blocks += len(t.keys) - got
+
+    def _pin(self, t: Transfer) -> tuple[int, Client | None, Pinned | None]:
+        """Pin the transfer's blocks: how many leading ones are usable (the rest is recomputed), the
+        connection whose pins they are, and the pinned blocks."""
         client = self.conn.get()
         if client is None:
-            return 0
+            return 0, None, None
         try:
             pinned = client.read(self.fingerprint, t.keys)
         except Exception as exc:  # a failed load becomes a recompute, never wrong KV
             log.warning("kvtier load for %s failed: %s", t.req_id, exc)
             if isinstance(exc, CONNECTION_LOST):
                 self.conn.lost(exc)
-            return 0
+            return 0, None, None
         usable = pinned.usable(self.paged.block_bytes if self.paged else 0)
         self._loading.pinned.append(pinned)
         # only the usable prefix is copied; the rest of the pins go with the others after the copy
-        return usable
+        return usable, client, pinned
 
     def wait_layer(self, layer_name: str) -> None:
         if self._loading.layers is not None:
@@ -237,9 +255,11 @@ class Worker:
         if todo:
             size = paged.block_bytes
             slots = client.allocate([size] * len(todo))  # wait=0: a full arena skips the save
-            paged.save(
-                self.conn.arena(), [(s.segment, s.offset) for s in slots], t.page_ids[present * paged.per :]
-            )
+            arena = self.conn.arena_for(client)
+            if arena is None:  # a load lost the connection meanwhile: these extents are gone with it
+                log.warning("kvtier save for %s skipped: the connection was lost", t.req_id)
+                return 0
+            paged.save(arena, [(s.segment, s.offset) for s in slots], t.page_ids[present * paged.per :])
             client.commit(self.fingerprint, todo, slots, [size] * len(todo))
             with self._lock:
                 self.counters.saved_blocks += len(todo)
