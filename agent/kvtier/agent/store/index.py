@@ -72,6 +72,7 @@ class Lease:
     namespace: str = ""  # owner of the extents this connection allocates ("" = the tenant)
     pins: Counter[bytes] = field(default_factory=Counter)  # index key -> pins held (changed by `Pins`)
     held: dict[bytes, Block] = field(default_factory=dict)  # index key -> the block those pins are on
+    held_bytes: int = 0  # the size of the blocks in `held` (shared pools count it against a share)
     reserved: dict[tuple[int, int], tuple[Segment, Extent]] = field(default_factory=dict)
     segments_sent: set[int] = field(default_factory=set)
 
@@ -101,6 +102,8 @@ class Pins:
         block.pins += 1
         if lease is not None:
             lease.pins[block.key] += 1
+            before = lease.held.get(block.key)
+            lease.held_bytes += block.size - (before.size if before else 0)
             lease.held[block.key] = block
 
     @staticmethod
@@ -117,6 +120,7 @@ class Pins:
         lease.pins[ikey] -= 1
         if not lease.pins[ikey]:
             del lease.pins[ikey], lease.held[ikey]
+            lease.held_bytes -= block.size
         block.pins = max(0, block.pins - 1)
 
     @staticmethod
@@ -127,6 +131,7 @@ class Pins:
             block.pins = max(0, block.pins - count)
         lease.pins.clear()
         lease.held.clear()
+        lease.held_bytes = 0
 
     def start_write(self, block: Block) -> None:
         block.pins += 1
@@ -142,6 +147,7 @@ class Pins:
         on_block: Counter[int] = Counter()
         for lease in leases:
             assert set(lease.pins) == set(lease.held), "a lease counts pins on blocks it does not name"
+            assert lease.held_bytes == sum(b.size for b in lease.held.values()), "held bytes"
             for ikey, count in lease.pins.items():
                 assert count > 0 and lease.held[ikey].key == ikey, (ikey, count)
                 on_block[id(lease.held[ikey])] += count
@@ -224,12 +230,7 @@ class Store:
 
     def _pinned_bytes(self, namespace: str) -> int:
         """Under the lock: bytes of the blocks a namespace's connections keep pinned."""
-        return sum(
-            b.size
-            for lease in self._leases.values()
-            if lease.namespace == namespace
-            for b in lease.held.values()
-        )
+        return sum(lease.held_bytes for lease in self._leases.values() if lease.namespace == namespace)
 
     def _pin_room(self, lease: Lease) -> float:
         """Under the lock: bytes of blocks the lease's namespace may still pin. In shared pools its
