@@ -159,6 +159,15 @@ class StoreError(Exception):
     pass
 
 
+# Keys a lookup or read handles per hold of the store's lock: one request of 65536 keys would
+# otherwise hold every other connection up for its whole length (engines ask for at most 512 at once).
+LOCKED_KEYS = 1024
+
+
+def _slices(items: list[bytes]) -> list[list[bytes]]:
+    return [items[i : i + LOCKED_KEYS] for i in range(0, len(items), LOCKED_KEYS)] or [[]]
+
+
 class Store:
     def __init__(
         self,
@@ -268,6 +277,11 @@ class Store:
         h = hashlib.blake2b(key, digest_size=24, key=self.salt(tenant)[:32], person=b"kvtier-index")
         h.update(fingerprint.encode())
         return h.digest()
+
+    def index_keys(self, tenant: str, fingerprint: str, keys: list[bytes]) -> list[bytes]:
+        """Index keys of a request's keys, hashed before the store's lock is taken: a request of
+        65536 keys would otherwise hold every other connection up while it hashes."""
+        return [self.index_key(tenant, fingerprint, key) for key in keys]
 
     # --------------------------------------------------------------------------- client ops
 
@@ -392,14 +406,24 @@ class Store:
 
     def lookup(self, tenant: str, fingerprint: str, keys: list[bytes]) -> list[str]:
         """Tiers of the leading keys that hit (a prefix query: stops at the first miss)."""
-        tiers = []
-        with self.lock:
-            for key in keys:
-                block = self._hit(tenant, self.index_key(tenant, fingerprint, key))
-                if block is None:
-                    break
-                tiers.append(block.tier)
+        tiers: list[str] = []
+        for part in _slices(self.index_keys(tenant, fingerprint, keys)):
+            with self.lock:
+                hits = self._leading(tenant, part)
+                tiers += [b.tier for b in hits]
+            if len(hits) < len(part):
+                break
         return tiers
+
+    def _leading(self, tenant: str, ikeys: list[bytes]) -> list[Block]:
+        """Under the lock: the tenant's blocks under the leading index keys that hit."""
+        hits = []
+        for ikey in ikeys:
+            block = self._hit(tenant, ikey)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
 
     def _hit(self, tenant: str, ikey: bytes) -> Block | None:
         """Under the lock: the tenant's block under an index key. A block of another tenant there
@@ -417,18 +441,20 @@ class Store:
         """
         t0 = time.perf_counter()
         pinned: list[Block] = []
-        with self.lock:
-            room = self._pin_room(lease)
-            for key in keys:
-                block = self._hit(lease.tenant, self.index_key(lease.tenant, fingerprint, key))
-                if block is None:
-                    break
-                if block.key not in lease.held:
-                    if block.size > room:  # the namespace holds its share: a miss for the rest
-                        break
-                    room -= block.size
-                self.pins.take(block, lease)
-                pinned.append(block)
+        for part in _slices(self.index_keys(lease.tenant, fingerprint, keys)):
+            took = 0
+            with self.lock:
+                room = self._pin_room(lease)
+                for block in self._leading(lease.tenant, part):
+                    if block.key not in lease.held:
+                        if block.size > room:  # the namespace holds its share: a miss for the rest
+                            break
+                        room -= block.size
+                    self.pins.take(block, lease)
+                    pinned.append(block)
+                    took += 1
+            if took < len(part):
+                break
         tiers = [b.tier for b in pinned]
         cold = [b for b in pinned if b.seg is None]
         if cold:
@@ -465,7 +491,7 @@ class Store:
     ) -> dict[str, int]:
         """Bring the leading cached blocks of a chain into DRAM (promoting from NVMe) before the
         engine asks, stopping at the deadline. Returns counts, and the index keys still missing."""
-        ikeys = [self.index_key(tenant, fingerprint, k) for k in keys]
+        ikeys = self.index_keys(tenant, fingerprint, keys)
         dram = promoted = 0
         late = False
         for ikey in ikeys:
