@@ -373,6 +373,40 @@ def test_a_save_whose_connection_changed_under_it_writes_nothing(agent, tmp_path
     worker.close()
 
 
+@pytest.mark.torch
+def test_a_load_whose_pins_ended_mid_copy_is_recomputed(agent, tmp_path):
+    """The saver thread loses the worker's connection while a layer-wise load is still copying
+    (after its pins were taken, before its last layer). The agent dropped those pins with the
+    connection and may hand their memory to another writer, so what the copy read is not to be
+    trusted: the load's pages are reported as load errors (vLLM recomputes them) and the request's
+    pages are not saved over."""
+    torch = pytest.importorskip("torch")
+    from kvtier.agent.connectors.gpu import ArenaConnection
+    from kvtier.agent.connectors.vllm.plan import Transfer
+    from kvtier.agent.connectors.vllm.worker import Worker
+
+    pages, page, block = 8, 16, 64
+    a = agent(agent_config(tmp_path, nvme=None))
+    g = torch.Generator().manual_seed(11)
+    kv = {f"layer{i}": torch.randn(pages, 2, page, 32, generator=g) for i in range(2)}
+    conn = ArenaConnection(client=Client(a.tenant("team-a")), pin=False, retry_after=0)
+    worker = Worker(conn, "fp", page, block, layerwise=True)
+    worker.register(kv, pages)
+    key = [b"k" * 32]
+    worker.submit_saves([Transfer("saved", key, list(range(4)))], sync=True)
+    worker.start_loads([Transfer("load", key, list(range(4, 8)))])
+    worker.wait_layer("layer0")
+    conn.lost(ConnectionError("the saver thread lost it"))  # mid-copy: layer1 not copied yet
+    worker.wait_layer("layer1")
+    worker.finish_loads()
+    assert "load" in worker.failed_reqs
+    assert worker.take_load_errors() == {4, 5, 6, 7}
+    worker.submit_saves([Transfer("load", key, list(range(4, 8)))], sync=True)
+    counters = worker.take_counters()
+    assert (counters["loaded_blocks"], counters["failed_blocks"], counters["skipped_saves"]) == (0, 1, 1)
+    worker.close()
+
+
 def test_a_namespace_of_a_shared_pool_cannot_pin_the_whole_arena(agent, tmp_path):
     """In a shared pool committed blocks live in sealed segments that belong to no namespace, so
     they never counted against a namespace's share. One namespace stores blocks and keeps every

@@ -266,6 +266,12 @@ class AgentConnection:
                     self._retry_at = time.monotonic() + self.retry_after
             return self.client
 
+    def holds(self, client: Client) -> bool:
+        """Whether `client` is still this connection's and open: the pins taken on it still hold
+        (the agent drops a connection's pins when it closes)."""
+        with self._lock:
+            return self.client is client and client.sock.fileno() != -1
+
     def lost(self, exc: BaseException | None = None) -> None:
         """The connection failed: close it (a miss for the caller); connect again after retry_after."""
         log.warning("kvtier agent at %s lost: %s (retry in %.1fs)", self.path, exc, self.retry_after)

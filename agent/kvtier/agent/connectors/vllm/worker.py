@@ -57,6 +57,7 @@ class WorkerCounters:
 @dataclass
 class _Loading:
     pinned: list[Pinned] = field(default_factory=list)
+    loaded: list[tuple[Transfer, int, Client]] = field(default_factory=list)  # (load, blocks, connection)
     layers: LayerLoad | None = None
 
 
@@ -136,6 +137,7 @@ class Worker:
                 self._failed(t, got)
             limit = len(t.page_ids) if t.limit is None else t.limit
             located += [(b.segment, b.offset) for b in blocks[:got]]
+            self._loading.loaded.append((t, got, client))
             page_ids += t.page_ids[: got * paged.per]
             keep += [t.skip <= i < limit for i in range(got * paged.per)]
             with self._lock:
@@ -159,6 +161,18 @@ class Worker:
         self.failed_pages.update(t.page_ids[max(t.skip, got * self.paged.per) : limit])
         with self._lock:
             self.counters.failed_blocks += len(t.keys) - got
+
+    def _unloaded(self, t: Transfer, got: int) -> None:
+        """Blocks copied while their pins ended (the saver thread lost the connection mid-copy, and
+        the agent may have handed their memory to another writer): their pages are recomputed too."""
+        assert self.paged is not None
+        limit = len(t.page_ids) if t.limit is None else t.limit
+        self.failed_reqs.add(t.req_id)
+        self.failed_pages.update(t.page_ids[t.skip : min(got * self.paged.per, limit)])
+        with self._lock:
+            self.counters.loaded_blocks -= got
+            self.counters.loaded_bytes -= got * self.paged.block_bytes
+            self.counters.failed_blocks += got
 
     def _pin(self, t: Transfer) -> tuple[int, Client | None, Pinned | None]:
         """Pin the transfer's blocks: how many leading ones are usable (the rest is recomputed), the
@@ -188,6 +202,9 @@ class Worker:
         try:
             if loading.layers is not None:
                 loading.layers.finish()
+            for t, got, client in loading.loaded:
+                if not self.conn.holds(client):
+                    self._unloaded(t, got)
         finally:
             for pinned in loading.pinned:
                 try:
