@@ -120,6 +120,47 @@ def test_a_listener_without_the_pool_secret_cannot_serve_forged_blocks(tmp_path)
         assert victim.stats()["dram"]["usedBytes"] == 0
 
 
+def test_one_host_holding_half_open_handshakes_keeps_no_member_out():
+    """A host on the pod network opens every slot of the peer port and never answers the handshake.
+    It holds a few of them at most (the rest are refused at once), so a pool member connecting from
+    another address is still served."""
+    from kvtier.agent.api.server import ServerLimits
+    from kvtier.agent.transports.control import HANDSHAKES_PER_SOURCE, ControlClient, ControlServer
+
+    class Echo:
+        def handle(self, msg):
+            return {"ok": True, "echo": msg}
+
+        def close(self):
+            pass
+
+    secret, slots = os.urandom(32), 8
+    server = ControlServer(
+        secret, "127.0.0.1", 0, Echo, limits=ServerLimits(connections_per_tenant=slots, read_timeout=30)
+    )
+    host, port = server.address.rsplit(":", 1)
+    held: list[socket.socket] = []
+    try:
+        answers = []
+        for _ in range(slots):
+            s = socket.create_connection((host, int(port)), timeout=5, source_address=("127.0.0.2", 0))
+            held.append(s)
+            answers.append(protocol.recv(s)[0])
+        assert sum("nonce" in a for a in answers) == HANDSHAKES_PER_SOURCE
+        refused = [s for s, a in zip(held, answers, strict=True) if "nonce" not in a]
+        for s in refused:  # closed by the agent: their slots are free again
+            assert s.recv(1) == b""
+        member = ControlClient(server.address, secret, timeout=5)
+        try:
+            assert member.call({"op": "hello"}, 5) == {"ok": True, "echo": {"op": "hello"}}
+        finally:
+            member.close()
+    finally:
+        for s in held:
+            s.close()
+        server.close()
+
+
 def test_a_relay_without_the_secret_cannot_inject_requests_into_a_members_session(agent, tmp_path):
     """A listener without the secret relays a fetching agent's handshake to a real agent (so the
     real agent takes the relay for a member), then sends a request of its own on that connection:

@@ -16,6 +16,7 @@ longest prefetch deadline), or when it goes away.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -35,6 +36,10 @@ log = logging.getLogger("kvtier.agent.peer")
 
 
 NONCE_BYTES = 16
+# Handshakes one address may have under way at once. Before authentication every source shares the
+# peer port's `connectionsPerTenant` slots: a host that opens them all and never answers would keep
+# pool members out for `readTimeout` at a time; this way it holds at most a few of them.
+HANDSHAKES_PER_SOURCE = 4
 
 
 def _mac(secret: bytes, label: bytes, *parts: bytes) -> bytes:
@@ -127,10 +132,19 @@ class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         sock, server = self.request, self.server
         limits = server.limits
+        source = str(self.client_address[0])
+        refused = server.handshakes.enter(source)
+        if refused:
+            server.metrics.refused_connections.labels("peer").inc()
+            with contextlib.suppress(OSError):
+                protocol.send(sock, {"ok": False, "error": refused})
+            return
         try:
             channel = accept(sock, server.secret, limits)
         except (OSError, protocol.ProtocolError):
             return
+        finally:
+            server.handshakes.leave(source)
         if channel is None:
             return
         session = server.new_session()
@@ -167,6 +181,7 @@ class ControlServer(LimitedServer, socketserver.TCPServer):
         self.idle_s = idle_s
         self.limits = limits or ServerLimits()
         self.gate = gate or Gate(self.limits.connections, self.limits.connections_per_tenant)
+        self.handshakes = Gate(self.limits.connections, HANDSHAKES_PER_SOURCE)  # by source address
         self.metrics = metrics or Metrics()
         super().__init__((host, port), _Handler)
         threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
