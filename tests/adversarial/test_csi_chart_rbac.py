@@ -39,6 +39,7 @@ def expected(fullname: str) -> dict[str, dict[tuple[str, str], set[str]]]:
             ("customresourcedefinitions.apiextensions.k8s.io", ""): {"get", "list", "watch"},
             ("mutatingwebhookconfigurations.admissionregistration.k8s.io", f"{fullname}-inject"): {"get", "patch"},
             ("daemonsets.apps", ""): set(ALL),
+            ("networkpolicies.networking.k8s.io", ""): {"get", "create", "patch", "update", "delete"},
             **{(r, ""): set(ALL) for r in ("configmaps", "services", "serviceaccounts", "secrets")},
         },
         "csi": {("kvcachepools.kvtier.io", ""): {"get"}, ("namespaces", ""): {"get"}},

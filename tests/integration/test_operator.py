@@ -59,6 +59,8 @@ def test_pool_lifecycle_creates_updates_and_removes_children(kube, pool_name, co
     ds = eventually(lambda: apps.read_namespaced_daemon_set(child, NS), timeout=15, message="DaemonSet")
     svc = core.read_namespaced_service(child, NS)
     assert svc.spec.cluster_ip == "None", "peers find each other through a headless Service"
+    policy = client.NetworkingV1Api(kube).read_namespaced_network_policy(child, NS)
+    assert policy.spec.pod_selector.match_labels == svc.spec.selector, "only the pool's agents reach them"
     cfg = _agent_config(kube, pool_name)
     assert cfg.pool == pool_name and cfg.dram_bytes == 64 << 30 and cfg.spec.tiers.nvme.mode == "file"
     container = ds.spec.template.spec.containers[0]
@@ -100,6 +102,7 @@ def test_pool_lifecycle_creates_updates_and_removes_children(kube, pool_name, co
             lambda: apps.read_namespaced_daemon_set(child, NS),
             lambda: core.read_namespaced_config_map(child, NS),
             lambda: core.read_namespaced_service(child, NS),
+            lambda: client.NetworkingV1Api(kube).read_namespaced_network_policy(child, NS),
             lambda: core.read_namespaced_secret(f"kvtier-pool-{pool_name}", NS),
             lambda: client.RbacAuthorizationV1Api(kube).read_cluster_role(child),
             lambda: custom.get_cluster_custom_object(

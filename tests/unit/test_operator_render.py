@@ -34,6 +34,7 @@ def test_render_is_complete_and_owned():
         "ClusterRoleBinding",
         "ConfigMap",
         "Service",
+        "NetworkPolicy",
         "DaemonSet",
     }
     for m in out.values():
@@ -108,3 +109,19 @@ def test_condition_transition_time_only_moves_on_change():
     ready = lambda st: next(c for c in st["conditions"] if c["type"] == "Ready")  # noqa: E731
     assert ready(first)["status"] == "True"
     assert ready(second)["lastTransitionTime"] == ready(first)["lastTransitionTime"]
+
+
+def test_only_the_pools_own_agents_reach_its_agents():
+    """The NetworkPolicy selects exactly the pods the Service does; they admit their pool's agents on
+    every port and anyone on the metrics port, and nothing else (the peer port included)."""
+    out = _by_kind(render_pool(_pool(), "u", "ns"))
+    policy, service, ds = out["NetworkPolicy"], out["Service"], out["DaemonSet"]
+    agents = policy["spec"]["podSelector"]["matchLabels"]
+    assert agents == service["spec"]["selector"]
+    assert agents.items() <= ds["spec"]["template"]["metadata"]["labels"].items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    from_agents, metrics = policy["spec"]["ingress"]
+    assert from_agents == {"from": [{"podSelector": {"matchLabels": agents}}]}
+    assert metrics == {"ports": [{"protocol": "TCP", "port": "metrics"}]}
+    ports = {p["name"] for c in ds["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+    assert "metrics" in ports and "peer" in ports

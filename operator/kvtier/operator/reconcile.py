@@ -73,6 +73,7 @@ def _wake(pools: set[str]) -> None:
 
 CHILD_KINDS = [  # what render_pool produces, to delete on pool deletion
     ("apps/v1", "DaemonSet", True),
+    ("networking.k8s.io/v1", "NetworkPolicy", True),
     ("v1", "Service", True),
     ("v1", "ConfigMap", True),
     ("v1", "Secret", True),

@@ -2,7 +2,8 @@
 
 Per pool, in the operator's namespace: a ServiceAccount of its own and the RBAC its agents need to
 write their KVCacheNodes (nothing else: `agent_rules`), a ConfigMap with the agent configuration (the very AgentConfig model
-`kvtier agent --config` loads), a headless Service for peers, and the agent DaemonSet. The pool's
+`kvtier agent --config` loads), a headless Service for peers, a NetworkPolicy that admits only the
+pool's own agents (and metrics scrapes), and the agent DaemonSet. The pool's
 shared secret (tenant salts, peer authentication) is a Secret the operator creates once and never
 renders again, so it survives every re-render.
 """
@@ -46,6 +47,11 @@ def labels(pool: str) -> dict[str, str]:
         "app.kubernetes.io/managed-by": "kvtier-operator",
         "kvtier.io/pool": pool,
     }
+
+
+def agent_selector(pool: str) -> dict[str, str]:
+    """The labels that pick a pool's agent pods (its Service and NetworkPolicy)."""
+    return {"kvtier.io/pool": pool, "app.kubernetes.io/name": "kvtier-agent"}
 
 
 def owner_reference(pool: api.KVCachePool, uid: str) -> dict[str, Any]:
@@ -259,15 +265,37 @@ def render_pool(pool: api.KVCachePool, uid: str, namespace: str) -> list[Manifes
             "spec": {
                 "clusterIP": "None",
                 "publishNotReadyAddresses": False,
-                "selector": {"kvtier.io/pool": name, "app.kubernetes.io/name": "kvtier-agent"},
+                "selector": agent_selector(name),
                 "ports": [
                     {"name": "peer", "port": PEER_PORT, "targetPort": "peer"},
                     {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics"},
                 ],
             },
         },
+        network_policy(name, namespace, owner),
         daemonset(pool, namespace, owner, cfg, digest),
     ]
+
+
+def network_policy(pool: str, namespace: str, owner: dict[str, Any]) -> Manifest:
+    """Who reaches a pool's agents over the network: the pool's own agents on every port (the
+    control channel, and the ports UCX opens for block data) and anyone on the metrics port. The
+    peer port answers pool members only, and before authentication one address holds a few of its
+    slots: a host kept out here cannot hold any (where the CNI enforces NetworkPolicy)."""
+    agents = agent_selector(pool)
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(child_name(pool), pool, namespace, owner),
+        "spec": {
+            "podSelector": {"matchLabels": agents},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": agents}}]},
+                {"ports": [{"protocol": "TCP", "port": "metrics"}]},
+            ],
+        },
+    }
 
 
 def pool_secret(pool: api.KVCachePool, uid: str, namespace: str, secret: bytes) -> Manifest:
