@@ -272,10 +272,14 @@ class AgentConnection:
         with self._lock:
             return self.client is client and client.sock.fileno() != -1
 
-    def lost(self, exc: BaseException | None = None) -> None:
-        """The connection failed: close it (a miss for the caller); connect again after retry_after."""
-        log.warning("kvtier agent at %s lost: %s (retry in %.1fs)", self.path, exc, self.retry_after)
+    def lost(self, exc: BaseException | None = None, client: Client | None = None) -> None:
+        """The connection failed: close it (a miss for the caller); connect again after retry_after.
+        Given the `client` that failed: nothing, once another thread has replaced it (the new
+        connection is not the one that failed)."""
         with self._lock:
+            if client is not None and client is not self.client:
+                return
+            log.warning("kvtier agent at %s lost: %s (retry in %.1fs)", self.path, exc, self.retry_after)
             self._close()
             self._retry_at = time.monotonic() + self.retry_after
 
