@@ -6,12 +6,13 @@ agent's other users (or the engine) see."""
 from __future__ import annotations
 
 import os
+import random
 import threading
 
 import pytest
 
 from kvtier.agent.client import Client
-from kvtier.bench.chaos import FP, key_of
+from kvtier.bench.chaos import FP, block_of, key_of
 from tests.support import agent_config, eventually
 
 pytestmark = pytest.mark.adversarial
@@ -139,3 +140,149 @@ def test_hf_a_save_whose_connection_another_thread_replaced_writes_nothing(agent
     client.allocate = real_allocate
     assert kv.save(tokens, saved) == T // B, "the new connection saves"
     kv.close()
+
+
+# ------------------------------------------- an authenticated pool member on the peer control port
+
+
+def _member_agent(agent, tmp_path):
+    secret = os.urandom(32)
+    (tmp_path / "secret").write_bytes(secret)
+    cfg = agent_config(tmp_path, nvme=None, prefetch={"transport": "tcp"})
+    owner = agent(cfg.model_copy(update={"secretFile": str(tmp_path / "secret")}))
+    return secret, owner
+
+
+def _hostile_messages(ikeys: list[bytes], other: list[bytes]) -> list:
+    """Requests a pool member can sign: wrong types, absurd counts, other tenants' keys, nesting."""
+    hexes = [k.hex() for k in ikeys]
+    return [
+        {},
+        {"op": None},
+        {"op": ["fetch"]},
+        {"op": "fetch"},
+        {"op": "fetch", "tenant": 5, "keys": hexes},
+        {"op": "fetch", "tenant": "team-a", "keys": "ab" * 40},
+        {"op": "fetch", "tenant": "team-a", "keys": {"a": 1}},
+        {"op": "fetch", "tenant": "team-a", "keys": [1, 2.5, None, [], {}]},
+        {"op": "fetch", "tenant": "team-a", "keys": ["zz"]},
+        {"op": "fetch", "tenant": "team-a", "keys": [""] * 4096},
+        {"op": "fetch", "tenant": "team-a", "keys": hexes * 1025},  # 4100: past the cap
+        {"op": "fetch", "tenant": "team-a", "keys": [hexes[0]] * 4096},  # one block pinned 4096 times
+        {"op": "fetch", "tenant": "team-a", "keys": [k.hex() for k in other]},  # team-b's keys
+        {"op": "fetch", "tenant": "team-b", "keys": hexes},  # team-a's keys as team-b's
+        {"op": "fetch", "tenant": "x" * 100_000, "keys": hexes},
+        {"op": "fetch", "tenant": "team-a", "keys": [hexes[0] * 1000]},
+        {"op": "done", "pins": hexes},
+        {"op": "release", "handles": hexes},
+        {"op": "offer", "from": 1, "tenant": [], "keys": None, "sizes": "x"},
+        {"op": "offer", "from": "127.0.0.1:1", "tenant": "team-a", "keys": hexes, "sizes": [-1] * 4},
+        '{"op":"fetch","nested":' + "[" * 200_000 + "]" * 200_000 + "}",  # signed, but not parsable
+        '{"op":"fetch","tenant":"team-a","keys":["' + "1" * 100_000 + '"]}',
+        "[1, 2, 3]",
+        '{"op":"fetch","tenant":"team-a","keys":' + "9" * 10_000 + "}",
+    ]
+
+
+def test_an_authenticated_member_fuzzing_the_control_channel_crashes_and_leaks_nothing(agent, tmp_path):
+    """A pool member (it holds the secret, so every frame it sends is signed) sends malformed,
+    huge, wrong-typed and deeply nested requests, fetches of absurd counts, releases of pins it
+    does not hold, and keeps many sessions open with blocks pinned. Afterwards: the agent lives,
+    no pin is left, another tenant's blocks were never in an answer, descriptors are back."""
+    from kvtier.agent.api import protocol
+    from kvtier.agent.store.index import Store
+    from kvtier.agent.tiers.dram import DramTier
+    from kvtier.agent.transports.control import ControlClient
+
+    secret, owner = _member_agent(agent, tmp_path)
+    mine, theirs = _keys(4, "a-prompt"), _keys(4, "b-prompt")
+    with Client(owner.tenant("team-a")) as a, Client(owner.tenant("team-b")) as b:
+        assert a.put(FP, mine, [block_of(k) for k in mine]) == 4
+        assert b.put(FP, theirs, [block_of(k) for k in theirs]) == 4
+    store = Store(secret, DramTier("p", 4 * MiB, 4 * MiB), None)
+    ikeys = [store.index_key("team-a", FP, k) for k in mine]
+    other = [store.index_key("team-b", FP, k) for k in theirs]
+    store.close()
+    fds = _fds(owner.proc.pid)
+    answers = []
+    for msg in _hostile_messages(ikeys, other):
+        try:
+            with ControlClient(owner.peer, secret, timeout=5) as member:
+                if isinstance(msg, str):  # a body json.dumps would not write: signed by hand
+                    ch = member.channel
+                    protocol.send(member.sock, {"body": msg, "mac": ch._tag(ch.sending, ch.sent, msg)})
+                    ch.sent += 1
+                    answers.append(ch.open(protocol.recv(member.sock)[0]))
+                else:
+                    answers.append(member.call(msg, 5))
+                answers.append(member.call({"op": "fetch", "tenant": "team-a", "keys": [ikeys[0].hex()]}, 5))
+        except (OSError, protocol.ProtocolError):
+            answers.append({"closed": True})  # the agent ended that session: allowed
+    served = {blk["key"] for ans in answers for blk in ans.get("blocks") or []}
+    assert served <= {k.hex() for k in ikeys}, (
+        "a fetch as team-a (or team-b) was answered with team-b's blocks"
+    )
+    assert {ikeys[0].hex()} <= served, "the member's well-formed fetches were answered"
+    # many sessions at once, each with team-a's chain pinned, dropped without "done"
+    sessions = [ControlClient(owner.peer, secret, timeout=5) for _ in range(12)]
+    for s in sessions:
+        assert (
+            len(s.call({"op": "fetch", "tenant": "team-a", "keys": [k.hex() for k in ikeys]}, 5)["blocks"])
+            == 4
+        )
+    with Client(owner.tenant("team-a")) as a:
+        assert a.stats()["pinned"] == 4
+        for s in sessions:
+            s.close()
+        eventually(
+            lambda: a.stats()["pinned"] == 0, timeout=5, message="the members' pins ended with their sessions"
+        )
+        assert a.get(FP, mine) == [block_of(k) for k in mine]
+    assert owner.proc.poll() is None
+    eventually(lambda: _fds(owner.proc.pid) <= fds + 2, timeout=5, message="descriptors back")
+
+
+# ------------------------------------------------------------------- prefetch hints from a hostile pod
+
+
+def test_prefetch_floods_and_other_tenants_keys_move_only_the_senders_blocks(agent, tmp_path):
+    """A pod's sidecar (or anything on its tenant socket) sends prefetch hints: another tenant's
+    keys (the agent salts them into the sender's key space: nothing to promote), and floods of
+    hints for more of its own NVMe blocks than its DRAM share holds, from several connections.
+    The other tenant's blocks stay in DRAM and read back bit-exact."""
+    a = agent(agent_config(tmp_path, dram="32Mi", nvme="256Mi"))
+    victim = _keys(6, "victim")
+    with Client(a.tenant("team-a")) as c:
+        assert c.put(FP, victim, [os.urandom(MiB) for _ in victim]) == 6
+        want = c.get(FP, victim)
+        assert c.call("lookup", fingerprint=FP, keys=[k.hex() for k in victim])["tiers"] == ["dram"] * 6
+    hog = _keys(48, "hog")  # 48 MiB: three times its 16 MiB share, so most of it lives on NVMe
+    with Client(a.tenant("team-b")) as b:
+        for i in range(0, len(hog), 8):
+            b.put(FP, hog[i : i + 8], [os.urandom(MiB) for _ in hog[i : i + 8]], sync=True)
+        stolen = b.call("prefetch", fingerprint=FP, keys=[k.hex() for k in victim], deadline=2)["result"]
+        assert stolen["dram"] == stolen["promoted"] == 0, "team-b's hint reached team-a's blocks"
+
+    promoted: list[int] = []
+
+    def flood(seed: int) -> None:
+        order = random.Random(seed)
+        with Client(a.tenant("team-b")) as b:
+            for _ in range(6):
+                start = order.randrange(len(hog))
+                got = b.call("prefetch", fingerprint=FP, keys=[k.hex() for k in hog[start:]], deadline=5)
+                promoted.append(got["result"]["promoted"])
+
+    threads = [threading.Thread(target=flood, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sum(promoted) >= 8, f"the flood promoted team-b's own NVMe blocks: {promoted}"
+    with Client(a.tenant("team-a")) as c:
+        assert c.call("lookup", fingerprint=FP, keys=[k.hex() for k in victim])["tiers"] == ["dram"] * 6, (
+            "team-b's prefetches evicted team-a's DRAM blocks"
+        )
+        assert c.get(FP, victim) == want
+        assert c.stats()["pinned"] == 0
+    assert a.proc.poll() is None

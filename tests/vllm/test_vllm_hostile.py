@@ -12,12 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import agent_config
-
 pytest.importorskip("torch")
 pytest.importorskip("vllm")
-from tests.vllm.engine import PAGE, B, Engine, connector_stats, prompt
-from tests.vllm.test_vllm_scheduler import finished_clean, first_scheduled, replica
+from tests.vllm.engine import B, Engine, prompt
+from tests.vllm.test_vllm_scheduler import finished_clean
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
