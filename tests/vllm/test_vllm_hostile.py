@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import agent_config
+
 pytest.importorskip("torch")
 pytest.importorskip("vllm")
-from tests.vllm.engine import B, Engine, prompt
-from tests.vllm.test_vllm_scheduler import finished_clean
+from tests.vllm.engine import PAGE, B, Engine, connector_stats, prompt
+from tests.vllm.test_vllm_scheduler import finished_clean, replica
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
@@ -72,3 +74,96 @@ def test_an_agent_that_lies_about_its_hits_costs_a_recompute_not_the_engine(tmp_
         assert "r" in e.finished
         finished_clean(e)
         e.close()
+
+
+def _loaded(socket: str, tokens: list[int], **kw) -> tuple[int, list]:
+    e = replica(socket, ("r", tokens, kw) if kw else ("r", tokens))
+    e.close()
+    finished_clean(e)
+    return connector_stats(e).get("loaded_blocks", 0), e.wrong_reads
+
+
+def test_prompts_at_block_boundaries_and_at_the_models_length(agent, tmp_path):
+    """Prompts one token short of a block, exactly a block, one past it, two blocks, and as long as
+    the model allows: what replica one saves, replica two loads, always leaving vLLM at least one
+    token to compute, and never a block whose last token is not in the prompt."""
+    a = agent(agent_config(tmp_path, nvme=None))
+    socket = a.tenant("team-a")
+    for n, saved, loaded in [
+        (B - 1, 0, 0),
+        (B, 1, 0),  # the last token is computed by the model: nothing to load
+        (B + 1, 1, 1),
+        (2 * B, 2, 1),
+        (2 * B + 1, 2, 2),
+        (63 * PAGE - 16, (63 * PAGE - 16) // B, (63 * PAGE - 17) // B),
+    ]:
+        tokens = prompt(100 + n, n)
+        one = replica(socket, ("r", tokens))
+        one.close()
+        assert connector_stats(one).get("saved_blocks", 0) == saved, n
+        assert one.wrong_reads == []
+        got, wrong = _loaded(socket, tokens)
+        assert (got, wrong) == (loaded, []), n
+
+
+def test_cache_salts_that_look_alike_never_share_kv(agent, tmp_path):
+    """Salts equal after Unicode normalisation, with a trailing NUL or space, or equal to a LoRA
+    adapter's name: vLLM hashes the exact string under its own tag, so none of them loads the KV
+    of another."""
+    from vllm.lora.request import LoRARequest
+
+    a = agent(agent_config(tmp_path, nvme=None))
+    socket = a.tenant("team-a")
+    tokens = prompt(31, 2 * B + 5)
+    one = replica(socket, ("nfc", tokens, {"cache_salt": "caf\u00e9"}))
+    one.close()
+    assert connector_stats(one)["saved_blocks"] == 2
+    for kw in (
+        {"cache_salt": "cafe\u0301"},
+        {"cache_salt": "caf\u00e9\x00"},
+        {"cache_salt": "caf\u00e9 "},
+        {"lora_request": LoRARequest("caf\u00e9", 1, "/adapters/a")},
+        {},
+    ):
+        assert _loaded(socket, tokens, **kw) == (0, []), kw
+    assert _loaded(socket, tokens, cache_salt="caf\u00e9") == (2, [])
+
+
+def test_a_request_aborted_while_its_saves_are_in_flight_keeps_its_pages_until_they_end(agent, tmp_path):
+    """The request is aborted right after the step that planned its saves, while the saver thread
+    still copies its pages: vLLM must keep those pages until the worker reports the saves done
+    (else another request could be computing into them mid-copy), and what lands is its KV."""
+    from vllm.v1.request import RequestStatus
+
+    a = agent(agent_config(tmp_path, nvme=None))
+    socket = a.tenant("team-a")
+    tokens = prompt(41, 3 * B + 8)
+    e = Engine(socket, batched=512)
+    worker = e.worker.worker
+    gate = threading.Event()
+    real_write = worker._write
+
+    def slow_write(t):  # the saver thread is mid-copy until the test lets it go
+        gate.wait(10)
+        return real_write(t)
+
+    worker._write = slow_write
+    e.add(e.request("r", tokens, max_tokens=50))
+    while not e.step().kv_connector_metadata.saves:
+        pass
+    pool = e.scheduler.kv_cache_manager.block_pool
+    held = e.pages("r")
+    e.scheduler.finish_requests("r", RequestStatus.FINISHED_ABORTED)
+    e.add(e.request("other", prompt(42, 62 * PAGE), max_tokens=4))  # wants every page there is
+    for _ in range(4):
+        e.step()
+    other = e.scheduler.requests["other"]
+    assert other.num_computed_tokens < 62 * PAGE, "the other request waits for pages meanwhile"
+    assert not set(e.pages("other")) & set(held), "the aborted request's pages went to another mid-save"
+    assert "r" not in e.sent
+    gate.set()
+    e.run()
+    assert "r" in e.sent and e.wrong_reads == []
+    assert pool.free_block_queue.num_free_blocks == pool.num_gpu_blocks - 1
+    e.close()
+    assert _loaded(socket, tokens) == (3, [])
