@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import socketserver
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,90 @@ def test_a_request_aborted_while_its_saves_are_in_flight_keeps_its_pages_until_t
     assert pool.free_block_queue.num_free_blocks == pool.num_gpu_blocks - 1
     e.close()
     assert _loaded(socket, tokens) == (3, [])
+
+
+def test_more_replicas_than_the_agent_admits_run_on_misses(agent, tmp_path):
+    """Four replicas on one socket whose namespace may hold four connections (each replica wants
+    two): the refused ones run without kvtier (misses, no exception), the admitted ones load."""
+    a = agent(agent_config(tmp_path, nvme=None, limits={"connectionsPerTenant": 4}))
+    socket = a.tenant("team-a")
+    tokens = prompt(51, 2 * B + 9)
+    engines = [Engine(socket) for _ in range(4)]
+    for i, e in enumerate(engines):
+        e.add(e.request(f"r{i}", tokens))
+        e.run(timeout=60)
+        finished_clean(e)
+        assert e.wrong_reads == []
+        assert e.connector._conn.client is None or i < 2, "the namespace's connections were all taken"
+    loaded = [connector_stats(e).get("loaded_blocks", 0) for e in engines]
+    saved = [connector_stats(e).get("saved_blocks", 0) for e in engines]
+    assert (saved, loaded) == ([2, 0, 0, 0], [0, 2, 0, 0])
+    for e in engines:
+        e.close()
+
+
+def test_a_request_id_used_again_loads_only_its_own_prompt(agent, tmp_path):
+    """Request ids come from the client. The same id again after it finished, with another prompt
+    of the same length, then the first prompt again; and an id whose lookup was still pending when
+    it was aborted, reused at once for another prompt of the same length (a lookup answer kept
+    for the id would be the first prompt's)."""
+    import os
+    import signal
+
+    from vllm.v1.request import RequestStatus
+
+    a = agent(agent_config(tmp_path, nvme=None))
+    socket = a.tenant("team-a")
+    first, second = prompt(61, 2 * B + 3), prompt(62, 2 * B + 3)
+    one = Engine(socket)
+    for tokens in (first, second, first):
+        one.add(one.request("same", tokens))
+        one.run()
+        finished_clean(one)
+    assert one.wrong_reads == []
+    one.close()
+    two = Engine(socket, extra={"retry_after_s": 0, "io_timeout_s": 2})
+    warm = two.request("warm", prompt(64, B + 1))
+    while two.connector.get_num_new_matched_tokens(warm, 0)[0] is None:  # connected
+        time.sleep(0.005)
+    os.kill(a.proc.pid, signal.SIGSTOP)  # the lookup stays pending
+    try:
+        while Path(f"/proc/{a.proc.pid}/stat").read_text().split(")")[-1].split()[0] != "T":
+            time.sleep(0.001)
+        two.add(two.request("pending", first))
+        two.step()
+        assert "pending" in two.connector._lookups
+        two.scheduler.finish_requests("pending", RequestStatus.FINISHED_ABORTED)
+    finally:
+        os.kill(a.proc.pid, signal.SIGCONT)
+    while "pending" in two.scheduler.requests:  # vLLM lets an id go at the next step
+        two.step()
+    two.add(two.request("pending", prompt(63, 2 * B + 3)))
+    two.run()
+    assert two.wrong_reads == [] and connector_stats(two).get("failed_blocks", 0) == 0
+    finished_clean(two)
+    two.close()
+
+
+def test_a_request_preempted_again_and_again_never_reads_kv_it_did_not_load(agent, tmp_path):
+    """A cache so small that vLLM preempts requests over and over: each resume plans a new load
+    into new pages (or recomputes), and no request reads KV that is not its own."""
+    from tests.vllm.test_vllm_scheduler import loads_of
+
+    a = agent(agent_config(tmp_path, nvme=None))
+    socket = a.tenant("team-a")
+    prompts = [prompt(70 + i, 2 * B + 22) for i in range(5)]
+    one = replica(socket, *[(f"p{i}", p) for i, p in enumerate(prompts)])
+    one.close()
+    two, seen = Engine(socket, num_blocks=36), []
+    for i, p in enumerate(prompts):
+        two.add(two.request(f"r{i}", p, max_tokens=(250, 20)[i % 2]))
+    two.run(between=loads_of(two, seen))
+    preemptions: dict[str, int] = {}
+    for _, _, preempted, _ in seen:
+        for r in preempted:
+            preemptions[r] = preemptions.get(r, 0) + 1
+    assert max(preemptions.values(), default=0) >= 2, f"a request preempted twice: {preemptions}"
+    assert two.wrong_reads == []
+    finished_clean(two)
+    two.close()
