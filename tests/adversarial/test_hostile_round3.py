@@ -286,3 +286,24 @@ def test_prefetch_floods_and_other_tenants_keys_move_only_the_senders_blocks(age
         assert c.get(FP, victim) == want
         assert c.stats()["pinned"] == 0
     assert a.proc.poll() is None
+
+
+# ------------------------------------------------------------------------ huge prompts, one frame
+
+
+def test_a_chain_longer_than_a_frame_is_looked_up_and_read_on_the_same_connection(agent, tmp_path):
+    """A huge prompt (a million tokens in blocks of 16 is 62500 keys; 64 Ki frames hold under a
+    thousand) must not make a lookup or read frame the agent hangs up on: the engine would lose its
+    connection, and with it every other request's hits for `retry_after_s`."""
+    a = agent(agent_config(tmp_path, nvme=None, limits={"frameBytes": 65536}))
+    keys = _keys(1500, "long")
+    with Client(a.tenant("team-a")) as c:
+        for i in range(0, len(keys), 100):
+            c.put(FP, keys[i : i + 100], [block_of(k)[:512] for k in keys[i : i + 100]])
+        sock = c.sock
+        assert c.lookup(FP, keys + _keys(3, "past")) == 1500
+        assert c.lookup(FP, _keys(3, "nothing") + keys) == 0
+        with c.read(FP, keys) as blocks:
+            assert [bytes(b.view) for b in blocks] == [block_of(k)[:512] for k in keys]
+        assert c.stats()["pinned"] == 0
+        assert c.sock is sock and sock.fileno() != -1, "the connection was lost"

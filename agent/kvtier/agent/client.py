@@ -13,6 +13,7 @@ socket.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import mmap
@@ -30,6 +31,7 @@ DEFAULT_SOCKET = "/var/run/kvtier/kvtier.sock"
 log = logging.getLogger("kvtier.client")
 # what a lost agent looks like to a caller: the connection is gone (make a new Client), not a refusal
 CONNECTION_LOST = (OSError, protocol.ProtocolError)
+FRAME_SLACK = 2048  # a request's bytes besides its keys (op, id, fingerprint of at most 512)
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,9 @@ class Client:
             raise
         self.namespace: str = self.hello["namespace"]
         self.block_tokens: int = self.hello["blockTokens"]
+        # the agent hangs up on a longer request (the stream is out of step): longer chains are
+        # asked for in parts (agents that do not say have the default of 4 MiB)
+        self.frame_bytes: int = int(self.hello.get("frameBytes", 4 << 20))
 
     # ------------------------------------------------------------------------------ plumbing
 
@@ -154,8 +159,20 @@ class Client:
 
     # ----------------------------------------------------------------------------------- API
 
+    def _parts(self, keys: list[bytes]) -> list[list[str]]:
+        """The keys in hex, in parts that each fit one request frame (one part at least)."""
+        hexes = [k.hex() for k in keys]
+        per = max(1, (self.frame_bytes - FRAME_SLACK) // (max(map(len, hexes), default=0) + 3))
+        return [hexes[i : i + per] for i in range(0, len(hexes), per)] or [[]]
+
     def lookup(self, fingerprint: str, keys: list[bytes]) -> int:
-        return int(self.call("lookup", fingerprint=fingerprint, keys=[k.hex() for k in keys])["hits"])
+        hits = 0
+        for part in self._parts(keys):
+            got = int(self.call("lookup", fingerprint=fingerprint, keys=part)["hits"])
+            hits += got
+            if got < len(part):
+                break
+        return hits
 
     def allocate(self, sizes: list[int], wait: float = 0.0) -> list[Slot]:
         """Room in the arena. `wait`: seconds the agent may wait for write-behind to make room
@@ -196,23 +213,31 @@ class Client:
 
     def read(self, fingerprint: str, keys: list[bytes]) -> Pinned:
         """Pin the leading blocks that hit; views stay valid until released."""
-        reply = self.call("read", fingerprint=fingerprint, keys=[k.hex() for k in keys])
-        return Pinned(
-            self,
-            [
-                PinnedBlock(
-                    bytes.fromhex(h), seg, off, size, memoryview(self.segments[seg])[off : off + size]
-                )
-                for seg, off, size, h in reply["blocks"]
-            ],
-        )
+        pinned = Pinned(self, [])
+        try:
+            for part in self._parts(keys):
+                blocks = self.call("read", fingerprint=fingerprint, keys=part)["blocks"]
+                pinned += [
+                    PinnedBlock(
+                        bytes.fromhex(h), seg, off, size, memoryview(self.segments[seg])[off : off + size]
+                    )
+                    for seg, off, size, h in blocks
+                ]
+                if len(blocks) < len(part):
+                    break
+        except BaseException:
+            with contextlib.suppress(*CONNECTION_LOST, AgentError):
+                pinned.release()  # the parts pinned before the one that failed
+            raise
+        return pinned
 
     def get(self, fingerprint: str, keys: list[bytes]) -> list[bytes]:
         with self.read(fingerprint, keys) as blocks:
             return [bytes(b.view) for b in blocks]
 
     def release(self, handles: list[bytes]) -> None:
-        self.call("release", handles=[h.hex() for h in handles])
+        for part in self._parts(handles):
+            self.call("release", handles=part)
 
     def stats(self) -> dict[str, Any]:
         return self.call("stats")["stats"]
