@@ -142,6 +142,46 @@ def test_hf_a_save_whose_connection_another_thread_replaced_writes_nothing(agent
     kv.close()
 
 
+@pytest.mark.torch
+def test_hf_two_threads_saving_and_restoring_through_one_cache_get_their_own_kv(agent, tmp_path):
+    """Two generate() loops share one HFKVCache (one Client, one connection): their calls
+    interleave on the socket and each releases its own pins. Every restore is its own prompt's KV."""
+    torch, _, kv, _ = _hf(agent, tmp_path)
+    from transformers import DynamicCache
+
+    def cache_for(seed: int):
+        g = torch.Generator().manual_seed(seed)
+        cache = DynamicCache()
+        for layer in range(LAYERS):
+            kvs = [torch.randn(1, HEADS, T, D, generator=g).bfloat16() for _ in range(2)]
+            cache.update(*kvs, layer)
+        return cache
+
+    wrong: list = []
+
+    def loop(worker: int) -> None:
+        try:
+            for i in range(8):
+                seed = 100 * worker + i
+                tokens = [seed, *range(T)]
+                saved = cache_for(seed)
+                kv.save(tokens, saved)
+                restored, n = kv.restore(tokens, device="cpu")
+                if n != T or not torch.equal(restored.layers[1].values, saved.layers[1].values[:, :, :T]):
+                    wrong.append((worker, i, n))
+        except Exception as exc:  # an exception into the model's code is a failure too
+            wrong.append((worker, repr(exc)))
+
+    threads = [threading.Thread(target=loop, args=(w,)) for w in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert wrong == []
+    assert kv.client is not None and kv.client.stats()["pinned"] == 0
+    kv.close()
+
+
 # ------------------------------------------- an authenticated pool member on the peer control port
 
 
@@ -291,15 +331,14 @@ def test_prefetch_floods_and_other_tenants_keys_move_only_the_senders_blocks(age
 # ------------------------------------------------------------------------ huge prompts, one frame
 
 
-def test_a_chain_longer_than_a_frame_is_looked_up_and_read_on_the_same_connection(agent, tmp_path):
+def test_a_chain_longer_than_a_frame_is_stored_looked_up_and_read_on_the_same_connection(agent, tmp_path):
     """A huge prompt (a million tokens in blocks of 16 is 62500 keys; 64 Ki frames hold under a
     thousand) must not make a lookup or read frame the agent hangs up on: the engine would lose its
     connection, and with it every other request's hits for `retry_after_s`."""
     a = agent(agent_config(tmp_path, nvme=None, limits={"frameBytes": 65536}))
     keys = _keys(1500, "long")
     with Client(a.tenant("team-a")) as c:
-        for i in range(0, len(keys), 100):
-            c.put(FP, keys[i : i + 100], [block_of(k)[:512] for k in keys[i : i + 100]])
+        assert c.put(FP, keys, [block_of(k)[:512] for k in keys]) == 1500  # a commit in parts too
         sock = c.sock
         assert c.lookup(FP, keys + _keys(3, "past")) == 1500
         assert c.lookup(FP, _keys(3, "nothing") + keys) == 0

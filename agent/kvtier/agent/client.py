@@ -159,25 +159,29 @@ class Client:
 
     # ----------------------------------------------------------------------------------- API
 
-    def _parts(self, keys: list[bytes]) -> list[list[str]]:
-        """The keys in hex, in parts that each fit one request frame (one part at least)."""
-        hexes = [k.hex() for k in keys]
-        per = max(1, (self.frame_bytes - FRAME_SLACK) // (max(map(len, hexes), default=0) + 3))
-        return [hexes[i : i + per] for i in range(0, len(hexes), per)] or [[]]
+    def _parts(self, n: int, width: int) -> list[slice]:
+        """`n` items of at most `width` bytes each in JSON, in parts that each fit one request frame
+        (one part at least, maybe empty)."""
+        per = max(1, (self.frame_bytes - FRAME_SLACK) // max(1, width))
+        return [slice(i, i + per) for i in range(0, n, per)] or [slice(0, 0)]
+
+    def _key_parts(self, keys: list[bytes], extra: int = 0) -> list[slice]:
+        return self._parts(len(keys), max(map(len, keys), default=0) * 2 + 3 + extra)
 
     def lookup(self, fingerprint: str, keys: list[bytes]) -> int:
         hits = 0
-        for part in self._parts(keys):
-            got = int(self.call("lookup", fingerprint=fingerprint, keys=part)["hits"])
+        for part in self._key_parts(keys):
+            want = [k.hex() for k in keys[part]]
+            got = int(self.call("lookup", fingerprint=fingerprint, keys=want)["hits"])
             hits += got
-            if got < len(part):
+            if got < len(want):
                 break
         return hits
 
     def allocate(self, sizes: list[int], wait: float = 0.0) -> list[Slot]:
         """Room in the arena. `wait`: seconds the agent may wait for write-behind to make room
         (0, the default for engines, means "refuse now and let me skip this save")."""
-        reply = self.call("allocate", sizes=sizes, wait=wait)
+        reply = self.call("allocate", sizes=sizes, wait=wait)  # one request: all or nothing
         return [
             Slot(seg, off, length, memoryview(self.segments[seg])[off : off + length])
             for seg, off, length in reply["extents"]
@@ -186,15 +190,18 @@ class Client:
     def commit(
         self, fingerprint: str, keys: list[bytes], slots: list[Slot], sizes: list[int], sync: bool = False
     ) -> int:
-        reply = self.call(
-            "commit",
-            fingerprint=fingerprint,
-            keys=[k.hex() for k in keys],
-            extents=[[s.segment, s.offset] for s in slots],
-            sizes=sizes,
-            sync=sync,
-        )
-        return int(reply["new"])
+        new = 0
+        for part in self._key_parts(keys, extra=66):  # [segment, offset] and a size
+            reply = self.call(
+                "commit",
+                fingerprint=fingerprint,
+                keys=[k.hex() for k in keys[part]],
+                extents=[[s.segment, s.offset] for s in slots[part]],
+                sizes=sizes[part],
+                sync=sync,
+            )
+            new += int(reply["new"])
+        return new
 
     def put(
         self,
@@ -215,15 +222,16 @@ class Client:
         """Pin the leading blocks that hit; views stay valid until released."""
         pinned = Pinned(self, [])
         try:
-            for part in self._parts(keys):
-                blocks = self.call("read", fingerprint=fingerprint, keys=part)["blocks"]
+            for part in self._key_parts(keys):
+                want = [k.hex() for k in keys[part]]
+                blocks = self.call("read", fingerprint=fingerprint, keys=want)["blocks"]
                 pinned += [
                     PinnedBlock(
                         bytes.fromhex(h), seg, off, size, memoryview(self.segments[seg])[off : off + size]
                     )
                     for seg, off, size, h in blocks
                 ]
-                if len(blocks) < len(part):
+                if len(blocks) < len(want):
                     break
         except BaseException:
             with contextlib.suppress(*CONNECTION_LOST, AgentError):
@@ -236,8 +244,8 @@ class Client:
             return [bytes(b.view) for b in blocks]
 
     def release(self, handles: list[bytes]) -> None:
-        for part in self._parts(handles):
-            self.call("release", handles=part)
+        for part in self._key_parts(handles):
+            self.call("release", handles=[h.hex() for h in handles[part]])
 
     def stats(self) -> dict[str, Any]:
         return self.call("stats")["stats"]
