@@ -249,7 +249,7 @@ class KVTierConnector(KVConnectorBase_V1):
     def _fail_loads(self, meta: KVTierConnectorMetadata, exc: Exception) -> None:
         log.warning("kvtier load failed, %d requests recompute: %s", len(meta.loads), exc)
         for t in meta.loads:
-            self.worker.failed_pages.update(t.page_ids[t.skip : t.limit])
+            self.worker.recompute(t, t.page_ids[t.skip : t.limit])
             self.worker.failed_reqs.add(t.req_id)
         try:
             self.worker.finish_loads()
