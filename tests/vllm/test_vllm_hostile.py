@@ -260,78 +260,21 @@ def test_a_request_preempted_again_and_again_never_reads_kv_it_did_not_load(agen
 # ------------------------------------------------------------------- vLLM's asynchronous scheduling
 
 
-def _asynchronous(e: Engine) -> None:
-    """The engine's scheduler as vLLM 0.33 runs it by default (`async_scheduling`): step N+1 is
-    scheduled, and launched, before step N's output (its load errors among it) is processed."""
-    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
-    from vllm.v1.structured_output import StructuredOutputManager
-
-    from tests.vllm.engine import kv_cache_configs
-
-    _, sched_cfg = kv_cache_configs(e.config, e.num_blocks)
-    e.connector.shutdown()
-    e.scheduler = AsyncScheduler(
-        vllm_config=e.config,
-        kv_cache_config=sched_cfg,
-        structured_output_manager=StructuredOutputManager(e.config),
-        block_size=PAGE,
-        log_stats=True,
-    )
-    e.connector = e.scheduler.connector
-
-
 def _run_pipelined(e: Engine, limit: int = 400) -> None:
-    """Prefill-only requests (max_tokens=1) through the asynchronous scheduler: two steps in
-    flight, each step's output processed after the next one was scheduled and executed."""
+    """Prefill-only requests (max_tokens=1) through the asynchronous scheduler as vLLM's engine
+    core runs it (the default in 0.33): two steps in flight, step N+1 scheduled and run before the
+    scheduler takes step N's output (its load errors among it)."""
     from collections import deque
-
-    from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
-
-    def execute(out):
-        e.steps += 1
-        w, meta = e.worker, out.kv_connector_metadata
-        w.handle_preemptions(meta)
-        w.bind_connector_metadata(meta)
-        w.start_load_kv(None)
-        ids, before = list(out.num_scheduled_tokens), e.computed_before(out)
-        for r in ids:
-            e._forward(e.scheduler.requests[r], before[r], out.num_scheduled_tokens[r], w.wait_for_layer_load)
-        w.wait_for_save()
-        invalid = w.get_block_ids_with_load_errors()
-        if invalid:
-            e.reported.add(e.steps)
-        sending, recving = w.get_finished(set(out.finished_req_ids))
-        e.sent |= sending or set()
-        output = KVConnectorOutput(
-            finished_sending=sending,
-            finished_recving=recving,
-            invalid_block_ids=invalid,
-            kv_connector_stats=w.get_kv_connector_stats(),
-            kv_connector_worker_meta=w.build_connector_worker_meta(),
-        )
-        w.clear_connector_metadata()
-        e.stats.append(output.kv_connector_stats)
-        done = [
-            before[r] + out.num_scheduled_tokens[r] >= e.scheduler.requests[r].num_prompt_tokens for r in ids
-        ]
-        return ModelRunnerOutput(
-            req_ids=ids,
-            req_id_to_index={r: i for i, r in enumerate(ids)},
-            sampled_token_ids=[[7] if d else [] for d in done],
-            logprobs=None,
-            prompt_logprobs_dict={},
-            pooler_output=None,
-            kv_connector_output=output,
-        )
 
     in_flight: deque = deque()
     for _ in range(limit):
         if not e.scheduler.requests and not in_flight:
             break
+        e.steps += 1
         out = e.scheduler.schedule()
-        in_flight.append((out, execute(out)))
+        in_flight.append((out, e.execute(out)))
         while len(in_flight) > (1 if out.num_scheduled_tokens else 0):
-            e.scheduler.update_from_output(*in_flight.popleft())
+            e.update(*in_flight.popleft())
     else:
         raise AssertionError(f"requests still running: {list(e.scheduler.requests)}")
     e.worker.worker.drain(timeout=10)
@@ -349,8 +292,7 @@ def test_a_failed_load_under_asynchronous_scheduling_stores_nothing_computed_ove
     socket = a.tenant("team-a")
     tokens = prompt(81, 6 * B + 8)
     replica(socket, ("r1", tokens[: 2 * B + 8])).close()  # the pool holds blocks 0-1
-    two = Engine(socket, batched=48, extra={"layerwise": layerwise})
-    _asynchronous(two)
+    two = Engine(socket, batched=48, asynchronous=True, extra={"layerwise": layerwise})
     worker = two.worker.worker
     real_pin, failed = worker._pin, []
 
