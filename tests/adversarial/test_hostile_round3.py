@@ -178,7 +178,9 @@ def test_hf_two_threads_saving_and_restoring_through_one_cache_get_their_own_kv(
     for t in threads:
         t.join(timeout=60)
     assert wrong == []
-    assert kv.client is not None and kv.client.stats()["pinned"] == 0
+    client = kv.client
+    assert client is not None  # write-behind to NVMe pins a block while it copies it: waited out
+    eventually(lambda: client.stats()["pinned"] == 0, timeout=10, message="no pin left")
     kv.close()
 
 
@@ -324,7 +326,7 @@ def test_prefetch_floods_and_other_tenants_keys_move_only_the_senders_blocks(age
             "team-b's prefetches evicted team-a's DRAM blocks"
         )
         assert c.get(FP, victim) == want
-        assert c.stats()["pinned"] == 0
+        eventually(lambda: c.stats()["pinned"] == 0, timeout=10, message="no pin left")
     assert a.proc.poll() is None
 
 
