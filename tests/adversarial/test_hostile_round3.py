@@ -13,7 +13,7 @@ import pytest
 
 from kvtier.agent.client import Client
 from kvtier.bench.chaos import FP, block_of, key_of
-from tests.support import agent_config, eventually
+from tests.support import agent_config, eventually, lying_agent
 
 pytestmark = pytest.mark.adversarial
 MiB = 1 << 20
@@ -182,6 +182,59 @@ def test_hf_two_threads_saving_and_restoring_through_one_cache_get_their_own_kv(
     assert client is not None  # write-behind to NVMe pins a block while it copies it: waited out
     eventually(lambda: client.stats()["pinned"] == 0, timeout=10, message="no pin left")
     kv.close()
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize(
+    "lie",
+    [
+        {"blocks": [[7, 0, 4096, "ab"]] * 9},  # a segment it never sent
+        {"blocks": [[7, 0]]},
+        {"blocks": "none"},
+        {},
+    ],
+    ids=["unsent-segment", "short-entry", "not-a-list", "missing"],
+)
+def test_hf_an_agent_whose_replies_lie_is_a_miss_not_an_exception(tmp_path, lie):
+    """An agent (or whatever answers on the socket) that names segments it never sent, or answers
+    reads and allocations in the wrong shape: the model's code gets a miss, never an exception."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from transformers import DynamicCache
+
+    from kvtier.agent.connectors.hf import HFKVCache
+    from kvtier.agent.keys import KVLayout
+
+    def answer(msg):
+        if msg["op"] == "lookup":
+            return {"hits": 0}
+        if msg["op"] == "allocate":
+            return {"extents": lie.get("blocks", "none")}
+        return lie
+
+    cache = DynamicCache()
+    for layer in range(LAYERS):
+        cache.update(torch.zeros(1, HEADS, T, D).bfloat16(), torch.zeros(1, HEADS, T, D).bfloat16(), layer)
+    with lying_agent(tmp_path / "liar.sock", answer, block_tokens=B) as path:
+        kv = HFKVCache(Client(path), KVLayout("tiny-hf", "bfloat16", LAYERS, HEADS, D, B), "cpu")
+        tokens = list(range(T + 1))
+        assert kv.restore(tokens, device="cpu") == (None, 0)
+        assert kv.save(tokens, cache) == 0
+        kv.close()
+
+
+@pytest.mark.parametrize(
+    "hello",
+    [{}, {"namespace": "a", "blockTokens": "many"}, {"namespace": "a", "blockTokens": 16, "frameBytes": []}],
+)
+def test_a_hello_that_lies_leaves_the_connector_unconnected_not_raising(tmp_path, hello):
+    """What connectors connect with (`AgentConnection.get`, on the scheduler's and the worker's
+    path) answers None for an agent whose hello is malformed, as for one that is down."""
+    from kvtier.agent.client import AgentConnection
+
+    with lying_agent(tmp_path / "liar.sock", lambda msg: {}, hello=hello) as path:
+        conn = AgentConnection(path, timeout=2)
+        assert conn.get() is None
 
 
 # ------------------------------------------- an authenticated pool member on the peer control port

@@ -5,15 +5,13 @@ back."""
 
 from __future__ import annotations
 
-import contextlib
-import socketserver
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.support import agent_config
+from tests.support import agent_config, lying_agent
 
 pytest.importorskip("torch")
 pytest.importorskip("vllm")
@@ -21,34 +19,6 @@ from tests.vllm.engine import PAGE, B, Engine, connector_stats, prompt
 from tests.vllm.test_vllm_scheduler import finished_clean, replica
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
-
-
-@contextlib.contextmanager
-def lying_agent(path: Path, answer):
-    """An agent socket whose replies are `answer(request)` (hello is answered truthfully, with no
-    segments): what a broken or hostile agent can tell the connector."""
-    from kvtier.agent.api import protocol
-
-    class Handler(socketserver.BaseRequestHandler):
-        def handle(self) -> None:
-            with contextlib.suppress(OSError, protocol.ProtocolError):
-                while True:
-                    msg, _ = protocol.recv(self.request)
-                    if msg.get("op") == "hello":
-                        reply = {"namespace": "team-a", "isolation": "namespace", "segmentBytes": 1 << 20}
-                        reply["blockTokens"] = B
-                    else:
-                        reply = answer(msg)
-                    protocol.send(self.request, {"id": msg.get("id"), "ok": True, **reply})
-
-    server = socketserver.ThreadingUnixStreamServer(str(path), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    try:
-        yield str(path)
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.mark.parametrize(
@@ -66,7 +36,7 @@ def test_an_agent_that_lies_about_its_hits_costs_a_recompute_not_the_engine(tmp_
             return {"blocks": [[7, 0, 4096, "ab"]] * (len(msg["keys"]) + 2), "tiers": []}
         return {"extents": []} if msg["op"] == "allocate" else {}
 
-    with lying_agent(tmp_path / "liar.sock", answer) as path:
+    with lying_agent(tmp_path / "liar.sock", answer, block_tokens=B) as path:
         e = Engine(path)
         tokens = prompt(21, 3 * B + 8)
         e.add(e.request("r", tokens))

@@ -100,11 +100,12 @@ class Client:
         except BaseException:  # refused or gone: the socket is not left to the garbage collector
             self.sock.close()
             raise
-        self.namespace: str = self.hello["namespace"]
-        self.block_tokens: int = self.hello["blockTokens"]
-        # the agent hangs up on a longer request (the stream is out of step): longer chains are
-        # asked for in parts (agents that do not say have the default of 4 MiB)
-        self.frame_bytes: int = int(self.hello.get("frameBytes", 4 << 20))
+        with self._parsing():
+            self.namespace: str = str(self.hello["namespace"])
+            self.block_tokens: int = int(self.hello["blockTokens"])
+            # the agent hangs up on a longer request (the stream is out of step): longer chains are
+            # asked for in parts (agents that do not say have the default of 4 MiB)
+            self.frame_bytes: int = int(self.hello.get("frameBytes", 4 << 20))
 
     # ------------------------------------------------------------------------------ plumbing
 
@@ -139,6 +140,16 @@ class Client:
             finally:
                 os.close(fd)
 
+    @contextlib.contextmanager
+    def _parsing(self):
+        """A reply in the wrong shape, or naming a segment never sent: the connection is done (a
+        lost one for callers, a miss for engines), never a KeyError in the engine's code."""
+        try:
+            yield
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            self.sock.close()
+            raise protocol.ProtocolError(f"the agent's reply is malformed: {exc!r}") from None
+
     def segment_view(self, segment: int) -> memoryview:
         return memoryview(self.segments[segment])
 
@@ -172,7 +183,9 @@ class Client:
         hits = 0
         for part in self._key_parts(keys):
             want = [k.hex() for k in keys[part]]
-            got = int(self.call("lookup", fingerprint=fingerprint, keys=want)["hits"])
+            reply = self.call("lookup", fingerprint=fingerprint, keys=want)
+            with self._parsing():
+                got = int(reply["hits"])
             hits += got
             if got < len(want):
                 break
@@ -182,10 +195,11 @@ class Client:
         """Room in the arena. `wait`: seconds the agent may wait for write-behind to make room
         (0, the default for engines, means "refuse now and let me skip this save")."""
         reply = self.call("allocate", sizes=sizes, wait=wait)  # one request: all or nothing
-        return [
-            Slot(seg, off, length, memoryview(self.segments[seg])[off : off + length])
-            for seg, off, length in reply["extents"]
-        ]
+        with self._parsing():
+            return [
+                Slot(seg, off, length, memoryview(self.segments[seg])[off : off + length])
+                for seg, off, length in reply["extents"]
+            ]
 
     def commit(
         self, fingerprint: str, keys: list[bytes], slots: list[Slot], sizes: list[int], sync: bool = False
@@ -200,7 +214,8 @@ class Client:
                 sizes=sizes[part],
                 sync=sync,
             )
-            new += int(reply["new"])
+            with self._parsing():
+                new += int(reply["new"])
         return new
 
     def put(
@@ -224,13 +239,15 @@ class Client:
         try:
             for part in self._key_parts(keys):
                 want = [k.hex() for k in keys[part]]
-                blocks = self.call("read", fingerprint=fingerprint, keys=want)["blocks"]
-                pinned += [
-                    PinnedBlock(
-                        bytes.fromhex(h), seg, off, size, memoryview(self.segments[seg])[off : off + size]
-                    )
-                    for seg, off, size, h in blocks
-                ]
+                reply = self.call("read", fingerprint=fingerprint, keys=want)
+                with self._parsing():
+                    blocks = reply["blocks"]
+                    pinned += [
+                        PinnedBlock(
+                            bytes.fromhex(h), seg, off, size, memoryview(self.segments[seg])[off : off + size]
+                        )
+                        for seg, off, size, h in blocks
+                    ]
                 if len(blocks) < len(want):
                     break
         except BaseException:
