@@ -1,11 +1,14 @@
 """What tests share besides fixtures: the checkout's root, polling with a deadline, kubectl against
-the local control plane, agent configurations and an in-process store. Tests import these from here
+the local control plane, agent configurations, an in-process store and an agent socket that lies. Tests import these from here
 (fixtures stay in conftest.py, where pytest finds them)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socketserver
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -82,3 +85,32 @@ def put_blocks(
         seg.view(ext, size)[:] = os.urandom(size)
     locations = [(seg.id, ext.offset) for seg, ext in got]
     return store.commit(lease, fingerprint, keys, locations, [size] * len(keys), sync=sync)
+
+
+@contextlib.contextmanager
+def lying_agent(path: Path, answer, block_tokens: int = 64, hello: dict | None = None):
+    """A tenant socket at `path` whose replies are `answer(request)` (`hello` is answered truthfully,
+    with no segments, unless `hello` is given): what a broken or hostile agent can tell a client."""
+    from kvtier.agent.api import protocol
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            with contextlib.suppress(OSError, protocol.ProtocolError):
+                while True:
+                    msg, _ = protocol.recv(self.request)
+                    if msg.get("op") == "hello":
+                        reply = {"namespace": "team-a", "isolation": "namespace", "segmentBytes": 1 << 20}
+                        reply["blockTokens"] = block_tokens
+                        reply = reply if hello is None else hello
+                    else:
+                        reply = answer(msg)
+                    protocol.send(self.request, {"id": msg.get("id"), "ok": True, **reply})
+
+    server = socketserver.ThreadingUnixStreamServer(str(path), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        yield str(path)
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -145,6 +145,7 @@ class Engine:
     v2: bool = False  # vLLM's V1 model runner (the V2 runner gets resumed requests as new ones)
     layout: str = "LBNHC"
     mla: bool = False
+    asynchronous: bool = False  # vLLM's AsyncScheduler (its default in 0.33); `step` still runs one at a time
     extra: dict = field(default_factory=dict)
     wrong_reads: list = field(default_factory=list)  # (step, req_id, layer): read wrong KV, not reported
     reported: set = field(default_factory=set)
@@ -153,6 +154,7 @@ class Engine:
     def __post_init__(self) -> None:
         from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
         from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+        from vllm.v1.core.sched.async_scheduler import AsyncScheduler
         from vllm.v1.core.sched.scheduler import Scheduler
         from vllm.v1.structured_output import StructuredOutputManager
 
@@ -165,7 +167,7 @@ class Engine:
             **self.extra,
         )
         worker_cfg, sched_cfg = kv_cache_configs(self.config, self.num_blocks, self.mla)
-        self.scheduler = Scheduler(
+        self.scheduler = (AsyncScheduler if self.asynchronous else Scheduler)(
             vllm_config=self.config,
             kv_cache_config=sched_cfg,
             structured_output_manager=StructuredOutputManager(self.config),
@@ -250,12 +252,18 @@ class Engine:
 
     def step(self, between=None):
         """One engine step: schedule, the worker's connector calls around the fake forward, update."""
-        from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
-
         self.steps += 1
         out = self.scheduler.schedule()
         if between is not None:
             between(out)
+        self.update(out, self.execute(out))
+        return out
+
+    def execute(self, out):
+        """The worker's side of a scheduled step: its connector calls around the fake forward; the
+        model runner's output."""
+        from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+
         meta = out.kv_connector_metadata
         w = self.worker
         w.handle_preemptions(meta)
@@ -285,7 +293,7 @@ class Engine:
             done = before[request.request_id] + out.num_scheduled_tokens[request.request_id]
             sampled.append([7] if done >= request.num_tokens else [])
         ids = [r.request_id for r in requests]
-        mro = ModelRunnerOutput(
+        return ModelRunnerOutput(
             req_ids=ids,
             req_id_to_index={r: i for i, r in enumerate(ids)},
             sampled_token_ids=sampled,
@@ -294,6 +302,9 @@ class Engine:
             pooler_output=None,
             kv_connector_output=connector_output,
         )
+
+    def update(self, out, mro) -> None:
+        """The scheduler takes a step's output (finished requests and stats are recorded)."""
         engine_outputs = self.scheduler.update_from_output(out, mro)
         for eo in engine_outputs.values():
             for o in eo.outputs:
@@ -302,7 +313,6 @@ class Engine:
             stats = eo.scheduler_stats
             if stats is not None and stats.kv_connector_stats:
                 self.stats.append(stats.kv_connector_stats)
-        return out
 
     def run(self, between=None, timeout: float = 120.0) -> int:
         """Steps until every request finished and its pages are back; returns the steps taken. An

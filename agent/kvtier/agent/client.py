@@ -13,6 +13,7 @@ socket.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import mmap
@@ -30,6 +31,7 @@ DEFAULT_SOCKET = "/var/run/kvtier/kvtier.sock"
 log = logging.getLogger("kvtier.client")
 # what a lost agent looks like to a caller: the connection is gone (make a new Client), not a refusal
 CONNECTION_LOST = (OSError, protocol.ProtocolError)
+FRAME_SLACK = 2048  # a request's bytes besides its keys (op, id, fingerprint of at most 512)
 
 
 @dataclass(frozen=True)
@@ -98,8 +100,12 @@ class Client:
         except BaseException:  # refused or gone: the socket is not left to the garbage collector
             self.sock.close()
             raise
-        self.namespace: str = self.hello["namespace"]
-        self.block_tokens: int = self.hello["blockTokens"]
+        with self._parsing():
+            self.namespace: str = str(self.hello["namespace"])
+            self.block_tokens: int = int(self.hello["blockTokens"])
+            # the agent hangs up on a longer request (the stream is out of step): longer chains are
+            # asked for in parts (agents that do not say have the default of 4 MiB)
+            self.frame_bytes: int = int(self.hello.get("frameBytes", 4 << 20))
 
     # ------------------------------------------------------------------------------ plumbing
 
@@ -134,6 +140,16 @@ class Client:
             finally:
                 os.close(fd)
 
+    @contextlib.contextmanager
+    def _parsing(self):
+        """A reply in the wrong shape, or naming a segment never sent: the connection is done (a
+        lost one for callers, a miss for engines), never a KeyError in the engine's code."""
+        try:
+            yield
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            self.sock.close()
+            raise protocol.ProtocolError(f"the agent's reply is malformed: {exc!r}") from None
+
     def segment_view(self, segment: int) -> memoryview:
         return memoryview(self.segments[segment])
 
@@ -154,30 +170,53 @@ class Client:
 
     # ----------------------------------------------------------------------------------- API
 
+    def _parts(self, n: int, width: int) -> list[slice]:
+        """`n` items of at most `width` bytes each in JSON, in parts that each fit one request frame
+        (one part at least, maybe empty)."""
+        per = max(1, (self.frame_bytes - FRAME_SLACK) // max(1, width))
+        return [slice(i, i + per) for i in range(0, n, per)] or [slice(0, 0)]
+
+    def _key_parts(self, keys: list[bytes], extra: int = 0) -> list[slice]:
+        return self._parts(len(keys), max(map(len, keys), default=0) * 2 + 3 + extra)
+
     def lookup(self, fingerprint: str, keys: list[bytes]) -> int:
-        return int(self.call("lookup", fingerprint=fingerprint, keys=[k.hex() for k in keys])["hits"])
+        hits = 0
+        for part in self._key_parts(keys):
+            want = [k.hex() for k in keys[part]]
+            reply = self.call("lookup", fingerprint=fingerprint, keys=want)
+            with self._parsing():
+                got = int(reply["hits"])
+            hits += got
+            if got < len(want):
+                break
+        return hits
 
     def allocate(self, sizes: list[int], wait: float = 0.0) -> list[Slot]:
         """Room in the arena. `wait`: seconds the agent may wait for write-behind to make room
         (0, the default for engines, means "refuse now and let me skip this save")."""
-        reply = self.call("allocate", sizes=sizes, wait=wait)
-        return [
-            Slot(seg, off, length, memoryview(self.segments[seg])[off : off + length])
-            for seg, off, length in reply["extents"]
-        ]
+        reply = self.call("allocate", sizes=sizes, wait=wait)  # one request: all or nothing
+        with self._parsing():
+            return [
+                Slot(seg, off, length, memoryview(self.segments[seg])[off : off + length])
+                for seg, off, length in reply["extents"]
+            ]
 
     def commit(
         self, fingerprint: str, keys: list[bytes], slots: list[Slot], sizes: list[int], sync: bool = False
     ) -> int:
-        reply = self.call(
-            "commit",
-            fingerprint=fingerprint,
-            keys=[k.hex() for k in keys],
-            extents=[[s.segment, s.offset] for s in slots],
-            sizes=sizes,
-            sync=sync,
-        )
-        return int(reply["new"])
+        new = 0
+        for part in self._key_parts(keys, extra=66):  # [segment, offset] and a size
+            reply = self.call(
+                "commit",
+                fingerprint=fingerprint,
+                keys=[k.hex() for k in keys[part]],
+                extents=[[s.segment, s.offset] for s in slots[part]],
+                sizes=sizes[part],
+                sync=sync,
+            )
+            with self._parsing():
+                new += int(reply["new"])
+        return new
 
     def put(
         self,
@@ -196,23 +235,34 @@ class Client:
 
     def read(self, fingerprint: str, keys: list[bytes]) -> Pinned:
         """Pin the leading blocks that hit; views stay valid until released."""
-        reply = self.call("read", fingerprint=fingerprint, keys=[k.hex() for k in keys])
-        return Pinned(
-            self,
-            [
-                PinnedBlock(
-                    bytes.fromhex(h), seg, off, size, memoryview(self.segments[seg])[off : off + size]
-                )
-                for seg, off, size, h in reply["blocks"]
-            ],
-        )
+        pinned = Pinned(self, [])
+        try:
+            for part in self._key_parts(keys):
+                want = [k.hex() for k in keys[part]]
+                reply = self.call("read", fingerprint=fingerprint, keys=want)
+                with self._parsing():
+                    blocks = reply["blocks"]
+                    pinned += [
+                        PinnedBlock(
+                            bytes.fromhex(h), seg, off, size, memoryview(self.segments[seg])[off : off + size]
+                        )
+                        for seg, off, size, h in blocks
+                    ]
+                if len(blocks) < len(want):
+                    break
+        except BaseException:
+            with contextlib.suppress(*CONNECTION_LOST, AgentError):
+                pinned.release()  # the parts pinned before the one that failed
+            raise
+        return pinned
 
     def get(self, fingerprint: str, keys: list[bytes]) -> list[bytes]:
         with self.read(fingerprint, keys) as blocks:
             return [bytes(b.view) for b in blocks]
 
     def release(self, handles: list[bytes]) -> None:
-        self.call("release", handles=[h.hex() for h in handles])
+        for part in self._key_parts(handles):
+            self.call("release", handles=[h.hex() for h in handles[part]])
 
     def stats(self) -> dict[str, Any]:
         return self.call("stats")["stats"]
@@ -272,10 +322,14 @@ class AgentConnection:
         with self._lock:
             return self.client is client and client.sock.fileno() != -1
 
-    def lost(self, exc: BaseException | None = None) -> None:
-        """The connection failed: close it (a miss for the caller); connect again after retry_after."""
-        log.warning("kvtier agent at %s lost: %s (retry in %.1fs)", self.path, exc, self.retry_after)
+    def lost(self, exc: BaseException | None = None, client: Client | None = None) -> None:
+        """The connection failed: close it (a miss for the caller); connect again after retry_after.
+        Given the `client` that failed: nothing, once another thread has replaced it (the new
+        connection is not the one that failed)."""
         with self._lock:
+            if client is not None and client is not self.client:
+                return
+            log.warning("kvtier agent at %s lost: %s (retry in %.1fs)", self.path, exc, self.retry_after)
             self._close()
             self._retry_at = time.monotonic() + self.retry_after
 

@@ -241,6 +241,7 @@ class TenantHandler(socketserver.BaseRequestHandler):
             "isolation": store.isolation,
             "segmentBytes": store.dram.segment_bytes,
             "blockTokens": self.server.block_tokens,
+            "frameBytes": self.server.limits.frame_bytes,  # clients split longer chains
         }, segments
 
     def op_ping(self, store: Store, lease: Lease, msg: dict[str, Any]):

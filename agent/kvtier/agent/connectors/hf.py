@@ -12,6 +12,7 @@ token, head dim] (the fingerprint says so), so one block is one contiguous exten
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -57,7 +58,12 @@ class Timings:
 
 class HFKVCache:
     """Save and restore through the agent; an agent that cannot be reached is a miss (restore gives
-    (None, 0), save stores nothing), and the next call connects again, with the new agent's arena."""
+    (None, 0), save stores nothing), and the next call connects again, with the new agent's arena.
+
+    Several threads may share one (and its Client): each call works on the connection it started
+    with, and a connection another thread lost or replaced meanwhile makes the call a miss (the
+    agent dropped that connection's pins and extents, and may have handed the memory to another
+    writer). Restores run one at a time (they share the staging buffers)."""
 
     def __init__(self, client: Client, layout: KVLayout, device: str | torch.device = "cuda") -> None:
         self.conn = ArenaConnection(
@@ -66,6 +72,7 @@ class HFKVCache:
         self.layout = layout
         self.dtype = _DTYPES[layout.dtype]
         self._staging: dict[torch.device, Staging] = {}
+        self._restoring = threading.Lock()
         # dropped without close(): its CUDA registrations go before the client's mappings can
         weakref.finalize(self, self.conn.release_arena)
 
@@ -121,31 +128,37 @@ class HFKVCache:
         timings: Timings | None = None,
     ) -> int:
         """Save the full blocks of `token_ids` whose KV is in `cache`. Returns blocks newly stored."""
-        if self.conn.get() is None:
+        client = self.conn.get()
+        if client is None:
             return 0
         try:
-            return self._save(token_ids, cache, extra, sync, wait, timings)
+            return self._save(client, token_ids, cache, extra, sync, wait, timings)
         except CONNECTION_LOST as exc:
-            self.conn.lost(exc)
+            self.conn.lost(exc, client)
             return 0
         except AgentError as exc:  # refused (an arena full of pinned blocks, a bad request): skipped
             log.warning("kvtier save skipped: %s", exc)
             return 0
 
-    def _save(self, token_ids, cache, extra, sync, wait, timings) -> int:
+    def _save(self, client: Client, token_ids, cache, extra, sync, wait, timings) -> int:
         lay = self.layout
         t = timings or Timings()
         t0 = time.perf_counter()
         keys = block_keys(token_ids, lay.block_tokens, extra)
         layers = cache.layers
         keys = keys[: layers[0].keys.shape[2] // lay.block_tokens]
-        have = self.client.lookup(lay.fingerprint, keys)
+        have = client.lookup(lay.fingerprint, keys)
         todo = keys[have:]
         if not todo:
             return 0
-        slots = self.client.allocate([lay.block_bytes] * len(todo), wait=wait)
+        slots = client.allocate([lay.block_bytes] * len(todo), wait=wait)
         t0 = t.mark("allocate", t0)
-        arena = self.arena  # registers segments the agent handed over just now (first touch of their pages)
+        # registers segments the agent handed over just now (first touch of their pages); None once
+        # another thread lost this connection: its extents went back to the agent with it
+        arena = self.conn.arena_for(client)
+        if arena is None:
+            log.warning("kvtier save skipped: the connection was lost meanwhile")
+            return 0
         t0 = t.mark("register", t0)
         device = layers[0].keys.device
 
@@ -160,7 +173,7 @@ class HFKVCache:
 
         gpu_to_host(arena, [(s.segment, s.offset) for s in slots], lay.block_bytes, gather)
         t0 = t.mark("copy", t0)
-        new = self.client.commit(lay.fingerprint, todo, slots, [lay.block_bytes] * len(todo), sync=sync)
+        new = client.commit(lay.fingerprint, todo, slots, [lay.block_bytes] * len(todo), sync=sync)
         t.mark("commit", t0)
         t.blocks = len(todo)
         return new
@@ -177,18 +190,20 @@ class HFKVCache:
     ):
         """A DynamicCache holding the longest cached prefix of `token_ids` (leaving at least
         `keep_last` tokens for the model to compute), and its length in tokens. (None, 0) on a miss."""
-        if self.conn.get() is None:
+        client = self.conn.get()
+        if client is None:
             return None, 0
         try:
-            return self._restore(token_ids, device, extra, keep_last, timings)
+            with self._restoring:
+                return self._restore(client, token_ids, device, extra, keep_last, timings)
         except CONNECTION_LOST as exc:
-            self.conn.lost(exc)
+            self.conn.lost(exc, client)
             return None, 0
         except AgentError as exc:  # refused: a miss, never an exception in the model's code
             log.warning("kvtier restore missed: %s", exc)
             return None, 0
 
-    def _restore(self, token_ids, device, extra, keep_last, timings):
+    def _restore(self, client: Client, token_ids, device, extra, keep_last, timings):
         lay = self.layout
         B = lay.block_tokens
         t = timings or Timings()
@@ -212,7 +227,7 @@ class HFKVCache:
                     keys += block_keys(more, B, extra, after=keys[-1] if keys else None)
                 # a shorter answer than asked (a reply carries at most so many new segments) goes on
                 # from where it stopped; an empty one is the end of what the pool holds
-                pinned = self.client.read(lay.fingerprint, keys[n:end])
+                pinned = client.read(lay.fingerprint, keys[n:end])
                 copying.append((None, pinned))
                 usable = pinned.usable(lay.block_bytes)  # a block of another size ends the prefix
                 if not usable:
@@ -231,8 +246,11 @@ class HFKVCache:
                     g = staged.numel() // lay.block_bytes
                     self._joint_blocks(dest, lo + first, lo + first + g).copy_(self._block_view(staged, g))
 
+                arena = self.conn.arena_for(client)
+                if arena is None:  # another thread lost this connection: checked below
+                    break
                 locations = [(b.segment, b.offset) for b in pinned[:usable]]
-                host_to_gpu(self.arena, locations, lay.block_bytes, scatter, staging)
+                host_to_gpu(arena, locations, lay.block_bytes, scatter, staging)
                 done = torch.cuda.Event() if on_gpu else None
                 if done is not None:
                     done.record(torch.cuda.current_stream(device))
@@ -257,6 +275,9 @@ class HFKVCache:
                 staging.stream.synchronize()  # a chunk cut off by an error mid-copy has no event
             for _, pinned in copying:
                 pinned.release()
+        if n and not self.conn.holds(client):  # the pins ended before the copies did: untrusted bytes
+            log.warning("kvtier restore missed: the connection was lost during the copy")
+            return None, 0
         t.blocks = n
         t.mark("copy", t0)
         return cache, T

@@ -131,7 +131,8 @@ class KVTierConnector(KVConnectorBase_V1):
                 self._conn.lost(exc)
             hits = 0
         del self._lookups[req_id]
-        return int(hits)
+        # at most the keys asked about: more would have vLLM skip tokens the prompt does not have
+        return min(max(0, int(hits)), len(keys))
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         if self.disabled:
@@ -248,7 +249,7 @@ class KVTierConnector(KVConnectorBase_V1):
     def _fail_loads(self, meta: KVTierConnectorMetadata, exc: Exception) -> None:
         log.warning("kvtier load failed, %d requests recompute: %s", len(meta.loads), exc)
         for t in meta.loads:
-            self.worker.failed_pages.update(t.page_ids[t.skip : t.limit])
+            self.worker.recompute(t, t.page_ids[t.skip : t.limit])
             self.worker.failed_reqs.add(t.req_id)
         try:
             self.worker.finish_loads()

@@ -8,7 +8,9 @@ Rules that keep wrong KV out of the pool and out of the engine:
   its last token: chunked prefill saves block by block), never a block that came from kvtier.
 - A step whose load failed for a request saves nothing of that request (the worker drops it) and the
   scheduler forgets the blocks it planned from the failed pages on, so they are saved after vLLM
-  recomputes them.
+  recomputes them. With vLLM's asynchronous scheduling the next step was planned before the
+  failure was reported, over the failed pages: every transfer carries the request's `epoch` (load
+  failures the scheduler has heard of), and the worker drops saves planned before it heard.
 - A preempted request keeps its state; on resume it gets new pages (vLLM's V1 model runner sends
   them in `scheduled_cached_reqs` with the request in `resumed_req_ids`, the V2 runner as a new
   request) and a new load if the pool still holds its blocks.
@@ -28,6 +30,7 @@ class Transfer:
     skip: int = 0  # leading pages not to write on load (vLLM computed them itself)
     first_block: int = 0  # index of keys[0] in the request's chain
     limit: int | None = None  # pages from the start to write on load (None: all): a load vLLM capped
+    epoch: int = 0  # the request's load failures the scheduler knew of when it planned this
 
 
 @dataclass
@@ -43,6 +46,7 @@ class RequestState:
     planned: int = 0  # kvtier blocks saved, planned for saving, or known to be in the pool
     load: tuple[int, int] | None = None  # tokens [start, end) to load at the next step
     saves: int = 0  # save transfers planned (the worker reports each before the pages may be freed)
+    epoch: int = 0  # load failures reported for this request
 
 
 class Planner:
@@ -94,7 +98,7 @@ class Planner:
             if len(keys) == hits - first and len(pages) >= need:
                 pages += [0] * (len(keys) * per - len(pages))  # never written (beyond `limit`)
                 step.loads.append(
-                    Transfer(req_id, keys, pages, start // self.page - first * per, first, need)
+                    Transfer(req_id, keys, pages, start // self.page - first * per, first, need, state.epoch)
                 )
                 state.planned = max(state.planned, hits)
         done = computed + out.num_scheduled_tokens.get(req_id, 0)
@@ -104,7 +108,14 @@ class Planner:
             keys = self.keys_of(state.request, full * B)[state.planned : full]
             if len(keys) == full - state.planned:
                 step.saves.append(
-                    Transfer(req_id, keys, state.pages[state.planned * per : full * per], 0, state.planned)
+                    Transfer(
+                        req_id,
+                        keys,
+                        state.pages[state.planned * per : full * per],
+                        0,
+                        state.planned,
+                        epoch=state.epoch,
+                    )
                 )
                 state.planned = full
                 state.saves += 1
@@ -115,6 +126,7 @@ class Planner:
             bad = [i for i, p in enumerate(state.pages) if p in page_ids]
             if bad:
                 state.planned = min(state.planned, bad[0] // self.per)
+                state.epoch += 1
 
     def finished(self, req_id: str) -> RequestState | None:
         return self.requests.pop(req_id, None)

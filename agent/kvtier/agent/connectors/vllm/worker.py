@@ -71,6 +71,9 @@ class Worker:
         self.layer_index: dict[str, int] = {}
         self.failed_pages: set[int] = set()
         self.failed_reqs: set[str] = set()
+        # request -> the epoch its saves must carry: a load of it failed, and saves planned before
+        # the scheduler heard (asynchronous scheduling plans a step ahead) were computed over it
+        self.stale: dict[str, int] = {}
         self.counters = WorkerCounters()
         self.stored: list[Stored] = []
         self._loading = _Loading()
@@ -158,7 +161,7 @@ class Worker:
         assert self.paged is not None
         limit = len(t.page_ids) if t.limit is None else t.limit
         self.failed_reqs.add(t.req_id)
-        self.failed_pages.update(t.page_ids[max(t.skip, got * self.paged.per) : limit])
+        self.recompute(t, t.page_ids[max(t.skip, got * self.paged.per) : limit])
         with self._lock:
             self.counters.failed_blocks += len(t.keys) - got
 
@@ -168,11 +171,18 @@ class Worker:
         assert self.paged is not None
         limit = len(t.page_ids) if t.limit is None else t.limit
         self.failed_reqs.add(t.req_id)
-        self.failed_pages.update(t.page_ids[t.skip : min(got * self.paged.per, limit)])
+        self.recompute(t, t.page_ids[t.skip : min(got * self.paged.per, limit)])
         with self._lock:
             self.counters.loaded_blocks -= got
             self.counters.loaded_bytes -= got * self.paged.block_bytes
             self.counters.failed_blocks += got
+
+    def recompute(self, t: Transfer, pages: list[int]) -> None:
+        """Report `pages` for recompute; until the scheduler has heard (it then plans with a later
+        epoch), the request's saves were computed over them and are dropped."""
+        if pages:
+            self.failed_pages.update(pages)
+            self.stale[t.req_id] = max(self.stale.get(t.req_id, 0), t.epoch + 1)
 
     def _pin(self, t: Transfer) -> tuple[int, Client | None, Pinned | None]:
         """Pin the transfer's blocks: how many leading ones are usable (the rest is recomputed), the
@@ -218,7 +228,8 @@ class Worker:
     def submit_saves(self, saves: list[Transfer], sync: bool, dropped: bool = False) -> None:
         for t in saves:
             self._had_saves.add(t.req_id)
-            if dropped or t.req_id in self.failed_reqs:  # computed over pages that never loaded: not stored
+            stale = t.epoch < self.stale.get(t.req_id, 0)
+            if dropped or stale or t.req_id in self.failed_reqs:  # computed over pages never loaded
                 with self._lock:
                     self.stored.append(Stored(t.req_id, t.first_block, 0))
                     self.counters.skipped_saves += 1
@@ -295,6 +306,8 @@ class Worker:
             done = {r for r in self._finishing if r not in self._in_flight}
             self._finishing -= done
             self._had_saves -= done
+        for req_id in finished_req_ids:
+            self.stale.pop(req_id, None)
         return done
 
     def take_stored(self) -> list[Stored]:
