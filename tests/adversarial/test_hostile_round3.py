@@ -401,3 +401,34 @@ def test_a_chain_longer_than_a_frame_is_stored_looked_up_and_read_on_the_same_co
             assert [bytes(b.view) for b in blocks] == [block_of(k)[:512] for k in keys]
         assert c.stats()["pinned"] == 0
         assert c.sock is sock and sock.fileno() != -1, "the connection was lost"
+
+
+def test_a_hung_agent_costs_callers_one_short_wait_now_and_then(agent, tmp_path):
+    """The agent stops answering (SIGSTOP) and stays so. After the call that found it hung, each new
+    attempt to connect waits at most the hello timeout (not the long I/O timeout a read from NVMe
+    needs), and the pause between attempts doubles, so an engine's steps are rarely held up; once
+    the agent runs again the next attempt connects."""
+    import signal
+    import time
+
+    from kvtier.agent.client import AgentConnection
+
+    a = agent(agent_config(tmp_path, nvme=None))
+    conn = AgentConnection(a.tenant("team-a"), timeout=60, retry_after=0.2, hello_timeout=0.3)
+    assert conn.get() is not None
+    a.proc.send_signal(signal.SIGSTOP)
+    try:
+        conn.lost(TimeoutError("a call found the agent hung"))
+        waits = []
+        for pause in (0.25, 0.45, 0.85):  # 0.2, 0.4, 0.8 s between attempts
+            assert conn.get() is None  # within the pause: no attempt, no wait
+            time.sleep(pause)
+            t0 = time.monotonic()
+            assert conn.get() is None
+            waits.append(time.monotonic() - t0)
+        assert all(w < 1.0 for w in waits), f"each attempt waits the hello timeout at most: {waits}"
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+    time.sleep(1.7)  # the pause after the third failed attempt
+    assert conn.get() is not None
+    conn.close()

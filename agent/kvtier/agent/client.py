@@ -31,6 +31,10 @@ DEFAULT_SOCKET = "/var/run/kvtier/kvtier.sock"
 log = logging.getLogger("kvtier.client")
 # what a lost agent looks like to a caller: the connection is gone (make a new Client), not a refusal
 CONNECTION_LOST = (OSError, protocol.ProtocolError)
+# A live agent answers hello at once; one that does not is hung (stopped, swapping), and a caller
+# on an engine's path must not wait for it as long as for a read that promotes gigabytes from NVMe.
+HELLO_TIMEOUT = 5.0
+RETRY_MAX = 60.0  # the longest wait between attempts on an agent that keeps failing
 FRAME_SLACK = 2048  # a request's bytes besides its keys (op, id, fingerprint of at most 512)
 
 
@@ -86,10 +90,15 @@ class Pinned(list):
 
 
 class Client:
-    def __init__(self, path: str | os.PathLike[str] | None = None, timeout: float | None = 30.0) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        timeout: float | None = 30.0,
+        hello_timeout: float = HELLO_TIMEOUT,
+    ) -> None:
         self.path = str(path or os.environ.get("KVTIER_SOCKET", DEFAULT_SOCKET))
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
+        self.sock.settimeout(hello_timeout if timeout is None else min(timeout, hello_timeout))
         self.sock.connect(self.path)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -97,6 +106,7 @@ class Client:
         self.readonly: set[int] = set()  # segments mapped read-only (no client may write them)
         try:
             self.hello = self.call("hello")
+            self.sock.settimeout(timeout)
         except BaseException:  # refused or gone: the socket is not left to the garbage collector
             self.sock.close()
             raise
@@ -296,12 +306,15 @@ class AgentConnection:
         timeout: float | None = 30.0,
         retry_after: float = 0.0,
         client: Client | None = None,
+        hello_timeout: float = HELLO_TIMEOUT,
     ) -> None:
         self.path = str(client.path if client else (path or os.environ.get("KVTIER_SOCKET", DEFAULT_SOCKET)))
         self.timeout = timeout
         self.retry_after = retry_after
+        self.hello_timeout = hello_timeout
         self.client = client
         self._retry_at = 0.0
+        self._failures = 0  # attempts failed in a row: the wait before the next one doubles
         self._lock = threading.Lock()
 
     def get(self) -> Client | None:
@@ -310,11 +323,19 @@ class AgentConnection:
                 self._close()
             if self.client is None and time.monotonic() >= self._retry_at:
                 try:
-                    self.client = Client(self.path, timeout=self.timeout)
+                    self.client = Client(self.path, timeout=self.timeout, hello_timeout=self.hello_timeout)
+                    self._failures = 0
                 except (*CONNECTION_LOST, AgentError) as exc:  # down, or refusing (its connection limit)
                     log.warning("kvtier agent not reachable at %s: %s", self.path, exc)
-                    self._retry_at = time.monotonic() + self.retry_after
+                    self._failed()
             return self.client
+
+    def _failed(self) -> None:
+        """Under the lock: no attempt before retry_after, doubled for each failure in a row (to
+        RETRY_MAX), so an agent that stays hung costs a caller one short wait now and then."""
+        self._failures += 1
+        wait = min(self.retry_after * 2 ** (self._failures - 1), max(self.retry_after, RETRY_MAX))
+        self._retry_at = time.monotonic() + wait
 
     def holds(self, client: Client) -> bool:
         """Whether `client` is still this connection's and open: the pins taken on it still hold
@@ -329,9 +350,12 @@ class AgentConnection:
         with self._lock:
             if client is not None and client is not self.client:
                 return
-            log.warning("kvtier agent at %s lost: %s (retry in %.1fs)", self.path, exc, self.retry_after)
             self._close()
-            self._retry_at = time.monotonic() + self.retry_after
+            self._failed()
+            log.warning(
+                "kvtier agent at %s lost: %s (retry in %.1fs)",
+                self.path, exc, max(0.0, self._retry_at - time.monotonic()),
+            )  # fmt: skip
 
     def close(self) -> None:
         with self._lock:
