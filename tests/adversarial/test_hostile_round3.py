@@ -430,5 +430,7 @@ def test_a_hung_agent_costs_callers_one_short_wait_now_and_then(agent, tmp_path)
     finally:
         a.proc.send_signal(signal.SIGCONT)
     time.sleep(1.7)  # the pause after the third failed attempt
-    assert conn.get() is not None
+    # the resumed agent answers the connections it missed first; on a loaded machine its hello can
+    # miss the short timeout once more, and the attempt after the next pause connects
+    eventually(lambda: conn.get() is not None, timeout=15, interval=0.1, message="connected again")
     conn.close()
