@@ -148,10 +148,7 @@ class LimitedServer(socketserver.ThreadingMixIn):
     def process_request(self, request, client_address) -> None:
         refused = self.gate.enter(self.gate_key)
         if refused:
-            self.metrics.refused_connections.labels(self.gate_key_label).inc()
-            with contextlib.suppress(OSError):
-                request.settimeout(0.2)
-                protocol.send(request, {"ok": False, "error": refused})
+            self.refuse(request, refused)
             self.shutdown_request(request)
             return
         try:
@@ -159,6 +156,13 @@ class LimitedServer(socketserver.ThreadingMixIn):
         except BaseException:
             self.gate.leave(self.gate_key)
             raise
+
+    def refuse(self, sock, why: str) -> None:
+        """Tell a connection past a gate why (briefly: it may not read) and count it."""
+        self.metrics.refused_connections.labels(self.gate_key_label).inc()
+        with contextlib.suppress(OSError):
+            sock.settimeout(0.2)
+            protocol.send(sock, {"ok": False, "error": why})
 
     def process_request_thread(self, request, client_address) -> None:
         self.metrics.connections.labels(self.gate_key_label).inc()

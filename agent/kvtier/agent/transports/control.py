@@ -16,7 +16,6 @@ longest prefetch deadline), or when it goes away.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import json
@@ -135,9 +134,7 @@ class _Handler(socketserver.BaseRequestHandler):
         source = str(self.client_address[0])
         refused = server.handshakes.enter(source)
         if refused:
-            server.metrics.refused_connections.labels("peer").inc()
-            with contextlib.suppress(OSError):
-                protocol.send(sock, {"ok": False, "error": refused})
+            server.refuse(sock, refused)
             return
         try:
             channel = accept(sock, server.secret, limits)

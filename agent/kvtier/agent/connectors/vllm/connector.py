@@ -249,8 +249,7 @@ class KVTierConnector(KVConnectorBase_V1):
     def _fail_loads(self, meta: KVTierConnectorMetadata, exc: Exception) -> None:
         log.warning("kvtier load failed, %d requests recompute: %s", len(meta.loads), exc)
         for t in meta.loads:
-            self.worker.recompute(t, t.page_ids[t.skip : t.limit])
-            self.worker.failed_reqs.add(t.req_id)
+            self.worker.recompute(t, t.page_ids[t.skip : t.end])
         try:
             self.worker.finish_loads()
         except Exception:

@@ -32,6 +32,11 @@ class Transfer:
     limit: int | None = None  # pages from the start to write on load (None: all): a load vLLM capped
     epoch: int = 0  # the request's load failures the scheduler knew of when it planned this
 
+    @property
+    def end(self) -> int:
+        """Pages from the start that a load writes (`limit`, else every page)."""
+        return len(self.page_ids) if self.limit is None else self.limit
+
 
 @dataclass
 class Step:

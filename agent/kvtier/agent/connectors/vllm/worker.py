@@ -115,8 +115,7 @@ class Worker:
         pinned: list[tuple[Transfer, int, Client, Pinned]] = []  # (load, usable, its connection, blocks)
         written: set[int] = set()  # pages this step's loads write
         for t in loads:
-            limit = len(t.page_ids) if t.limit is None else t.limit
-            kept = [p for i, p in enumerate(t.page_ids) if t.skip <= i < limit]
+            kept = [p for i, p in enumerate(t.page_ids) if t.skip <= i < t.end]
             # another block size, or pages to write that are not distinct pages of this cache: a miss
             fits = len(t.page_ids) == len(t.keys) * paged.per and pages_ok(kept, paged.num_pages, written)
             got, client, blocks = self._pin(t) if fits else (0, None, None)
@@ -138,11 +137,10 @@ class Worker:
                 continue
             if got < len(t.keys):
                 self._failed(t, got)
-            limit = len(t.page_ids) if t.limit is None else t.limit
             located += [(b.segment, b.offset) for b in blocks[:got]]
             self._loading.loaded.append((t, got, client))
             page_ids += t.page_ids[: got * paged.per]
-            keep += [t.skip <= i < limit for i in range(got * paged.per)]
+            keep += [t.skip <= i < t.end for i in range(got * paged.per)]
             with self._lock:
                 self.counters.loaded_blocks += got
                 self.counters.loaded_bytes += got * paged.block_bytes
@@ -159,9 +157,7 @@ class Worker:
     def _failed(self, t: Transfer, got: int) -> None:
         """Blocks of a load from `got` on are not loaded: vLLM recomputes their pages."""
         assert self.paged is not None
-        limit = len(t.page_ids) if t.limit is None else t.limit
-        self.failed_reqs.add(t.req_id)
-        self.recompute(t, t.page_ids[max(t.skip, got * self.paged.per) : limit])
+        self.recompute(t, t.page_ids[max(t.skip, got * self.paged.per) : t.end])
         with self._lock:
             self.counters.failed_blocks += len(t.keys) - got
 
@@ -169,17 +165,17 @@ class Worker:
         """Blocks copied while their pins ended (the saver thread lost the connection mid-copy, and
         the agent may have handed their memory to another writer): their pages are recomputed too."""
         assert self.paged is not None
-        limit = len(t.page_ids) if t.limit is None else t.limit
-        self.failed_reqs.add(t.req_id)
-        self.recompute(t, t.page_ids[t.skip : min(got * self.paged.per, limit)])
+        self.recompute(t, t.page_ids[t.skip : min(got * self.paged.per, t.end)])
         with self._lock:
             self.counters.loaded_blocks -= got
             self.counters.loaded_bytes -= got * self.paged.block_bytes
             self.counters.failed_blocks += got
 
     def recompute(self, t: Transfer, pages: list[int]) -> None:
-        """Report `pages` for recompute; until the scheduler has heard (it then plans with a later
-        epoch), the request's saves were computed over them and are dropped."""
+        """The load `t` failed: this step saves nothing of its request, and `pages` are reported for
+        recompute; until the scheduler has heard (it then plans with a later epoch), the request's
+        saves were computed over them and are dropped."""
+        self.failed_reqs.add(t.req_id)
         if pages:
             self.failed_pages.update(pages)
             self.stale[t.req_id] = max(self.stale.get(t.req_id, 0), t.epoch + 1)
